@@ -1,0 +1,782 @@
+//! One dispatcher: a task consuming `<prefix>.<broker>` on its own channel.
+//! Every delivery runs as its own task (at most `prefetch` at once):
+//!
+//! envelope check → parse → dedup → resolve template/op → broker and access
+//! checks → validate values → NamasteCore call → reply (confirmed) → ack.
+//!
+//! A request is acknowledged only after everything it causes (reply, retry
+//! or parking) has been confirmed by RabbitMQ; if any of that fails, the
+//! delivery is returned to the queue instead.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hmac::{Hmac, Mac};
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::protocol::basic::AMQPProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel};
+use sha2::Sha256;
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::dedup::{Claim, Dedup};
+use super::payload::{self, BrokerPayload, Request};
+use super::reply::Reply;
+use super::topology::Names;
+use super::{publish_confirmed, AmqpLink, Backoff};
+use crate::config::Access;
+use crate::error::{ErrorCode, Failure};
+use crate::namaste::{Adapters, Outcome};
+use crate::registry::{values, Op, Param, Registry, RequestError, Store};
+use crate::shutdown::Shutdown;
+
+/// Retry attempt number a message carries (0 or absent on first delivery).
+pub const ATTEMPT_HEADER: &str = "x-beds-attempt";
+/// Results of the batch entries already executed, carried through retries
+/// so a retried batch never applies an entry twice.
+pub const BATCH_DONE_HEADER: &str = "x-beds-batch-done";
+/// Caller identity of a retried request (RabbitMQ does not let BEDS
+/// republish another user's `user_id`), with its signature.
+pub const USER_HEADER: &str = "x-beds-user-id";
+pub const USER_SIG_HEADER: &str = "x-beds-user-sig";
+/// Headers a parked (DLQ) message carries to say why it is there.
+pub const ERROR_CODE_HEADER: &str = "x-beds-error-code";
+pub const ERROR_MESSAGE_HEADER: &str = "x-beds-error-message";
+pub const EVENT_ID_HEADER: &str = "x-beds-event-id";
+
+/// Largest batch-progress header carried through a retry; beyond it the
+/// batch is answered at once instead (headers must fit one AMQP frame).
+const MAX_BATCH_DONE_BYTES: usize = 64 * 1024;
+
+/// What every dispatcher of the node shares, read-only.
+pub struct Shared {
+    /// The immutable template snapshot.
+    pub registry: Arc<Registry>,
+    /// NamasteCore adapters by database name; their health pauses us.
+    pub adapters: Adapters,
+    /// Write dedup memory by `message_id`.
+    pub dedup: Arc<Dedup>,
+    pub names: Names,
+    /// Number of retry tiers (queues `.retry.1` … `.retry.N`).
+    pub retry_tiers: usize,
+    pub max_payload: usize,
+    pub max_batch: usize,
+    pub prefetch: u16,
+    /// How long a pause or shutdown waits for in-flight requests.
+    pub drain: Duration,
+    /// HMAC key for the identity carried through retries.
+    pub retry_key: Vec<u8>,
+    /// Node name, for consumer tags.
+    pub node: String,
+}
+
+/// One broker this node serves.
+#[derive(Debug, Clone)]
+pub struct BrokerSpec {
+    pub name: String,
+    pub serves: Vec<Access>,
+    pub queue: String,
+}
+
+pub struct Dispatcher {
+    pub shared: Arc<Shared>,
+    pub broker: Arc<BrokerSpec>,
+    pub link: Arc<AmqpLink>,
+    /// Instance number within this broker's pool, for logs and tags.
+    pub id: usize,
+    pub shutdown: Shutdown,
+    /// Dropped when this dispatcher ends: the node waits for all of them.
+    pub _done: mpsc::Sender<()>,
+}
+
+impl Dispatcher {
+    pub async fn run(mut self) {
+        let tracker = TaskTracker::new();
+        let mut backoff = Backoff::default();
+        while !self.shutdown.is_shutdown() {
+            if !self.shared.adapters.all_up() {
+                tracing::info!(broker = %self.broker.name, id = self.id, "paused while a database is down");
+                tokio::select! {
+                    _ = self.shutdown.recv() => break,
+                    _ = self.shared.adapters.wait_all_up() => {}
+                }
+                tracing::info!(broker = %self.broker.name, id = self.id, "resumed");
+            }
+            match self.consume(&tracker).await {
+                Ok(()) => backoff.reset(),
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(broker = %self.broker.name, id = self.id, error = %e, ?wait, "consumer lost; reconnecting");
+                    tokio::select! {
+                        _ = self.shutdown.recv() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+        tracing::debug!(broker = %self.broker.name, id = self.id, "dispatcher stopped");
+    }
+
+    /// Consumes until shutdown, a database outage, or a channel error; then
+    /// lets in-flight requests finish and closes the channel, which returns
+    /// any delivery not yet started to the queue.
+    async fn consume(&mut self, tracker: &TaskTracker) -> Result<(), lapin::Error> {
+        let ch = self.link.channel().await?;
+        ch.basic_qos(self.shared.prefetch, BasicQosOptions::default())
+            .await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let tag = format!(
+            "{}.{}.{}.{}",
+            self.shared.node,
+            self.broker.name,
+            self.id,
+            uuid::Uuid::new_v4().simple()
+        );
+        let mut consumer = ch
+            .basic_consume(
+                &self.broker.queue,
+                &tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let down = any_down(&self.shared.adapters);
+        tokio::pin!(down);
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.recv() => break Ok(()),
+                _ = &mut down => break Ok(()),
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        let (shared, broker, ch) = (self.shared.clone(), self.broker.clone(), ch.clone());
+                        tracker.spawn(handle(shared, broker, ch, delivery));
+                    }
+                    Some(Err(e)) => break Err(e),
+                    None => break Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed)),
+                },
+            }
+        };
+        let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
+        tracker.close();
+        if tokio::time::timeout(self.shared.drain, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(broker = %self.broker.name, id = self.id, unfinished = tracker.len(),
+                "drain timeout: unfinished requests go back to the queue");
+        }
+        tracker.reopen();
+        let _ = ch.close(200, "dispatcher stopping").await;
+        result
+    }
+}
+
+/// Resolves when any database goes down (never, when there are none).
+async fn any_down(adapters: &Adapters) {
+    let waits: Vec<_> = adapters
+        .iter()
+        .map(|(_, a)| {
+            let mut rx = a.health().subscribe();
+            Box::pin(async move {
+                if rx.wait_for(|up| !*up).await.is_err() {
+                    futures::future::pending::<()>().await;
+                }
+            })
+        })
+        .collect();
+    if waits.is_empty() {
+        futures::future::pending::<()>().await;
+    }
+    futures::future::select_all(waits).await;
+}
+
+/// What finishing a delivery requires, decided before anything is sent.
+enum Action {
+    /// Reply (when there is a `reply_to`); park the message first when
+    /// `park` holds the reason.
+    Answer {
+        body: Arc<Vec<u8>>,
+        park: Option<Failure>,
+        batch_done: Option<String>,
+    },
+    /// Republish to retry tier `tier` (1-based).
+    Retry {
+        tier: usize,
+        failure: Failure,
+        batch_done: Option<String>,
+    },
+}
+
+/// What the dispatcher knows about a delivery beyond its body.
+struct Meta {
+    /// RabbitMQ-verified `user_id`, or the signed identity of a retry.
+    user: Option<String>,
+    reply_to: Option<String>,
+    attempt: usize,
+    batch_done: Vec<Reply>,
+}
+
+async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, delivery: Delivery) {
+    let event_id = uuid::Uuid::now_v7().to_string();
+    let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name);
+    async move {
+        let started = Instant::now();
+        let action = decide(&shared, &broker, &delivery, &event_id, started).await;
+        match finish(&shared, &broker, &ch, &delivery, &event_id, action).await {
+            Ok(()) => {
+                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not publish the outcome; returning the request to the queue");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn decide(
+    shared: &Arc<Shared>,
+    broker: &BrokerSpec,
+    delivery: &Delivery,
+    event_id: &str,
+    started: Instant,
+) -> Action {
+    let props = &delivery.properties;
+    let body = delivery.data.as_slice();
+    let meta = read_meta(shared, props, body);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let fail = |f: Failure| answer_failure(&meta, event_id, f, None);
+
+    if let Err(e) = payload::check_envelope(props, body.len(), shared.max_payload, now_ms) {
+        return fail(Failure::from(&e));
+    }
+    let req = match payload::parse(body, shared.max_batch) {
+        Ok(r) => r,
+        Err(e) => return fail(Failure::from(&e)),
+    };
+    tracing::debug!(
+        parent_event_id = req.parent_event_id(),
+        context = req.context(),
+        "request"
+    );
+
+    // A write with a message_id is executed once per dedup window.
+    let mut guard = None;
+    if let Some(mid) = props.message_id().as_ref() {
+        if is_write(&shared.registry, &req) {
+            let key = format!("{}\u{0}{}", meta.user.as_deref().unwrap_or(""), mid);
+            loop {
+                match shared.dedup.claim(key.clone()) {
+                    Claim::Fresh(g) => {
+                        guard = Some(g);
+                        break;
+                    }
+                    Claim::Cached(body) => {
+                        tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
+                        return Action::Answer {
+                            body,
+                            park: None,
+                            batch_done: None,
+                        };
+                    }
+                    Claim::Busy(mut rx) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), rx.changed()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    let action = match req {
+        Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
+            Ok(out) => {
+                tracing::debug!(template = %p.template, op = %p.op, "ok");
+                answer(
+                    Reply::ok(event_id.to_string(), out, micros(started)),
+                    None,
+                    None,
+                )
+            }
+            Err(f) if f.retryable => retry_or_give_up(shared, &meta, event_id, f, None),
+            Err(f) => fail(f),
+        },
+        Request::Batch {
+            entries, atomic, ..
+        } => {
+            if atomic {
+                atomic_batch(shared, broker, &meta, event_id, started, entries).await
+            } else {
+                batch(shared, broker, &meta, event_id, started, entries).await
+            }
+        }
+    };
+    if let (Some(g), Action::Answer { body, .. }) = (guard, &action) {
+        g.complete(body.clone());
+    }
+    action
+}
+
+/// Resolves, checks and executes one payload.
+async fn execute(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    user: Option<&str>,
+    p: &BrokerPayload,
+) -> Result<Outcome, Failure> {
+    let (template_db, op, params) = resolve(shared, broker, user, p)?;
+    let adapter = shared.adapters.get(template_db).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::Internal,
+            format!("no adapter for database {template_db}"),
+        )
+    })?;
+    adapter
+        .call(op, &params)
+        .await
+        .map_err(|e| Failure::from(&e))
+}
+
+/// Template → op → broker check → access check → typed params.
+fn resolve<'r>(
+    shared: &'r Shared,
+    broker: &BrokerSpec,
+    user: Option<&str>,
+    p: &BrokerPayload,
+) -> Result<(&'r str, &'r Op, Vec<Param>), Failure> {
+    let f = |e: RequestError| Failure::from(&e);
+    let t = shared.registry.get(&p.template).map_err(f)?;
+    let op = t.op(&p.op).map_err(f)?;
+    if !broker.serves.contains(&op.access) {
+        return Err(f(RequestError::WrongBroker {
+            qualified: op.qualified.clone(),
+            access: op.access.as_str(),
+            broker: broker.name.clone(),
+            serves: broker
+                .serves
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }));
+    }
+    t.check_allowed(user).map_err(f)?;
+    let params =
+        values::validate(op, p.data.as_ref()).map_err(|m| f(RequestError::Validation(m)))?;
+    Ok((t.database.as_str(), op, params))
+}
+
+fn is_write(registry: &Registry, req: &Request) -> bool {
+    let write = |p: &BrokerPayload| {
+        registry
+            .get(&p.template)
+            .ok()
+            .and_then(|t| t.op(&p.op).ok())
+            .is_some_and(|op| op.access == Access::Write)
+    };
+    match req {
+        Request::Single(p) => write(p),
+        Request::Batch { entries, .. } => entries.iter().flatten().any(write),
+    }
+}
+
+async fn batch(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+) -> Action {
+    // Entries finished on an earlier attempt are not run again.
+    let mut results: Vec<Reply> = meta.batch_done.clone();
+    results.truncate(entries.len());
+    for (i, entry) in entries.iter().enumerate().skip(results.len()) {
+        let entry_id = format!("{event_id}.{i}");
+        let t0 = Instant::now();
+        let r = match entry {
+            Err(e) => Err(Failure::from(e)),
+            Ok(p) => execute(shared, broker, meta.user.as_deref(), p).await,
+        };
+        match r {
+            Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
+            Err(f) if f.retryable => {
+                let done = serde_json::to_string(&results).unwrap_or_default();
+                if meta.attempt < shared.retry_tiers && done.len() <= MAX_BATCH_DONE_BYTES {
+                    return Action::Retry {
+                        tier: meta.attempt + 1,
+                        failure: f,
+                        batch_done: Some(done),
+                    };
+                }
+                // Out of tiers: this and every later entry is unavailable.
+                let f = gave_up(meta, f);
+                for j in i..entries.len() {
+                    results.push(Reply::error(format!("{event_id}.{j}"), &f));
+                }
+                break;
+            }
+            Err(f) => results.push(Reply::error(entry_id, &f)),
+        }
+    }
+    let failed = results
+        .iter()
+        .find(|r| !r.is_ok())
+        .and_then(|r| r.error.clone());
+    let park = match (&meta.reply_to, failed) {
+        (None, Some(e)) => Some(Failure::new(
+            ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal),
+            e.message,
+        )),
+        _ => None,
+    };
+    let batch_done = park
+        .as_ref()
+        .map(|_| serde_json::to_string(&results).unwrap_or_default());
+    answer(batch_reply(event_id, started, results), park, batch_done)
+}
+
+async fn atomic_batch(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+) -> Action {
+    // Everything is resolved and validated before anything runs.
+    let mut calls = Vec::with_capacity(entries.len());
+    let mut database = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let resolved = match entry {
+            Err(e) => Err(Failure::from(e)),
+            Ok(p) => resolve(shared, broker, meta.user.as_deref(), p),
+        };
+        let (db, op, params) = match resolved {
+            Ok(r) => r,
+            Err(f) => return atomic_failed(meta, event_id, entries.len(), i, f),
+        };
+        let store = shared
+            .registry
+            .get(&entries[i].as_ref().unwrap().template)
+            .map(|t| t.store);
+        if store.ok() != Some(Store::Mariadb) || database.is_some_and(|d| d != db) {
+            let f = Failure::from(&RequestError::AtomicBatch(
+                "every entry must use the same MariaDB database".into(),
+            ));
+            return atomic_failed(meta, event_id, entries.len(), i, f);
+        }
+        database = Some(db);
+        calls.push((op, params));
+    }
+    let Some(adapter) = database.and_then(|d| shared.adapters.get(d)) else {
+        let f = Failure::new(ErrorCode::Internal, "no adapter for the batch's database");
+        return atomic_failed(meta, event_id, entries.len(), 0, f);
+    };
+    let refs: Vec<(&Op, &[Param])> = calls.iter().map(|(op, p)| (*op, p.as_slice())).collect();
+    match adapter.call_atomic(&refs).await {
+        Ok(outs) => {
+            let results = outs
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| Reply::ok(format!("{event_id}.{i}"), o, 0))
+                .collect();
+            answer(batch_reply(event_id, started, results), None, None)
+        }
+        Err((_, e)) if Failure::from(&e).retryable => {
+            retry_or_give_up(shared, meta, event_id, Failure::from(&e), None)
+        }
+        Err((i, e)) => atomic_failed(meta, event_id, entries.len(), i, Failure::from(&e)),
+    }
+}
+
+/// All-or-nothing failure: entry `i` failed, so none was applied.
+fn atomic_failed(meta: &Meta, event_id: &str, n: usize, i: usize, f: Failure) -> Action {
+    let results: Vec<Reply> = (0..n)
+        .map(|j| {
+            let id = format!("{event_id}.{j}");
+            if j == i {
+                Reply::error(id, &f)
+            } else {
+                let mut other = f.clone();
+                other.message = format!("not applied: atomic batch entry {i} failed");
+                Reply::error(id, &other)
+            }
+        })
+        .collect();
+    let mut top = f.clone();
+    top.message = format!("atomic batch entry {i}: {}", f.message);
+    let mut reply = Reply::error(event_id.to_string(), &top);
+    reply.results = Some(results);
+    answer(reply, meta.reply_to.is_none().then_some(top), None)
+}
+
+fn batch_reply(event_id: &str, started: Instant, results: Vec<Reply>) -> Reply {
+    let affected = results.iter().filter_map(|r| r.affected).sum();
+    let mut r = Reply::ok(
+        event_id.to_string(),
+        Outcome {
+            rows: Vec::new(),
+            affected,
+        },
+        micros(started),
+    );
+    r.results = Some(results);
+    r
+}
+
+fn retry_or_give_up(
+    shared: &Shared,
+    meta: &Meta,
+    event_id: &str,
+    f: Failure,
+    batch_done: Option<String>,
+) -> Action {
+    if meta.attempt < shared.retry_tiers {
+        tracing::info!(attempt = meta.attempt + 1, error = %f.message, "retryable failure: to retry tier");
+        return Action::Retry {
+            tier: meta.attempt + 1,
+            failure: f,
+            batch_done,
+        };
+    }
+    let f = gave_up(meta, f);
+    let reply = Reply::error(event_id.to_string(), &f);
+    answer(reply, Some(f), batch_done)
+}
+
+fn gave_up(meta: &Meta, f: Failure) -> Failure {
+    Failure {
+        code: ErrorCode::Unavailable,
+        message: format!(
+            "{} (gave up after {} attempt(s); the request is parked in the dead-letter queue)",
+            f.message,
+            meta.attempt + 1
+        ),
+        retryable: true,
+        db_down: f.db_down,
+    }
+}
+
+/// A final failure: answered, and parked when nobody would see the answer.
+fn answer_failure(meta: &Meta, event_id: &str, f: Failure, batch_done: Option<String>) -> Action {
+    tracing::debug!(code = %f.code, error = %f.message, "request failed");
+    let reply = Reply::error(event_id.to_string(), &f);
+    answer(reply, meta.reply_to.is_none().then_some(f), batch_done)
+}
+
+fn answer(reply: Reply, park: Option<Failure>, batch_done: Option<String>) -> Action {
+    let body = serde_json::to_vec(&reply).unwrap_or_else(|e| {
+        format!(r#"{{"status":"error","event_id":"{}","error":{{"code":"INTERNAL","message":"reply not serializable: {e}","retryable":false}}}}"#, reply.event_id).into_bytes()
+    });
+    Action::Answer {
+        body: Arc::new(body),
+        park,
+        batch_done,
+    }
+}
+
+/// Publishes what the action requires, each with a publisher confirm.
+async fn finish(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    ch: &Channel,
+    delivery: &Delivery,
+    event_id: &str,
+    action: Action,
+) -> Result<(), lapin::Error> {
+    let props = &delivery.properties;
+    match action {
+        Action::Retry {
+            tier,
+            failure,
+            batch_done,
+        } => {
+            let mut extra = vec![
+                (ATTEMPT_HEADER, AMQPValue::LongLongInt(tier as i64)),
+                (ERROR_CODE_HEADER, text(failure.code.as_str())),
+                (ERROR_MESSAGE_HEADER, text(&failure.message)),
+            ];
+            if let Some(done) = &batch_done {
+                extra.push((BATCH_DONE_HEADER, text(done)));
+            }
+            let p = republish_props(shared, props, &delivery.data, extra);
+            let queue = shared.names.retry(&broker.name, tier);
+            publish_confirmed(ch, "", &queue, &delivery.data, p).await
+        }
+        Action::Answer {
+            body,
+            park,
+            batch_done,
+        } => {
+            if let Some(f) = park {
+                tracing::warn!(code = %f.code, error = %f.message, "request parked in the dead-letter queue");
+                let mut extra = vec![
+                    (ERROR_CODE_HEADER, text(f.code.as_str())),
+                    (ERROR_MESSAGE_HEADER, text(&f.message)),
+                    (EVENT_ID_HEADER, text(event_id)),
+                ];
+                if let Some(done) = &batch_done {
+                    extra.push((BATCH_DONE_HEADER, text(done)));
+                }
+                let p = republish_props(shared, props, &delivery.data, extra);
+                publish_confirmed(ch, "", &shared.names.dlq(&broker.name), &delivery.data, p)
+                    .await?;
+            }
+            if let Some(reply_to) = props.reply_to().as_ref() {
+                let reply_event = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| {
+                        v.get("event_id")
+                            .and_then(|e| e.as_str())
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_else(|| event_id.to_string());
+                let mut headers = FieldTable::default();
+                headers.insert(EVENT_ID_HEADER.into(), text(&reply_event));
+                let mut p = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_headers(headers);
+                if let Some(cid) = props.correlation_id() {
+                    p = p.with_correlation_id(cid.clone());
+                }
+                publish_confirmed(ch, "", reply_to.as_str(), &body, p).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Properties for a retried or parked copy: everything of the original but
+/// `user_id` (moved to a signed header) and `expiration` (the retry tier's
+/// TTL governs; the client's deadline header still applies).
+fn republish_props(
+    shared: &Shared,
+    props: &AMQPProperties,
+    body: &[u8],
+    extra: Vec<(&str, AMQPValue)>,
+) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    for (k, v) in extra {
+        headers.insert(k.into(), v);
+    }
+    let user = props
+        .user_id()
+        .as_ref()
+        .map(|u| u.to_string())
+        .or_else(|| signed_user(shared, props, body));
+    if let Some(user) = user {
+        headers.insert(USER_HEADER.into(), text(&user));
+        headers.insert(
+            USER_SIG_HEADER.into(),
+            text(&sign(&shared.retry_key, &user, body)),
+        );
+    }
+    let mut p = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2);
+    if let Some(v) = props.content_type() {
+        p = p.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        p = p.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.correlation_id() {
+        p = p.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        p = p.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        p = p.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        p = p.with_timestamp(*v);
+    }
+    if let Some(v) = props.app_id() {
+        p = p.with_app_id(v.clone());
+    }
+    if let Some(v) = props.kind() {
+        p = p.with_type(v.clone());
+    }
+    if let Some(v) = props.priority() {
+        p = p.with_priority(*v);
+    }
+    p
+}
+
+fn read_meta(shared: &Shared, props: &AMQPProperties, body: &[u8]) -> Meta {
+    let user = match props.user_id() {
+        Some(u) => Some(u.to_string()),
+        None => signed_user(shared, props, body),
+    };
+    let attempt = payload::header(props, ATTEMPT_HEADER)
+        .and_then(payload::amqp_int)
+        .map(|a| a.clamp(0, 64) as usize)
+        .unwrap_or(0);
+    let batch_done = match payload::header(props, BATCH_DONE_HEADER) {
+        Some(AMQPValue::LongString(s)) => serde_json::from_slice(s.as_bytes()).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Meta {
+        user,
+        reply_to: props.reply_to().as_ref().map(|r| r.to_string()),
+        attempt,
+        batch_done,
+    }
+}
+
+/// The identity a retried message carries, if its signature is ours.
+fn signed_user(shared: &Shared, props: &AMQPProperties, body: &[u8]) -> Option<String> {
+    let user = match payload::header(props, USER_HEADER)? {
+        AMQPValue::LongString(s) => String::from_utf8(s.as_bytes().to_vec()).ok()?,
+        _ => return None,
+    };
+    let sig = match payload::header(props, USER_SIG_HEADER)? {
+        AMQPValue::LongString(s) => hex::decode(s.as_bytes()).ok()?,
+        _ => return None,
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(&shared.retry_key).ok()?;
+    mac.update(user.as_bytes());
+    mac.update(&[0]);
+    mac.update(body);
+    match mac.verify_slice(&sig) {
+        Ok(()) => Some(user),
+        Err(_) => {
+            tracing::warn!("ignoring a caller identity header with a bad signature");
+            None
+        }
+    }
+}
+
+fn sign(key: &[u8], user: &str, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(user.as_bytes());
+    mac.update(&[0]);
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.to_string()))
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros().min(u64::MAX as u128) as u64
+}

@@ -1,0 +1,141 @@
+//! Everything AMQP: the connection (`AmqpLink`), the topology of CONTRACT §1,
+//! and the dispatchers that consume the broker queues.
+
+pub mod dedup;
+pub mod dispatcher;
+pub mod payload;
+pub mod reply;
+pub mod topology;
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::publisher_confirm::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rand::Rng;
+use tokio::sync::Mutex;
+
+/// The node's AMQP connection. Dispatchers take one channel each from it; if
+/// the connection drops, the next `channel()` call reconnects.
+pub struct AmqpLink {
+    /// Contains the password: never log it.
+    uri: String,
+    /// Shown in the RabbitMQ management UI.
+    name: String,
+    timeout: Duration,
+    conn: Mutex<Option<Connection>>,
+}
+
+impl AmqpLink {
+    pub async fn connect(
+        uri: String,
+        name: String,
+        timeout: Duration,
+    ) -> Result<AmqpLink, lapin::Error> {
+        let link = AmqpLink {
+            uri,
+            name,
+            timeout,
+            conn: Mutex::new(None),
+        };
+        link.connection().await?;
+        Ok(link)
+    }
+
+    async fn open(&self) -> Result<Connection, lapin::Error> {
+        let props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio)
+            .with_connection_name(self.name.clone().into());
+        match tokio::time::timeout(self.timeout, Connection::connect(&self.uri, props)).await {
+            Ok(r) => r,
+            Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no AMQP handshake within {:?}", self.timeout),
+                ),
+            ))),
+        }
+    }
+
+    /// Ensures a live connection (reconnecting if needed).
+    async fn connection(&self) -> Result<(), lapin::Error> {
+        let mut guard = self.conn.lock().await;
+        if guard.as_ref().is_some_and(|c| c.status().connected()) {
+            return Ok(());
+        }
+        *guard = Some(self.open().await?);
+        Ok(())
+    }
+
+    /// A fresh channel on the live connection.
+    pub async fn channel(&self) -> Result<Channel, lapin::Error> {
+        self.connection().await?;
+        let guard = self.conn.lock().await;
+        match guard.as_ref() {
+            Some(c) => c.create_channel().await,
+            None => Err(lapin::Error::InvalidConnectionState(
+                lapin::ConnectionState::Closed,
+            )),
+        }
+    }
+
+    pub async fn close(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            let _ = c.close(200, "BEDS shutting down").await;
+        }
+    }
+}
+
+/// Publishes and waits for the broker's confirm: a message is only "sent"
+/// once RabbitMQ has taken responsibility for it.
+pub async fn publish_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    props: BasicProperties,
+) -> Result<(), lapin::Error> {
+    let confirm = channel
+        .basic_publish(
+            exchange,
+            routing_key,
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Nack(_) => Err(lapin::Error::InvalidChannelState(
+            lapin::ChannelState::Error,
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Jittered exponential backoff for reconnect loops: 100 ms doubling to 10 s,
+/// each wait between half and one and a half of the nominal value.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            next: Duration::from_millis(100),
+        }
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
+        self.next = (self.next * 2).min(Duration::from_secs(10));
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Duration::from_millis(100);
+    }
+}

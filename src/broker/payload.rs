@@ -1,0 +1,230 @@
+//! The request side of the wire contract (CONTRACT §2): AMQP properties and
+//! the BrokerPayload body, checked in the order that costs least first
+//! (content type, size, deadline, then JSON).
+
+use lapin::protocol::basic::AMQPProperties;
+use lapin::types::AMQPValue;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Header carrying the client's deadline, Unix epoch milliseconds.
+pub const DEADLINE_HEADER: &str = "x-beds-deadline";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PayloadError {
+    #[error("content_type must be application/json, got {0}")]
+    ContentType(String),
+    #[error("body is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("header x-beds-deadline must be an integer (Unix epoch milliseconds)")]
+    BadDeadline,
+    #[error("deadline passed {late_ms} ms before the request could run")]
+    Expired { late_ms: i64 },
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("body must be a JSON object")]
+    NotObject,
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// One operation request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerPayload {
+    pub template: String,
+    pub op: String,
+    #[serde(default)]
+    pub data: Option<Value>,
+    #[serde(default)]
+    pub parent_event_id: Option<String>,
+    #[serde(default)]
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchPayload {
+    batch: Vec<Value>,
+    #[serde(default)]
+    atomic: bool,
+    #[serde(default)]
+    parent_event_id: Option<String>,
+    #[serde(default)]
+    context: Option<String>,
+}
+
+/// A parsed request body.
+#[derive(Debug)]
+pub enum Request {
+    Single(BrokerPayload),
+    /// Entries are parsed one by one so a malformed entry fails on its own.
+    Batch {
+        entries: Vec<Result<BrokerPayload, PayloadError>>,
+        atomic: bool,
+        parent_event_id: Option<String>,
+        context: Option<String>,
+    },
+}
+
+impl Request {
+    pub fn parent_event_id(&self) -> Option<&str> {
+        match self {
+            Request::Single(p) => p.parent_event_id.as_deref(),
+            Request::Batch {
+                parent_event_id, ..
+            } => parent_event_id.as_deref(),
+        }
+    }
+
+    pub fn context(&self) -> &str {
+        let c = match self {
+            Request::Single(p) => p.context.as_deref(),
+            Request::Batch { context, .. } => context.as_deref(),
+        };
+        c.unwrap_or("default")
+    }
+}
+
+/// Checks the properties that must hold before the body is even parsed.
+pub fn check_envelope(
+    props: &AMQPProperties,
+    body_len: usize,
+    limit: usize,
+    now_ms: i64,
+) -> Result<(), PayloadError> {
+    let ct = props.content_type().as_ref().map(|s| s.as_str());
+    let json = ct.is_some_and(|ct| {
+        let base = ct.split(';').next().unwrap_or("").trim();
+        base.eq_ignore_ascii_case("application/json")
+    });
+    if !json {
+        return Err(PayloadError::ContentType(match ct {
+            Some(ct) => format!("{ct:?}"),
+            None => "none".into(),
+        }));
+    }
+    if body_len > limit {
+        return Err(PayloadError::TooLarge {
+            size: body_len,
+            limit,
+        });
+    }
+    if let Some(deadline) = deadline(props)? {
+        if now_ms > deadline {
+            return Err(PayloadError::Expired {
+                late_ms: now_ms - deadline,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The `x-beds-deadline` header, if any.
+pub fn deadline(props: &AMQPProperties) -> Result<Option<i64>, PayloadError> {
+    let Some(v) = header(props, DEADLINE_HEADER) else {
+        return Ok(None);
+    };
+    amqp_int(v).map(Some).ok_or(PayloadError::BadDeadline)
+}
+
+pub fn header<'a>(props: &'a AMQPProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}
+
+/// Any AMQP integer encoding, as clients in different languages pick
+/// different widths.
+pub fn amqp_int(v: &AMQPValue) -> Option<i64> {
+    Some(match v {
+        AMQPValue::ShortShortInt(i) => *i as i64,
+        AMQPValue::ShortShortUInt(i) => *i as i64,
+        AMQPValue::ShortInt(i) => *i as i64,
+        AMQPValue::ShortUInt(i) => *i as i64,
+        AMQPValue::LongInt(i) => *i as i64,
+        AMQPValue::LongUInt(i) => *i as i64,
+        AMQPValue::LongLongInt(i) => *i,
+        AMQPValue::Timestamp(t) => i64::try_from(*t).ok()?,
+        _ => return None,
+    })
+}
+
+/// Parses a body already known to be within the size limit.
+pub fn parse(body: &[u8], max_batch: usize) -> Result<Request, PayloadError> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    let Value::Object(obj) = &value else {
+        return Err(PayloadError::NotObject);
+    };
+    if obj.contains_key("batch") {
+        let b = BatchPayload::deserialize(value).map_err(|e| PayloadError::Shape(e.to_string()))?;
+        if b.batch.is_empty() || b.batch.len() > max_batch {
+            return Err(PayloadError::Shape(format!(
+                "batch must hold 1 to {max_batch} entries, got {}",
+                b.batch.len()
+            )));
+        }
+        check_meta(b.parent_event_id.as_deref(), b.context.as_deref())?;
+        let entries = b
+            .batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| entry(v).map_err(|e| PayloadError::Shape(format!("batch[{i}]: {e}"))))
+            .collect();
+        Ok(Request::Batch {
+            entries,
+            atomic: b.atomic,
+            parent_event_id: b.parent_event_id,
+            context: b.context,
+        })
+    } else {
+        entry(value).map(Request::Single)
+    }
+}
+
+fn entry(v: Value) -> Result<BrokerPayload, PayloadError> {
+    if !v.is_object() {
+        return Err(PayloadError::NotObject);
+    }
+    let p = BrokerPayload::deserialize(v).map_err(|e| PayloadError::Shape(e.to_string()))?;
+    check_meta(p.parent_event_id.as_deref(), p.context.as_deref())?;
+    Ok(p)
+}
+
+fn check_meta(parent: Option<&str>, context: Option<&str>) -> Result<(), PayloadError> {
+    if parent.is_some_and(|p| p.len() > 128) {
+        return Err(PayloadError::Shape(
+            "parent_event_id: at most 128 bytes".into(),
+        ));
+    }
+    if context.is_some_and(|c| c.is_empty() || c.len() > 64) {
+        return Err(PayloadError::Shape("context: 1 to 64 bytes".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_unknown_keys_at_every_level() {
+        let e = parse(br#"{"template":"usr","op":"read","dta":{}}"#, 10).unwrap_err();
+        assert!(e.to_string().contains("unknown field `dta`"), "{e}");
+        let e = parse(br#"{"batch":[],"atomik":true}"#, 10).unwrap_err();
+        assert!(e.to_string().contains("atomik"), "{e}");
+        match parse(br#"{"batch":[{"template":"usr","op":"read","x":1}]}"#, 10).unwrap() {
+            Request::Batch { entries, .. } => assert!(entries[0].is_err()),
+            _ => panic!("expected batch"),
+        }
+    }
+
+    #[test]
+    fn rejects_non_objects_and_bad_json() {
+        assert!(matches!(parse(b"[1]", 10), Err(PayloadError::NotObject)));
+        assert!(matches!(parse(b"{", 10), Err(PayloadError::NotJson(_))));
+        assert!(matches!(
+            parse(br#"{"batch":[]}"#, 10),
+            Err(PayloadError::Shape(_))
+        ));
+    }
+}

@@ -1,0 +1,78 @@
+//! The reply side of the wire contract (CONTRACT §3). The same struct is
+//! what the dispatcher serializes and what `beds::client` parses.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Failure;
+use crate::namaste::{Outcome, Row};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub status: Status,
+    pub event_id: String,
+    /// Always an array on success (empty when no rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Vec<Row>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affected: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_us: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    /// Batches: one reply per entry, in order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results: Option<Vec<Reply>>,
+}
+
+impl Reply {
+    pub fn ok(event_id: String, out: Outcome, elapsed_us: u64) -> Reply {
+        Reply {
+            status: Status::Ok,
+            event_id,
+            data: Some(out.rows),
+            affected: Some(out.affected),
+            elapsed_us: Some(elapsed_us),
+            error: None,
+            results: None,
+        }
+    }
+
+    pub fn error(event_id: String, f: &Failure) -> Reply {
+        Reply {
+            status: Status::Error,
+            event_id,
+            data: None,
+            affected: None,
+            elapsed_us: None,
+            error: Some(ErrorBody {
+                code: f.code.as_str().to_string(),
+                message: f.message.clone(),
+                retryable: f.retryable,
+            }),
+            results: None,
+        }
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+
+    /// The error code, when this is an error reply.
+    pub fn code(&self) -> Option<&str> {
+        self.error.as_ref().map(|e| e.code.as_str())
+    }
+}

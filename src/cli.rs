@@ -1,0 +1,332 @@
+//! The command line: `beds run` (default), `beds check`, `beds call`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Map, Value};
+
+use crate::client::{CallOptions, Client};
+use crate::config::{Access, Config, Env, LoggingConfig};
+use crate::ipl::{self, Node, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE};
+use crate::registry::{FieldType, Registry};
+
+/// `beds call` could not get a reply in time (sysexits EX_TEMPFAIL).
+const EX_TEMPFAIL: u8 = 75;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "beds",
+    version,
+    about = "BEDS: the AMQP door between applications and their databases"
+)]
+pub struct Cli {
+    /// Folder holding beds.toml and env_<BEDS_ENV>.toml.
+    #[arg(long, env = "BEDS_CONFIG_DIR", default_value = "config", global = true)]
+    pub config_dir: PathBuf,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node in the foreground until SIGTERM/SIGINT (the default).
+    Run,
+    /// Validate config and templates without starting; exit 0 or 64.
+    Check {
+        /// Also check that services answer and procedures exist.
+        #[arg(long)]
+        online: bool,
+    },
+    /// Send one request and print the reply.
+    Call(CallArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Template name, e.g. usr.
+    pub template: String,
+    /// Operation name, e.g. read.
+    pub op: String,
+    /// field=value pairs, converted by the template's field types.
+    pub fields: Vec<String>,
+    /// The whole `data` object as JSON (merged under field=value pairs).
+    #[arg(long)]
+    pub json: Option<String>,
+    /// How long to wait for the reply, e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Broker to send to; default: the one serving the op's access kind.
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// message_id, for write dedup.
+    #[arg(long)]
+    pub message_id: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?} (e.g. 5s, 500ms)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (ms, s or m)")),
+    }
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("beds: cannot start the runtime: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    rt.block_on(async move {
+        match cli.command.unwrap_or(Command::Run) {
+            Command::Run => run_node(&cli.config_dir).await,
+            Command::Check { online } => check(&cli.config_dir, online).await,
+            Command::Call(args) => call(&cli.config_dir, args).await,
+        }
+    })
+}
+
+/// IPL step 1: config. Errors are printed plainly (logging is not up yet).
+fn load_config(dir: &std::path::Path) -> Result<Config, ExitCode> {
+    let env = Env::from_env().map_err(|e| {
+        eprintln!("beds: {e}");
+        ExitCode::from(EX_USAGE)
+    })?;
+    Config::load(dir, env).map_err(|e| {
+        eprintln!(
+            "beds: config ({}/beds.toml, env {}): {e}",
+            dir.display(),
+            env.as_str()
+        );
+        ExitCode::from(EX_USAGE)
+    })
+}
+
+async fn run_node(dir: &std::path::Path) -> ExitCode {
+    let t = Instant::now();
+    let config = match load_config(dir) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(&config.logging);
+    tracing::info!(
+        "IPL 1/9 load config: ok ({} ms; {}/beds.toml + env_{}.toml, role {})",
+        t.elapsed().as_millis(),
+        dir.display(),
+        config.env.as_str(),
+        config.node.role
+    );
+    tracing::info!(
+        "IPL 2/9 logging: ok (level {}, journald {})",
+        config.logging.level,
+        config.logging.journald
+    );
+    let node = match Node::start(&config).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("beds: IPL failed: {e}");
+            return ExitCode::from(e.exit_code());
+        }
+    };
+    ipl::wait_for_signal().await;
+    node.stop().await;
+    ExitCode::SUCCESS
+}
+
+async fn check(dir: &std::path::Path, online: bool) -> ExitCode {
+    let config = match load_config(dir) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(&LoggingConfig {
+        level: "warn".into(),
+        journald: false,
+    });
+    let problems = ipl::check(&config, online).await;
+    if problems.is_empty() {
+        println!(
+            "ok: config and templates valid{} (env {}, role {})",
+            if online {
+                ", services answer, procedures exist"
+            } else {
+                ""
+            },
+            config.env.as_str(),
+            config.node.role
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s):", problems.len());
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        ExitCode::from(EX_USAGE)
+    }
+}
+
+async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
+    let config = match load_config(dir) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::logging::init(&LoggingConfig {
+        level: "warn".into(),
+        journald: false,
+    });
+    // The local templates tell the op's access kind and field types; a
+    // template unknown here is still sent, so the node's answer is shown.
+    let registry = Registry::load_dir(&config.node.templates, &config).ok();
+    let template = registry.as_ref().and_then(|r| r.get(&args.template).ok());
+    let op = template.and_then(|t| t.op(&args.op).ok());
+
+    let mut data = match &args.json {
+        None => Map::new(),
+        Some(j) => match serde_json::from_str::<Value>(j) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                eprintln!("beds call: --json must be a JSON object");
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+    };
+    for kv in &args.fields {
+        let Some((k, v)) = kv.split_once('=') else {
+            eprintln!("beds call: expected field=value, got {kv:?}");
+            return ExitCode::from(EX_USAGE);
+        };
+        let ty = template.and_then(|t| {
+            t.ops
+                .values()
+                .flat_map(|o| o.params.iter())
+                .find(|(n, _)| n == k)
+                .map(|(_, f)| f.ty)
+        });
+        data.insert(k.to_string(), typed_value(v, ty));
+    }
+
+    let broker = match (&args.broker, op) {
+        (Some(b), _) => b.clone(),
+        (None, Some(op)) => match broker_for(&config, op.access) {
+            Some(b) => b,
+            None => {
+                eprintln!(
+                    "beds call: no broker serves {} ops; pass --broker",
+                    op.access.as_str()
+                );
+                return ExitCode::from(EX_USAGE);
+            }
+        },
+        (None, None) => {
+            eprintln!(
+                "beds call: {}.{} is not in the local templates, so its broker is unknown; pass --broker",
+                args.template, args.op
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+
+    let client = match Client::connect(&config.amqp.uri(), &config.amqp.prefix).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("beds call: {e}");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    let payload = serde_json::json!({ "template": args.template, "op": args.op, "data": data });
+    let opts = CallOptions {
+        timeout: args.timeout,
+        message_id: args.message_id.clone(),
+        ..Default::default()
+    };
+    let result = client.call(&broker, &payload, &opts).await;
+    client.close().await;
+    match result {
+        Ok(reply) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&reply).unwrap_or_default()
+            );
+            if reply.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("beds call: {e} (broker {broker})");
+            ExitCode::from(EX_TEMPFAIL)
+        }
+    }
+}
+
+/// The broker serving `access`, preferring the node's own role.
+fn broker_for(config: &Config, access: Access) -> Option<String> {
+    let own = config.node_brokers();
+    own.iter()
+        .find(|(_, b)| b.serves.contains(&access))
+        .map(|(n, _)| n.clone())
+        .or_else(|| {
+            config
+                .brokers
+                .iter()
+                .find(|(_, b)| b.serves.contains(&access))
+                .map(|(n, _)| n.clone())
+        })
+}
+
+/// Converts a command-line value by the field's type; unknown fields are
+/// sent as JSON if they parse, else as strings.
+fn typed_value(v: &str, ty: Option<FieldType>) -> Value {
+    let as_json = || serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.into()));
+    match ty {
+        Some(FieldType::String) | Some(FieldType::Datetime) => Value::String(v.into()),
+        Some(FieldType::Int) => v
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(v.into())),
+        Some(FieldType::Float) => v
+            .parse::<f64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::String(v.into())),
+        Some(FieldType::Bool) | Some(FieldType::Json) | None => as_json(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn values_follow_field_types() {
+        assert_eq!(typed_value("42", Some(FieldType::Int)), Value::from(42));
+        assert_eq!(
+            typed_value("42", Some(FieldType::String)),
+            Value::from("42")
+        );
+        assert_eq!(typed_value("true", None), Value::from(true));
+        assert_eq!(typed_value("Ada", None), Value::from("Ada"));
+    }
+}

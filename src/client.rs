@@ -1,0 +1,215 @@
+//! A small BEDS client for Rust applications (and `beds call`): publishes a
+//! BrokerPayload per CONTRACT §2 and waits, with a timeout on every call, for
+//! the reply on RabbitMQ's direct reply-to.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::oneshot;
+
+use crate::broker::payload::DEADLINE_HEADER;
+use crate::broker::publish_confirmed;
+use crate::broker::reply::Reply;
+
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to RabbitMQ: {0}")]
+    Connect(String),
+    #[error("cannot publish the request: {0}")]
+    Publish(String),
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+    #[error("reply is not a BEDS reply: {0}")]
+    BadReply(String),
+}
+
+/// Per-call options. `Default` gives a 5 s timeout and nothing else.
+#[derive(Debug, Clone)]
+pub struct CallOptions {
+    /// How long to wait for the reply.
+    pub timeout: Duration,
+    /// Dedup key for writes (CONTRACT §2).
+    pub message_id: Option<String>,
+    /// `x-beds-deadline`: BEDS will not execute the request after this
+    /// Unix epoch millisecond.
+    pub deadline_ms: Option<i64>,
+    /// Must equal the connection's user; RabbitMQ verifies it.
+    pub user_id: Option<String>,
+    /// Delivery mode 2: the request survives a RabbitMQ restart.
+    pub persistent: bool,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            timeout: Duration::from_secs(5),
+            message_id: None,
+            deadline_ms: None,
+            user_id: None,
+            persistent: false,
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Delivery>>>>;
+
+pub struct Client {
+    /// Kept so the connection lives as long as the client.
+    conn: Connection,
+    channel: Channel,
+    /// The request exchange (`amqp.prefix`).
+    exchange: String,
+    /// Correlation id → the caller waiting for that reply.
+    pending: Pending,
+}
+
+impl Client {
+    /// Connects and starts listening on direct reply-to. `prefix` is the
+    /// installation's exchange name (`beds` by default).
+    pub async fn connect(uri: &str, prefix: &str) -> Result<Client, ClientError> {
+        let props = ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio);
+        let conn = tokio::time::timeout(Duration::from_secs(10), Connection::connect(uri, props))
+            .await
+            .map_err(|_| ClientError::Connect("timed out".into()))?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO,
+                "",
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let pending: Pending = Arc::default();
+        let waiting = pending.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = replies.next().await {
+                let Some(cid) = d
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                else {
+                    continue;
+                };
+                if let Some(tx) = waiting.lock().unwrap().remove(&cid) {
+                    let _ = tx.send(d);
+                }
+            }
+        });
+        Ok(Client {
+            conn,
+            channel,
+            exchange: prefix.to_string(),
+            pending,
+        })
+    }
+
+    /// Sends one request (a BrokerPayload or a batch) to `broker` and parses
+    /// the reply.
+    pub async fn call(
+        &self,
+        broker: &str,
+        payload: &serde_json::Value,
+        opts: &CallOptions,
+    ) -> Result<Reply, ClientError> {
+        let body = serde_json::to_vec(payload).map_err(|e| ClientError::Publish(e.to_string()))?;
+        let d = self
+            .call_raw(broker, &body, self.properties(opts), opts.timeout)
+            .await?;
+        serde_json::from_slice(&d.data).map_err(|e| ClientError::BadReply(e.to_string()))
+    }
+
+    /// The properties `call` would send, for callers that want to adjust
+    /// them before `call_raw`.
+    pub fn properties(&self, opts: &CallOptions) -> BasicProperties {
+        let mut p = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(m) = &opts.message_id {
+            p = p.with_message_id(m.clone().into());
+        }
+        if let Some(u) = &opts.user_id {
+            p = p.with_user_id(u.clone().into());
+        }
+        if opts.persistent {
+            p = p.with_delivery_mode(2);
+        }
+        if let Some(d) = opts.deadline_ms {
+            let mut h = FieldTable::default();
+            h.insert(DEADLINE_HEADER.into(), AMQPValue::LongLongInt(d));
+            p = p.with_headers(h);
+        }
+        p
+    }
+
+    /// Sends any body with any properties (`reply_to` and `correlation_id`
+    /// are set here) and returns the raw reply delivery.
+    pub async fn call_raw(
+        &self,
+        broker: &str,
+        body: &[u8],
+        props: BasicProperties,
+        timeout: Duration,
+    ) -> Result<Delivery, ClientError> {
+        let cid = uuid::Uuid::new_v4().to_string();
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap().insert(cid.clone(), tx);
+        let props = props
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(cid.clone().into());
+        let sent = tokio::time::timeout(
+            timeout,
+            publish_confirmed(&self.channel, &self.exchange, broker, body, props),
+        )
+        .await;
+        let outcome = match sent {
+            Err(_) => Err(ClientError::Timeout(timeout)),
+            Ok(Err(e)) => Err(ClientError::Publish(e.to_string())),
+            Ok(Ok(())) => match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(d)) => return Ok(d),
+                Ok(Err(_)) => Err(ClientError::BadReply("reply listener stopped".into())),
+                Err(_) => Err(ClientError::Timeout(timeout)),
+            },
+        };
+        self.pending.lock().unwrap().remove(&cid);
+        outcome
+    }
+
+    /// Publishes without waiting for a reply (fire-and-forget).
+    pub async fn send(
+        &self,
+        broker: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), ClientError> {
+        publish_confirmed(&self.channel, &self.exchange, broker, body, props)
+            .await
+            .map_err(|e| ClientError::Publish(e.to_string()))
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye").await;
+        let _ = self.conn.close(200, "bye").await;
+    }
+}

@@ -1,0 +1,568 @@
+//! Node configuration: layered TOML (`beds.toml`, then `env_{BEDS_ENV}.toml`,
+//! then `BEDS__…` environment variables), deserialized into typed structs that
+//! reject unknown keys, then cross-checked.
+//!
+//! Loading never stops at the first cross-check problem: `beds check` shows an
+//! operator every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Deployment environments BEDS knows. In `prod` every IPL failure is fatal;
+/// in `dev` a missing optional service is only a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Env {
+    Dev,
+    Qa,
+    Prod,
+}
+
+impl Env {
+    pub fn parse(s: &str) -> Result<Env, ConfigError> {
+        match s {
+            "dev" => Ok(Env::Dev),
+            "qa" => Ok(Env::Qa),
+            "prod" => Ok(Env::Prod),
+            other => Err(ConfigError::BadEnv(other.to_string())),
+        }
+    }
+
+    /// `BEDS_ENV`, default `dev`.
+    pub fn from_env() -> Result<Env, ConfigError> {
+        Env::parse(&std::env::var("BEDS_ENV").unwrap_or_else(|_| "dev".into()))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Env::Dev => "dev",
+            Env::Qa => "qa",
+            Env::Prod => "prod",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("BEDS_ENV must be dev, qa or prod, got {0:?}")]
+    BadEnv(String),
+    #[error("config file {0} not found")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Parse(String),
+    #[error("config has {} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Which role this node plays and where its templates live.
+    pub node: NodeConfig,
+    /// The RabbitMQ connection and topology naming.
+    pub amqp: AmqpConfig,
+    /// Per-request behaviour shared by every dispatcher.
+    #[serde(default)]
+    pub dispatch: DispatchConfig,
+    /// Role name → the brokers a node of that role runs.
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// Broker name → how many dispatchers and which access kinds it serves.
+    pub brokers: BTreeMap<String, BrokerConfig>,
+    /// Database entry name (what templates put in `database`) → connection.
+    #[serde(default)]
+    pub databases: BTreeMap<String, DatabaseConfig>,
+    #[serde(default)]
+    pub logging: LoggingConfig,
+    /// Which environment was loaded; set by the loader, not by a file.
+    #[serde(skip, default = "default_env")]
+    pub env: Env,
+}
+
+fn default_env() -> Env {
+    Env::Dev
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// One of the keys of `[roles]`, e.g. `appServer`.
+    pub role: String,
+    /// This node's name in logs and event ids; several nodes may share a role.
+    #[serde(default = "default_node_name")]
+    pub name: String,
+    /// Folder of REC template files (`*.toml`), relative to the working dir.
+    #[serde(default = "default_templates")]
+    pub templates: PathBuf,
+}
+
+fn default_node_name() -> String {
+    "beds".into()
+}
+fn default_templates() -> PathBuf {
+    "templates".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpConfig {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_amqp_port")]
+    pub port: u16,
+    pub user: String,
+    /// Secret: set it in `env_{BEDS_ENV}.toml` or `BEDS__AMQP__PASS`.
+    #[serde(default)]
+    pub pass: Option<String>,
+    #[serde(default = "default_vhost")]
+    pub vhost: String,
+    /// Prefix of every exchange and queue name (`beds` → `beds.rBroker`), so
+    /// several installations (or test runs) can share one RabbitMQ.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    #[serde(default = "default_queue_type")]
+    pub queue_type: QueueType,
+    /// Quorum queues only: deliveries of one message before RabbitMQ
+    /// dead-letters it to the DLQ (guards against poison messages that crash
+    /// a node; without it RabbitMQ 4 would default to 20 and drop).
+    #[serde(default = "default_delivery_limit")]
+    pub delivery_limit: u32,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_secs: u16,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_amqp_port() -> u16 {
+    5672
+}
+fn default_vhost() -> String {
+    "/".into()
+}
+fn default_prefix() -> String {
+    "beds".into()
+}
+fn default_queue_type() -> QueueType {
+    QueueType::Classic
+}
+fn default_delivery_limit() -> u32 {
+    20
+}
+fn default_heartbeat() -> u16 {
+    30
+}
+fn default_connect_timeout() -> u64 {
+    5_000
+}
+
+impl AmqpConfig {
+    /// The AMQP URI, with the password percent-encoded. Contains a secret:
+    /// never log it.
+    pub fn uri(&self) -> String {
+        let vhost = if self.vhost == "/" {
+            "%2f".to_string()
+        } else {
+            pct(&self.vhost)
+        };
+        format!(
+            "amqp://{}:{}@{}:{}/{}?heartbeat={}",
+            pct(&self.user),
+            pct(self.pass.as_deref().unwrap_or("")),
+            self.host,
+            self.port,
+            vhost,
+            self.heartbeat_secs
+        )
+    }
+}
+
+fn pct(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Unacknowledged deliveries RabbitMQ hands one dispatcher; also the
+    /// bound on requests that dispatcher works on at once.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// TTL of each retry tier, in order (`beds.<broker>.retry.1`, …).
+    #[serde(default = "default_retry_tiers")]
+    pub retry_tiers_ms: Vec<u64>,
+    /// Largest request body accepted; checked before parsing.
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: usize,
+    /// Most entries one batch may hold.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long SIGTERM waits for in-flight requests before closing anyway
+    /// (unfinished ones go back to the queue, nothing is lost).
+    #[serde(default = "default_drain")]
+    pub drain_timeout_ms: u64,
+    /// How long a write's `message_id` is remembered so a redelivery is
+    /// answered from the first execution instead of applied again.
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window_ms: u64,
+    /// Cap on remembered `message_id`s (memory bound).
+    #[serde(default = "default_dedup_max")]
+    pub dedup_max_entries: usize,
+    /// Secret used to sign the caller identity a retried request carries
+    /// (RabbitMQ forbids republishing another user's `user_id`). Nodes of one
+    /// installation should share it; unset, each process makes its own.
+    #[serde(default)]
+    pub retry_key: Option<String>,
+}
+
+fn default_prefetch() -> u16 {
+    32
+}
+fn default_retry_tiers() -> Vec<u64> {
+    vec![1_000, 5_000, 30_000]
+}
+fn default_max_payload() -> usize {
+    1024 * 1024
+}
+fn default_max_batch() -> usize {
+    1_000
+}
+fn default_drain() -> u64 {
+    10_000
+}
+fn default_dedup_window() -> u64 {
+    300_000
+}
+fn default_dedup_max() -> usize {
+    100_000
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig {
+            prefetch: default_prefetch(),
+            retry_tiers_ms: default_retry_tiers(),
+            max_payload_bytes: default_max_payload(),
+            max_batch: default_max_batch(),
+            drain_timeout_ms: default_drain(),
+            dedup_window_ms: default_dedup_window(),
+            dedup_max_entries: default_dedup_max(),
+            retry_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    pub brokers: Vec<String>,
+}
+
+/// The access kinds of CONTRACT §4; a broker serves one or more of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Read,
+    Write,
+    Meta,
+}
+
+impl Access {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+            Access::Meta => "meta",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Dispatcher tasks consuming this broker's queue on this node.
+    #[serde(default = "default_instances")]
+    pub instances: usize,
+    /// Access kinds of the ops this broker executes; anything else is
+    /// answered `WRONG_BROKER`.
+    pub serves: Vec<Access>,
+}
+
+fn default_instances() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DbKind {
+    Mariadb,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub kind: DbKind,
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_db_port")]
+    pub port: u16,
+    pub user: String,
+    /// Secret: set it in `env_{BEDS_ENV}.toml` or `BEDS__DATABASES__<NAME>__PASS`.
+    #[serde(default)]
+    pub pass: Option<String>,
+    /// Schema (database) name on the server.
+    pub name: String,
+    #[serde(default = "default_max_conn")]
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before it counts as
+    /// the database being unavailable.
+    #[serde(default = "default_acquire_timeout")]
+    pub acquire_timeout_ms: u64,
+    /// Optional read replica: `read` ops go there when it is configured.
+    #[serde(default)]
+    pub replica: Option<ReplicaConfig>,
+}
+
+fn default_db_port() -> u16 {
+    3306
+}
+fn default_max_conn() -> u32 {
+    16
+}
+fn default_acquire_timeout() -> u64 {
+    3_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaConfig {
+    pub host: String,
+    #[serde(default = "default_db_port")]
+    pub port: u16,
+    /// Defaults to the primary's user, password and schema.
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub pass: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// `tracing` filter, e.g. `info` or `beds=debug,sqlx=warn`;
+    /// `RUST_LOG` overrides it.
+    #[serde(default = "default_level")]
+    pub level: String,
+    /// Also send events to the systemd journal.
+    #[serde(default)]
+    pub journald: bool,
+}
+
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: default_level(),
+            journald: false,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `dir/beds.toml`, layers `dir/env_{env}.toml` (optional) and
+    /// `BEDS__SECTION__KEY` environment variables on top, then cross-checks.
+    pub fn load(dir: &Path, env: Env) -> Result<Config, ConfigError> {
+        let base = dir.join("beds.toml");
+        if !base.is_file() {
+            return Err(ConfigError::Missing(base));
+        }
+        let overlay = dir.join(format!("env_{}.toml", env.as_str()));
+        let built = config::Config::builder()
+            .add_source(config::File::from(base.as_path()).required(true))
+            .add_source(config::File::from(overlay.as_path()).required(false))
+            // Environment keys arrive lowercased, which suits secrets such as
+            // BEDS__AMQP__PASS; mixed-case keys (broker names) belong in files.
+            .add_source(
+                config::Environment::with_prefix("BEDS")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut cfg: Config = built
+            .try_deserialize()
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.env = env;
+        let problems = cfg.problems();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Cross-checks serde cannot express. Returns every problem found.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        match self.roles.get(&self.node.role) {
+            None => p.push(format!(
+                "node.role = {:?} is not a key of [roles] (known: {})",
+                self.node.role,
+                self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+            Some(role) => {
+                if role.brokers.is_empty() {
+                    p.push(format!("roles.{}.brokers is empty", self.node.role));
+                }
+                for b in &role.brokers {
+                    if !self.brokers.contains_key(b) {
+                        p.push(format!(
+                            "roles.{}.brokers names {b:?}, which has no [brokers.{b}] entry",
+                            self.node.role
+                        ));
+                    }
+                }
+            }
+        }
+        for (name, b) in &self.brokers {
+            if !is_amqp_name(name) {
+                p.push(format!(
+                    "brokers.{name}: name may hold only letters, digits, '_' and '-'"
+                ));
+            }
+            if b.instances == 0 {
+                p.push(format!("brokers.{name}.instances must be at least 1"));
+            }
+            if b.instances > 256 {
+                p.push(format!("brokers.{name}.instances must be at most 256"));
+            }
+            if b.serves.is_empty() {
+                p.push(format!(
+                    "brokers.{name}.serves is empty (use read, write, meta)"
+                ));
+            }
+        }
+        if !is_amqp_name(&self.amqp.prefix) {
+            p.push("amqp.prefix may hold only letters, digits, '_' and '-'".into());
+        }
+        if self.amqp.pass.is_none() {
+            p.push(
+                "amqp.pass is not set: put it in config/env_<BEDS_ENV>.toml or BEDS__AMQP__PASS"
+                    .into(),
+            );
+        }
+        if self.amqp.queue_type == QueueType::Quorum && self.amqp.delivery_limit == 0 {
+            p.push("amqp.delivery_limit must be at least 1 with quorum queues".into());
+        }
+        let d = &self.dispatch;
+        if d.prefetch == 0 {
+            p.push("dispatch.prefetch must be at least 1".into());
+        }
+        if d.retry_tiers_ms.len() > 10 {
+            p.push("dispatch.retry_tiers_ms may hold at most 10 tiers".into());
+        }
+        if d.retry_tiers_ms.contains(&0) {
+            p.push("dispatch.retry_tiers_ms: every tier must be > 0 ms".into());
+        }
+        if d.max_payload_bytes == 0 || d.max_payload_bytes > 128 * 1024 * 1024 {
+            p.push("dispatch.max_payload_bytes must be between 1 and 134217728".into());
+        }
+        if d.max_batch == 0 {
+            p.push("dispatch.max_batch must be at least 1".into());
+        }
+        for (name, db) in &self.databases {
+            if db.pass.is_none() {
+                p.push(format!(
+                    "databases.{name}.pass is not set: put it in config/env_<BEDS_ENV>.toml or BEDS__DATABASES__{}__PASS",
+                    name.to_uppercase()
+                ));
+            }
+            if db.max_connections == 0 {
+                p.push(format!(
+                    "databases.{name}.max_connections must be at least 1"
+                ));
+            }
+            if db.name.is_empty() {
+                p.push(format!("databases.{name}.name is empty"));
+            }
+        }
+        p
+    }
+
+    /// The brokers this node runs, from its role.
+    pub fn node_brokers(&self) -> Vec<(String, BrokerConfig)> {
+        self.roles
+            .get(&self.node.role)
+            .map(|r| {
+                r.brokers
+                    .iter()
+                    .filter_map(|b| self.brokers.get(b).map(|c| (b.clone(), c.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Names that go into exchange and queue names unquoted.
+pub fn is_amqp_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_percent_encodes_secrets() {
+        let a = AmqpConfig {
+            host: "127.0.0.1".into(),
+            port: 5672,
+            user: "u@x".into(),
+            pass: Some("p/w:d".into()),
+            vhost: "/".into(),
+            prefix: "beds".into(),
+            queue_type: QueueType::Classic,
+            delivery_limit: 20,
+            heartbeat_secs: 30,
+            connect_timeout_ms: 1000,
+        };
+        assert_eq!(
+            a.uri(),
+            "amqp://u%40x:p%2Fw%3Ad@127.0.0.1:5672/%2f?heartbeat=30"
+        );
+    }
+
+    #[test]
+    fn env_names() {
+        assert_eq!(Env::parse("prod").unwrap(), Env::Prod);
+        assert!(Env::parse("production").is_err());
+    }
+}

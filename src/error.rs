@@ -1,0 +1,161 @@
+//! The contract's error vocabulary (CONTRACT §3) and the one place where each
+//! layer's error enum is mapped to it.
+//!
+//! Every layer (payload parsing, template registry, value validation,
+//! NamasteCore adapters) has its own `thiserror` enum that says what went
+//! wrong in that layer's terms. The dispatcher never matches on those enums;
+//! it asks for a [`Failure`], which carries the stable code a client sees.
+
+use serde::Serialize;
+
+use crate::broker::payload::PayloadError;
+use crate::namaste::AdapterError;
+use crate::registry::RequestError;
+
+/// The stable error codes of CONTRACT §3. The strings are part of the wire
+/// contract: never rename them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    BadPayload,
+    UnknownTemplate,
+    UnknownOperation,
+    WrongBroker,
+    Validation,
+    Forbidden,
+    Conflict,
+    NotFound,
+    Unavailable,
+    Expired,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadPayload => "BAD_PAYLOAD",
+            ErrorCode::UnknownTemplate => "UNKNOWN_TEMPLATE",
+            ErrorCode::UnknownOperation => "UNKNOWN_OPERATION",
+            ErrorCode::WrongBroker => "WRONG_BROKER",
+            ErrorCode::Validation => "VALIDATION",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::Conflict => "CONFLICT",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Expired => "EXPIRED",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+}
+
+impl ErrorCode {
+    /// All codes, for parsing and tests.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::BadPayload,
+        ErrorCode::UnknownTemplate,
+        ErrorCode::UnknownOperation,
+        ErrorCode::WrongBroker,
+        ErrorCode::Validation,
+        ErrorCode::Forbidden,
+        ErrorCode::Conflict,
+        ErrorCode::NotFound,
+        ErrorCode::Unavailable,
+        ErrorCode::Expired,
+        ErrorCode::Internal,
+    ];
+
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a request's failure looks like on the wire, plus how the dispatcher
+/// must treat it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub code: ErrorCode,
+    /// Human-readable, safe to show a client: never SQL text of ours, a
+    /// stack trace or a credential.
+    pub message: String,
+    /// True when the same request may succeed later (database or network
+    /// trouble). Retryable failures go through the retry tiers.
+    pub retryable: bool,
+    /// True when the failure means the database itself is unreachable, so
+    /// the dispatchers should pause consuming until it answers again.
+    pub db_down: bool,
+}
+
+impl Failure {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+            retryable: false,
+            db_down: false,
+        }
+    }
+}
+
+impl From<&PayloadError> for Failure {
+    fn from(e: &PayloadError) -> Self {
+        let code = match e {
+            PayloadError::Expired { .. } => ErrorCode::Expired,
+            _ => ErrorCode::BadPayload,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<&RequestError> for Failure {
+    fn from(e: &RequestError) -> Self {
+        let code = match e {
+            RequestError::UnknownTemplate(_) => ErrorCode::UnknownTemplate,
+            RequestError::UnknownOperation { .. } => ErrorCode::UnknownOperation,
+            RequestError::WrongBroker { .. } => ErrorCode::WrongBroker,
+            RequestError::Forbidden { .. } => ErrorCode::Forbidden,
+            RequestError::Validation(_) => ErrorCode::Validation,
+            RequestError::AtomicBatch(_) => ErrorCode::Validation,
+        };
+        Failure::new(code, e.to_string())
+    }
+}
+
+impl From<&AdapterError> for Failure {
+    fn from(e: &AdapterError) -> Self {
+        let (code, retryable, db_down) = match e {
+            AdapterError::Unreachable(_) => (ErrorCode::Unavailable, true, true),
+            AdapterError::Transient(_) => (ErrorCode::Unavailable, true, false),
+            AdapterError::Conflict(_) => (ErrorCode::Conflict, false, false),
+            AdapterError::NotFound => (ErrorCode::NotFound, false, false),
+            AdapterError::Rejected(_) | AdapterError::Internal(_) => {
+                (ErrorCode::Internal, false, false)
+            }
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+            retryable,
+            db_down,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_serialize_as_contract_strings() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(&code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! IPL (initial program load): the ordered, logged, timed steps that take a
+//! node from a config to consuming its queues, and the drain that takes it
+//! back down.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::broker::dedup::Dedup;
+use crate::broker::dispatcher::{BrokerSpec, Dispatcher, Shared};
+use crate::broker::topology::{self, Names, TopologySpec};
+use crate::broker::AmqpLink;
+use crate::config::{Config, ConfigError, Env};
+use crate::namaste::mariadb::MariaDb;
+use crate::namaste::{Adapters, NamasteCore};
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+
+/// Exit codes (sysexits.h), so init systems and scripts can tell a bad
+/// config from a missing service.
+pub const EX_USAGE: u8 = 64;
+pub const EX_UNAVAILABLE: u8 = 69;
+pub const EX_SOFTWARE: u8 = 70;
+
+/// Why a node could not start. Each names the step and the config key.
+#[derive(Debug, thiserror::Error)]
+pub enum IplError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("templates: {} problem(s):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Templates(Vec<String>),
+    #[error("{service} at {addr} is unreachable (config: {key}): {reason}")]
+    Unreachable {
+        service: String,
+        addr: String,
+        key: String,
+        reason: String,
+    },
+    #[error("RabbitMQ at {addr} refused the connection (config: amqp.user, amqp.pass, amqp.vhost): {reason}")]
+    AmqpAuth { addr: String, reason: String },
+    #[error("declaring the queue topology failed (config: amqp.prefix, amqp.queue_type, dispatch.retry_tiers_ms): {0}")]
+    Topology(String),
+    #[error("database {name}: {reason} (config: databases.{name})")]
+    Database { name: String, reason: String },
+}
+
+impl IplError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            IplError::Config(_) | IplError::Templates(_) | IplError::Topology(_) => EX_USAGE,
+            IplError::Unreachable { .. }
+            | IplError::AmqpAuth { .. }
+            | IplError::Database { .. } => EX_UNAVAILABLE,
+        }
+    }
+}
+
+const STEPS: usize = 9;
+
+/// Logs one IPL step with its number and duration.
+async fn step<T, F>(n: usize, name: &str, f: F) -> Result<T, IplError>
+where
+    F: Future<Output = Result<T, IplError>>,
+{
+    let t = Instant::now();
+    let r = f.await;
+    let ms = t.elapsed().as_millis();
+    match &r {
+        Ok(_) => tracing::info!("IPL {n}/{STEPS} {name}: ok ({ms} ms)"),
+        Err(e) => tracing::error!("IPL {n}/{STEPS} {name}: FAILED after {ms} ms: {e}"),
+    }
+    r
+}
+
+/// A running node.
+pub struct Node {
+    /// Sent once to start the drain.
+    shutdown: broadcast::Sender<()>,
+    /// Closes when every dispatcher has ended.
+    done: mpsc::Receiver<()>,
+    link: Arc<AmqpLink>,
+    pools: Vec<Arc<MariaDb>>,
+    pub registry: Arc<Registry>,
+}
+
+/// Everything the services step found, so `beds check --online` can report
+/// all of it at once.
+async fn reachability(config: &Config) -> Vec<(bool, IplError)> {
+    let t = Duration::from_millis(config.amqp.connect_timeout_ms);
+    let mut targets = vec![(
+        "RabbitMQ".to_string(),
+        format!("{}:{}", config.amqp.host, config.amqp.port),
+        "amqp.host, amqp.port".to_string(),
+        false,
+    )];
+    for (name, db) in &config.databases {
+        targets.push((
+            format!("MariaDB {name} primary"),
+            format!("{}:{}", db.host, db.port),
+            format!("databases.{name}.host, databases.{name}.port"),
+            false,
+        ));
+        if let Some(r) = &db.replica {
+            targets.push((
+                format!("MariaDB {name} replica"),
+                format!("{}:{}", r.host, r.port),
+                format!("databases.{name}.replica"),
+                true,
+            ));
+        }
+    }
+    let mut out = Vec::new();
+    for (service, addr, key, optional) in targets {
+        let reason = match tokio::time::timeout(t, TcpStream::connect(&addr)).await {
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {t:?}"),
+        };
+        out.push((
+            optional,
+            IplError::Unreachable {
+                service,
+                addr,
+                key,
+                reason,
+            },
+        ));
+    }
+    out
+}
+
+impl Node {
+    /// Runs IPL steps 3-9 (config and logging are steps 1-2, done by the
+    /// caller) and returns once every dispatcher is consuming.
+    pub async fn start(config: &Config) -> Result<Node, IplError> {
+        let mut drop_replicas = Vec::new();
+        step(3, "service reachability", async {
+            for (optional, err) in reachability(config).await {
+                if optional && config.env == Env::Dev {
+                    tracing::warn!("{err}; continuing without it (dev)");
+                    drop_replicas.push(());
+                } else {
+                    return Err(err);
+                }
+            }
+            Ok(())
+        })
+        .await?;
+
+        let amqp_addr = format!("{}:{}", config.amqp.host, config.amqp.port);
+        let link = step(4, "AMQP connect and authenticate", async {
+            AmqpLink::connect(
+                config.amqp.uri(),
+                format!("beds {} ({})", config.node.name, config.node.role),
+                Duration::from_millis(config.amqp.connect_timeout_ms),
+            )
+            .await
+            .map(Arc::new)
+            .map_err(|e| IplError::AmqpAuth {
+                addr: amqp_addr.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .await?;
+
+        let names = Names {
+            prefix: config.amqp.prefix.clone(),
+        };
+        let brokers = config.node_brokers();
+        step(5, "declare queue topology", async {
+            let ch = link
+                .channel()
+                .await
+                .map_err(|e| IplError::Topology(e.to_string()))?;
+            let broker_names: Vec<String> = brokers.iter().map(|(n, _)| n.clone()).collect();
+            topology::declare(
+                &ch,
+                &TopologySpec {
+                    names: &names,
+                    brokers: &broker_names,
+                    retry_tiers_ms: &config.dispatch.retry_tiers_ms,
+                    queue_type: config.amqp.queue_type,
+                    delivery_limit: config.amqp.delivery_limit,
+                },
+            )
+            .await
+            .map_err(IplError::Topology)?;
+            let _ = ch.close(200, "topology declared").await;
+            Ok(())
+        })
+        .await?;
+
+        let mut pools = BTreeMap::new();
+        for (name, db) in &config.databases {
+            let mut m = MariaDb::new(name, db);
+            if db.replica.is_some() && !drop_replicas.is_empty() {
+                if let Some(Err(_)) = m.ping_replica().await {
+                    m.drop_replica();
+                }
+            }
+            pools.insert(name.clone(), Arc::new(m));
+        }
+
+        let registry = step(6, "load templates and check procedures", async {
+            let reg =
+                Registry::load_dir(&config.node.templates, config).map_err(IplError::Templates)?;
+            let problems = check_procedures(&reg, &pools).await?;
+            if !problems.is_empty() {
+                return Err(IplError::Templates(problems));
+            }
+            tracing::info!(templates = reg.len(), "template registry loaded");
+            Ok(Arc::new(reg))
+        })
+        .await?;
+
+        step(7, "open database pools", async {
+            for (name, pool) in &pools {
+                pool.ping().await.map_err(|e| IplError::Database {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                })?;
+                if let Some(Err(e)) = pool.ping_replica().await {
+                    if config.env == Env::Dev {
+                        tracing::warn!(database = %name, error = %e, "replica unreachable; reads use the primary");
+                    } else {
+                        return Err(IplError::Database {
+                            name: name.clone(),
+                            reason: format!("replica: {e}"),
+                        });
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?;
+
+        let (shutdown, _) = broadcast::channel(1);
+        let (done_tx, done) = mpsc::channel(1);
+        let mut adapters = Adapters::default();
+        for (name, pool) in &pools {
+            adapters.insert(name.clone(), pool.clone() as Arc<dyn NamasteCore>);
+        }
+        let retry_key = match &config.dispatch.retry_key {
+            Some(k) => k.as_bytes().to_vec(),
+            None => {
+                if config.env != Env::Dev {
+                    tracing::warn!("dispatch.retry_key is not set: a retried request restricted by `allow` must come back to this same process");
+                }
+                let mut k = vec![0u8; 32];
+                rand::thread_rng().fill_bytes(&mut k);
+                k
+            }
+        };
+        let shared = Arc::new(Shared {
+            registry: registry.clone(),
+            adapters,
+            dedup: Dedup::new(
+                Duration::from_millis(config.dispatch.dedup_window_ms),
+                config.dispatch.dedup_max_entries,
+            ),
+            names: names.clone(),
+            retry_tiers: config.dispatch.retry_tiers_ms.len(),
+            max_payload: config.dispatch.max_payload_bytes,
+            max_batch: config.dispatch.max_batch,
+            prefetch: config.dispatch.prefetch,
+            drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
+            retry_key,
+            node: config.node.name.clone(),
+        });
+        step(8, "spawn dispatcher pools", async {
+            for (name, b) in &brokers {
+                let spec = Arc::new(BrokerSpec {
+                    name: name.clone(),
+                    serves: b.serves.clone(),
+                    queue: names.work(name),
+                });
+                for id in 0..b.instances {
+                    let d = Dispatcher {
+                        shared: shared.clone(),
+                        broker: spec.clone(),
+                        link: link.clone(),
+                        id,
+                        shutdown: Shutdown::new(shutdown.subscribe()),
+                        _done: done_tx.clone(),
+                    };
+                    tokio::spawn(d.run());
+                }
+                tracing::info!(broker = %name, instances = b.instances, queue = %spec.queue, "dispatcher pool started");
+            }
+            Ok(())
+        })
+        .await?;
+        drop(done_tx);
+
+        step(9, "ready", async { Ok(()) }).await?;
+        tracing::info!(node = %config.node.name, role = %config.node.role, env = config.env.as_str(), "BEDS node ready");
+        Ok(Node {
+            shutdown,
+            done,
+            link,
+            pools: pools.into_values().collect(),
+            registry,
+        })
+    }
+
+    /// Stops consuming, lets in-flight requests finish (each dispatcher waits
+    /// at most the drain timeout), then closes pools and the connection.
+    pub async fn stop(mut self) {
+        tracing::info!("draining: no new requests, finishing in-flight ones");
+        let _ = self.shutdown.send(());
+        while self.done.recv().await.is_some() {}
+        for p in &self.pools {
+            p.close().await;
+        }
+        self.link.close().await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Every procedure named by a template exists with the right arity.
+async fn check_procedures(
+    reg: &Registry,
+    pools: &BTreeMap<String, Arc<MariaDb>>,
+) -> Result<Vec<String>, IplError> {
+    let mut wanted: BTreeMap<&str, Vec<(String, usize)>> = BTreeMap::new();
+    for t in reg.templates() {
+        for op in t.ops.values() {
+            wanted
+                .entry(t.database.as_str())
+                .or_default()
+                .push((op.procedure.clone(), op.params.len()));
+        }
+    }
+    let mut problems = Vec::new();
+    for (db, procs) in wanted {
+        let Some(pool) = pools.get(db) else { continue };
+        let missing = pool
+            .missing_procedures(&procs)
+            .await
+            .map_err(|e| IplError::Database {
+                name: db.to_string(),
+                reason: e.to_string(),
+            })?;
+        problems.extend(missing);
+    }
+    problems.sort();
+    problems.dedup();
+    Ok(problems)
+}
+
+/// `beds check`: every problem with config and templates, and with
+/// `online`, with services and procedures too. Empty means fine.
+pub async fn check(config: &Config, online: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let registry = match Registry::load_dir(&config.node.templates, config) {
+        Ok(r) => Some(r),
+        Err(p) => {
+            problems.extend(p);
+            None
+        }
+    };
+    if !online {
+        return problems;
+    }
+    let unreachable = reachability(config).await;
+    let amqp_down = unreachable
+        .iter()
+        .any(|(_, e)| matches!(e, IplError::Unreachable { service, .. } if service == "RabbitMQ"));
+    problems.extend(unreachable.iter().map(|(_, e)| e.to_string()));
+    if !amqp_down {
+        if let Err(e) = AmqpLink::connect(
+            config.amqp.uri(),
+            "beds check".into(),
+            Duration::from_millis(config.amqp.connect_timeout_ms),
+        )
+        .await
+        {
+            problems.push(format!(
+                "RabbitMQ refused the connection (amqp.user, amqp.pass, amqp.vhost): {e}"
+            ));
+        }
+    }
+    if let Some(reg) = registry {
+        let pools: BTreeMap<String, Arc<MariaDb>> = config
+            .databases
+            .iter()
+            .map(|(n, d)| (n.clone(), Arc::new(MariaDb::new(n, d))))
+            .collect();
+        match check_procedures(&reg, &pools).await {
+            Ok(p) => problems.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
+        for p in pools.values() {
+            p.close().await;
+        }
+    }
+    problems
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

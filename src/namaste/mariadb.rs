@@ -1,0 +1,342 @@
+//! The MariaDB NamasteCore adapter: `CALL proc(?, …)` with bound, typed
+//! params through sqlx pools; rows become JSON objects by column name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use rand::Rng;
+use serde_json::{Number, Value};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{Column, Either, Executor, MySql, Row, TypeInfo, ValueRef};
+
+use super::{shape, AdapterError, Health, NamasteCore, Outcome};
+use crate::config::{Access, DatabaseConfig};
+use crate::registry::{Op, Param};
+
+pub struct MariaDb {
+    /// The `[databases]` entry name, for logs.
+    name: String,
+    /// Schema name, for the IPL procedure check.
+    schema: String,
+    /// Writes and meta ops, and reads when there is no replica.
+    primary: MySqlPool,
+    /// Read ops, when configured; falls back to the primary when it is down.
+    replica: Option<MySqlPool>,
+    health: Arc<Health>,
+}
+
+impl MariaDb {
+    /// Builds the pools lazily: nothing connects until the first use, so IPL
+    /// can report reachability per step.
+    pub fn new(name: &str, cfg: &DatabaseConfig) -> MariaDb {
+        let pool_opts = |max: u32| {
+            MySqlPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
+                .test_before_acquire(true)
+        };
+        let primary_opts = MySqlConnectOptions::new()
+            .host(&cfg.host)
+            .port(cfg.port)
+            .username(&cfg.user)
+            .password(cfg.pass.as_deref().unwrap_or(""))
+            .database(&cfg.name);
+        let replica = cfg.replica.as_ref().map(|r| {
+            let opts = MySqlConnectOptions::new()
+                .host(&r.host)
+                .port(r.port)
+                .username(r.user.as_deref().unwrap_or(&cfg.user))
+                .password(r.pass.as_deref().or(cfg.pass.as_deref()).unwrap_or(""))
+                .database(r.name.as_deref().unwrap_or(&cfg.name));
+            pool_opts(r.max_connections.unwrap_or(cfg.max_connections)).connect_lazy_with(opts)
+        });
+        MariaDb {
+            name: name.to_string(),
+            schema: cfg.name.clone(),
+            primary: pool_opts(cfg.max_connections).connect_lazy_with(primary_opts),
+            replica,
+            health: Arc::new(Health::default()),
+        }
+    }
+
+    /// Checks the replica answers; IPL uses it to decide whether to keep it.
+    pub async fn ping_replica(&self) -> Option<Result<(), AdapterError>> {
+        let replica = self.replica.as_ref()?;
+        Some(
+            replica
+                .execute("SELECT 1")
+                .await
+                .map(|_| ())
+                .map_err(classify),
+        )
+    }
+
+    /// Stops using the replica (IPL in dev, when it is unreachable).
+    pub fn drop_replica(&mut self) {
+        self.replica = None;
+    }
+
+    pub async fn close(&self) {
+        self.primary.close().await;
+        if let Some(r) = &self.replica {
+            r.close().await;
+        }
+    }
+
+    /// Marks the database down and, on the transition, starts one probe that
+    /// marks it up again when it answers (jittered exponential backoff).
+    fn note_unreachable(&self, err: &AdapterError) {
+        if !matches!(err, AdapterError::Unreachable(_)) || !self.health.mark_down() {
+            return;
+        }
+        tracing::warn!(database = %self.name, error = %err, "database down: pausing dispatchers until it answers");
+        let pool = self.primary.clone();
+        let health = self.health.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(100);
+            loop {
+                let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                if pool.is_closed() {
+                    return;
+                }
+                match pool.execute("SELECT 1").await {
+                    Ok(_) => {
+                        tracing::info!(database = %name, "database answers again: resuming");
+                        health.mark_up();
+                        return;
+                    }
+                    Err(e) => tracing::debug!(database = %name, error = %e, "probe failed"),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl NamasteCore for MariaDb {
+    async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+        if op.access == Access::Read {
+            if let Some(replica) = &self.replica {
+                match run(replica, op, params).await {
+                    Err(AdapterError::Unreachable(e)) => {
+                        tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from primary");
+                    }
+                    other => return other.and_then(|o| shape(op, o)),
+                }
+            }
+        }
+        let result = run(&self.primary, op, params).await;
+        if let Err(e) = &result {
+            self.note_unreachable(e);
+        }
+        result.and_then(|o| shape(op, o))
+    }
+
+    async fn call_atomic(
+        &self,
+        calls: &[(&Op, &[Param])],
+    ) -> Result<Vec<Outcome>, (usize, AdapterError)> {
+        let fail = |i: usize, e: AdapterError| {
+            self.note_unreachable(&e);
+            (i, e)
+        };
+        let mut tx = self
+            .primary
+            .begin()
+            .await
+            .map_err(|e| fail(0, classify(e)))?;
+        let mut outs = Vec::with_capacity(calls.len());
+        for (i, (op, params)) in calls.iter().enumerate() {
+            let out = run(&mut *tx, op, params)
+                .await
+                .and_then(|o| shape(op, o))
+                .map_err(|e| fail(i, e))?;
+            outs.push(out);
+        }
+        // Dropping `tx` on any error above rolls back.
+        tx.commit()
+            .await
+            .map_err(|e| fail(calls.len().saturating_sub(1), classify(e)))?;
+        Ok(outs)
+    }
+
+    async fn ping(&self) -> Result<(), AdapterError> {
+        self.primary
+            .execute("SELECT 1")
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    async fn missing_procedures(
+        &self,
+        procs: &[(String, usize)],
+    ) -> Result<Vec<String>, AdapterError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT r.ROUTINE_NAME, \
+                    (SELECT COUNT(*) FROM information_schema.PARAMETERS p \
+                      WHERE p.SPECIFIC_SCHEMA = r.ROUTINE_SCHEMA AND p.SPECIFIC_NAME = r.ROUTINE_NAME \
+                        AND p.ROUTINE_TYPE = 'PROCEDURE' AND p.ORDINAL_POSITION > 0) \
+               FROM information_schema.ROUTINES r \
+              WHERE r.ROUTINE_SCHEMA = ? AND r.ROUTINE_TYPE = 'PROCEDURE'",
+        )
+        .bind(&self.schema)
+        .fetch_all(&self.primary)
+        .await
+        .map_err(classify)?;
+        let mut missing = Vec::new();
+        for (name, argc) in procs {
+            match rows.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                None => missing.push(format!(
+                    "procedure {name} does not exist in {}.{} (or the BEDS user may not EXECUTE it)",
+                    self.name, self.schema
+                )),
+                Some((_, n)) if *n as usize != *argc => missing.push(format!(
+                    "procedure {}.{name} takes {n} parameter(s) but the template passes {argc}",
+                    self.schema
+                )),
+                Some(_) => {}
+            }
+        }
+        Ok(missing)
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
+    }
+}
+
+/// One `CALL`: binds params, collects every result set's rows and the
+/// affected-row count.
+async fn run<'e, E>(exec: E, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError>
+where
+    E: Executor<'e, Database = MySql>,
+{
+    let mut q = sqlx::query(&op.call_sql);
+    for p in params {
+        q = match p {
+            Param::Null => q.bind(None::<String>),
+            Param::Int(i) => q.bind(*i),
+            Param::Float(f) => q.bind(*f),
+            Param::Bool(b) => q.bind(*b),
+            Param::Str(s) => q.bind(s.as_str()),
+            Param::DateTime(dt) => q.bind(*dt),
+            Param::Json(s) => q.bind(s.as_str()),
+        };
+    }
+    let mut out = Outcome::default();
+    let mut stream = exec.fetch_many(q);
+    while let Some(item) = stream.try_next().await.map_err(classify)? {
+        match item {
+            Either::Left(done) => out.affected += done.rows_affected(),
+            Either::Right(row) => out.rows.push(row_to_json(&row)?),
+        }
+    }
+    Ok(out)
+}
+
+/// Converts a row by column type: integers stay integers, DECIMAL keeps every
+/// digit (as a string), DATETIME/TIMESTAMP become RFC 3339 UTC, NULL is null.
+fn row_to_json(row: &MySqlRow) -> Result<super::Row, AdapterError> {
+    let mut obj = super::Row::with_capacity(row.columns().len());
+    for (i, col) in row.columns().iter().enumerate() {
+        let raw = row
+            .try_get_raw(i)
+            .map_err(|e| AdapterError::Internal(e.to_string()))?;
+        let v = if raw.is_null() {
+            Value::Null
+        } else {
+            decode(row, i, col.type_info().name())
+                .map_err(|e| AdapterError::Internal(format!("column {}: {e}", col.name())))?
+        };
+        obj.insert(col.name().to_string(), v);
+    }
+    Ok(obj)
+}
+
+fn decode(row: &MySqlRow, i: usize, ty: &str) -> Result<Value, sqlx::Error> {
+    Ok(match ty {
+        "BOOLEAN" => Value::Bool(row.try_get_unchecked::<i64, _>(i)? != 0),
+        "TINYINT" | "SMALLINT" | "MEDIUMINT" | "INT" | "BIGINT" | "YEAR" => {
+            Value::from(row.try_get_unchecked::<i64, _>(i)?)
+        }
+        t if t.ends_with("UNSIGNED") || t == "BIT" => {
+            Value::from(row.try_get_unchecked::<u64, _>(i)?)
+        }
+        "FLOAT" => float(row.try_get_unchecked::<f32, _>(i)? as f64),
+        "DOUBLE" => float(row.try_get_unchecked::<f64, _>(i)?),
+        // Lossless: DECIMAL travels as text in both protocols.
+        "DECIMAL" => Value::String(row.try_get_unchecked::<&str, _>(i)?.to_string()),
+        "DATETIME" | "TIMESTAMP" => {
+            match row.try_get_unchecked::<chrono::NaiveDateTime, _>(i) {
+                Ok(dt) => Value::String(
+                    dt.and_utc()
+                        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+                ),
+                // MariaDB's zero date has no RFC 3339 form.
+                Err(_) => Value::Null,
+            }
+        }
+        "DATE" => match row.try_get_unchecked::<chrono::NaiveDate, _>(i) {
+            Ok(d) => Value::String(d.to_string()),
+            Err(_) => Value::Null,
+        },
+        "TIME" => Value::String(
+            row.try_get_unchecked::<sqlx::mysql::types::MySqlTime, _>(i)?
+                .to_string(),
+        ),
+        "BINARY" | "VARBINARY" | "TINYBLOB" | "BLOB" | "MEDIUMBLOB" | "LONGBLOB" | "GEOMETRY" => {
+            let bytes = row.try_get_unchecked::<&[u8], _>(i)?;
+            match std::str::from_utf8(bytes) {
+                Ok(s) => Value::String(s.to_string()),
+                Err(_) => Value::String(format!("0x{}", hex::encode(bytes))),
+            }
+        }
+        _ => Value::String(row.try_get_unchecked::<&str, _>(i)?.to_string()),
+    })
+}
+
+fn float(f: f64) -> Value {
+    Number::from_f64(f)
+        .map(Value::Number)
+        .unwrap_or(Value::Null)
+}
+
+/// Sorts a driver error into what the dispatcher must do about it.
+pub fn classify(e: sqlx::Error) -> AdapterError {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => AdapterError::Unreachable(e.to_string()),
+        sqlx::Error::Database(db) => {
+            let number = db
+                .try_downcast_ref::<MySqlDatabaseError>()
+                .map(|m| m.number())
+                .unwrap_or(0);
+            let state = db.code().map(|c| c.to_string()).unwrap_or_default();
+            let msg = db.message().to_string();
+            match (number, state.as_str()) {
+                (1062 | 1022 | 1586 | 1451 | 1452 | 1216 | 1217 | 4025, _) => {
+                    AdapterError::Conflict(msg)
+                }
+                (_, s) if s.starts_with("23") => AdapterError::Conflict(msg),
+                (1213 | 1205, _) | (_, "40001") => AdapterError::Transient(msg),
+                (1040 | 1053 | 1927 | 2002 | 2003 | 2006 | 2013 | 4031, _) => {
+                    AdapterError::Unreachable(msg)
+                }
+                (_, s) if s.starts_with("08") => AdapterError::Unreachable(msg),
+                (_, "45000") => AdapterError::Rejected(msg),
+                _ => AdapterError::Internal(format!("{number} ({state}): {msg}")),
+            }
+        }
+        other => AdapterError::Internal(other.to_string()),
+    }
+}

@@ -1,0 +1,341 @@
+//! The template registry: every REC template of the node, loaded and
+//! validated at IPL into an immutable snapshot that dispatchers share through
+//! an `Arc`. Resolving a request (template → op → broker check → access
+//! check → typed params) happens here; executing it does not.
+
+pub mod template;
+pub mod values;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{Access, Config};
+pub use template::{FieldSpec, FieldType, Returns, Store, TemplateFile};
+pub use values::Param;
+
+/// Why a request could not be turned into an executable call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RequestError {
+    #[error("no template named {0:?}")]
+    UnknownTemplate(String),
+    #[error("template {template:?} has no op {op:?} (it has: {known})")]
+    UnknownOperation {
+        template: String,
+        op: String,
+        known: String,
+    },
+    #[error("{qualified} is a {access} op; broker {broker} serves only {serves}")]
+    WrongBroker {
+        qualified: String,
+        access: &'static str,
+        broker: String,
+        serves: String,
+    },
+    #[error("caller {user} may not use template {template:?}")]
+    Forbidden { template: String, user: String },
+    #[error("{0}")]
+    Validation(String),
+    #[error("atomic batch: {0}")]
+    AtomicBatch(String),
+}
+
+/// One op of a template, compiled for dispatch.
+#[derive(Debug, Clone)]
+pub struct Op {
+    /// `template.op`, for messages and logs.
+    pub qualified: String,
+    pub procedure: String,
+    /// Param names with their field specs, in call order.
+    pub params: Vec<(String, FieldSpec)>,
+    /// Parallel to `params`: must the client send it?
+    pub required: Vec<bool>,
+    pub returns: Returns,
+    pub access: Access,
+    /// `CALL proc(?, ?, …)`, built once so no request formats SQL.
+    pub call_sql: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Template {
+    pub name: String,
+    pub store: Store,
+    /// Key of the node config's `[databases]`.
+    pub database: String,
+    /// `None` = everyone; otherwise the AMQP user ids allowed.
+    pub allow: Option<Vec<String>>,
+    pub ops: BTreeMap<String, Op>,
+}
+
+impl Template {
+    pub fn op(&self, name: &str) -> Result<&Op, RequestError> {
+        self.ops
+            .get(name)
+            .ok_or_else(|| RequestError::UnknownOperation {
+                template: self.name.clone(),
+                op: name.to_string(),
+                known: self.ops.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// CONTRACT §2: `user_id` is RabbitMQ-verified, so it is the identity the
+    /// template's `allow` list is checked against.
+    pub fn check_allowed(&self, user: Option<&str>) -> Result<(), RequestError> {
+        let Some(allow) = &self.allow else {
+            return Ok(());
+        };
+        if allow.iter().any(|a| a == "*" || Some(a.as_str()) == user) {
+            return Ok(());
+        }
+        Err(RequestError::Forbidden {
+            template: self.name.clone(),
+            user: match user {
+                Some(u) => format!("{u:?}"),
+                None => "without user_id".into(),
+            },
+        })
+    }
+}
+
+/// The immutable snapshot of all templates.
+#[derive(Debug, Default)]
+pub struct Registry {
+    templates: HashMap<String, Arc<Template>>,
+}
+
+impl Registry {
+    pub fn get(&self, name: &str) -> Result<&Arc<Template>, RequestError> {
+        self.templates
+            .get(name)
+            .ok_or_else(|| RequestError::UnknownTemplate(name.to_string()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.templates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.templates.is_empty()
+    }
+
+    pub fn templates(&self) -> impl Iterator<Item = &Arc<Template>> {
+        self.templates.values()
+    }
+
+    /// Loads every `*.toml` in `dir`. Returns every problem found, each
+    /// naming its file, or the registry when there are none.
+    pub fn load_dir(dir: &Path, config: &Config) -> Result<Registry, Vec<String>> {
+        let mut problems = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                return Err(vec![format!(
+                    "node.templates = {}: cannot read folder: {e}",
+                    dir.display()
+                )])
+            }
+        };
+        let mut paths: Vec<_> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        paths.sort();
+        let mut reg = Registry::default();
+        let mut origin: HashMap<String, String> = HashMap::new();
+        for path in paths {
+            let file = path.display().to_string();
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    problems.push(format!("{file}: cannot read: {e}"));
+                    continue;
+                }
+            };
+            match compile(&text, config) {
+                Ok(t) => {
+                    if let Some(first) = origin.get(&t.name) {
+                        problems.push(format!(
+                            "{file}: template name {:?} is already used by {first}",
+                            t.name
+                        ));
+                        continue;
+                    }
+                    origin.insert(t.name.clone(), file);
+                    reg.templates.insert(t.name.clone(), Arc::new(t));
+                }
+                Err(errs) => problems.extend(errs.into_iter().map(|e| format!("{file}: {e}"))),
+            }
+        }
+        if problems.is_empty() {
+            Ok(reg)
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// Parses and validates one template file.
+pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
+    let file: TemplateFile = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+    let mut p = Vec::new();
+    if !is_template_name(&file.name) {
+        p.push(format!(
+            "name {:?}: must be 2-32 chars, [a-z] then [a-z0-9_]",
+            file.name
+        ));
+    }
+    if file.kind != "rec" {
+        p.push(format!("kind {:?}: only \"rec\" is supported", file.kind));
+    }
+    if file.store == Store::Mongodb {
+        p.push("store = \"mongodb\": this version of BEDS has no MongoDB adapter yet".into());
+    }
+    if !config.databases.contains_key(&file.database) {
+        p.push(format!(
+            "database {:?} is not a [databases] entry of the node config (known: {})",
+            file.database,
+            config
+                .databases
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(allow) = &file.allow {
+        if allow.is_empty() {
+            p.push("allow = []: nobody could call this template; omit it or use [\"*\"]".into());
+        }
+    }
+    for (name, f) in &file.fields {
+        if !is_identifier(name) {
+            p.push(format!("fields.{name}: not a valid field name"));
+        }
+        if f.max_len.is_some() && f.ty != FieldType::String {
+            p.push(format!("fields.{name}: max_len applies only to strings"));
+        }
+        if (f.min.is_some() || f.max.is_some())
+            && !matches!(f.ty, FieldType::Int | FieldType::Float)
+        {
+            p.push(format!(
+                "fields.{name}: min/max apply only to int and float"
+            ));
+        }
+    }
+    if file.ops.is_empty() {
+        p.push("no [ops.*] defined".into());
+    }
+    let mut ops = BTreeMap::new();
+    for (op_name, spec) in &file.ops {
+        let at = format!("ops.{op_name}");
+        let procedure = match &spec.procedure {
+            Some(proc_name) if is_identifier(proc_name) => proc_name.clone(),
+            Some(proc_name) => {
+                p.push(format!(
+                    "{at}.procedure {proc_name:?}: must be a plain identifier [A-Za-z_][A-Za-z0-9_]*"
+                ));
+                continue;
+            }
+            None => {
+                p.push(format!(
+                    "{at}: procedure is required for store = \"mariadb\""
+                ));
+                continue;
+            }
+        };
+        if spec.action.is_some()
+            || spec.filter.is_some()
+            || spec.update.is_some()
+            || spec.pipeline.is_some()
+        {
+            p.push(format!(
+                "{at}: action/filter/update/pipeline are MongoDB keys, not valid with store = \"mariadb\""
+            ));
+        }
+        let mut params = Vec::new();
+        for name in &spec.params {
+            match file.fields.get(name) {
+                Some(f) if !params.iter().any(|(n, _): &(String, FieldSpec)| n == name) => {
+                    params.push((name.clone(), f.clone()))
+                }
+                Some(_) => p.push(format!("{at}.params: {name:?} listed twice")),
+                None => p.push(format!("{at}.params: {name:?} is not in [fields]")),
+            }
+        }
+        let required: Vec<bool> = match &spec.required {
+            None => vec![true; params.len()],
+            Some(req) => {
+                for r in req {
+                    if !spec.params.contains(r) {
+                        p.push(format!("{at}.required: {r:?} is not one of its params"));
+                    }
+                }
+                params.iter().map(|(n, _)| req.contains(n)).collect()
+            }
+        };
+        let placeholders = vec!["?"; params.len()].join(", ");
+        ops.insert(
+            op_name.clone(),
+            Op {
+                qualified: format!("{}.{op_name}", file.name),
+                call_sql: format!("CALL {procedure}({placeholders})"),
+                procedure,
+                params,
+                required,
+                returns: spec.returns,
+                access: spec.access,
+            },
+        );
+        if !is_identifier(op_name) {
+            p.push(format!("{at}: not a valid op name"));
+        }
+    }
+    if !p.is_empty() {
+        return Err(p);
+    }
+    let allow = match file.allow {
+        Some(a) if a.iter().any(|x| x == "*") => None,
+        other => other,
+    };
+    Ok(Template {
+        name: file.name,
+        store: file.store,
+        database: file.database,
+        allow,
+        ops,
+    })
+}
+
+fn is_template_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (2..=32).contains(&b.len())
+        && b[0].is_ascii_lowercase()
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+fn is_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_alphabetic() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_template_name("usr"));
+        assert!(is_template_name("a1_b"));
+        assert!(!is_template_name("u"));
+        assert!(!is_template_name("Usr"));
+        assert!(!is_template_name("1usr"));
+        assert!(!is_template_name(&"a".repeat(33)));
+        assert!(is_identifier("usr_read"));
+        assert!(!is_identifier("usr_read; DROP TABLE usr"));
+        assert!(!is_identifier("db.proc"));
+    }
+}

@@ -373,16 +373,17 @@ pub async fn check(config: &Config, online: bool) -> Vec<String> {
         .any(|(_, e)| matches!(e, IplError::Unreachable { service, .. } if service == "RabbitMQ"));
     problems.extend(unreachable.iter().map(|(_, e)| e.to_string()));
     if !amqp_down {
-        if let Err(e) = AmqpLink::connect(
+        match AmqpLink::connect(
             config.amqp.uri(),
             "beds check".into(),
             Duration::from_millis(config.amqp.connect_timeout_ms),
         )
         .await
         {
-            problems.push(format!(
+            Ok(link) => link.close().await,
+            Err(e) => problems.push(format!(
                 "RabbitMQ refused the connection (amqp.user, amqp.pass, amqp.vhost): {e}"
-            ));
+            )),
         }
     }
     if let Some(reg) = registry {

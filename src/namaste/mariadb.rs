@@ -37,19 +37,23 @@ impl MariaDb {
                 .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
                 .test_before_acquire(true)
         };
-        let primary_opts = MySqlConnectOptions::new()
-            .host(&cfg.host)
-            .port(cfg.port)
-            .username(&cfg.user)
-            .password(cfg.pass.as_deref().unwrap_or(""))
-            .database(&cfg.name);
+        let primary_opts = with_password(
+            MySqlConnectOptions::new()
+                .host(&cfg.host)
+                .port(cfg.port)
+                .username(&cfg.user)
+                .database(&cfg.name),
+            cfg.pass.as_deref(),
+        );
         let replica = cfg.replica.as_ref().map(|r| {
-            let opts = MySqlConnectOptions::new()
-                .host(&r.host)
-                .port(r.port)
-                .username(r.user.as_deref().unwrap_or(&cfg.user))
-                .password(r.pass.as_deref().or(cfg.pass.as_deref()).unwrap_or(""))
-                .database(r.name.as_deref().unwrap_or(&cfg.name));
+            let opts = with_password(
+                MySqlConnectOptions::new()
+                    .host(&r.host)
+                    .port(r.port)
+                    .username(r.user.as_deref().unwrap_or(&cfg.user))
+                    .database(r.name.as_deref().unwrap_or(&cfg.name)),
+                r.pass.as_deref().or(cfg.pass.as_deref()),
+            );
             pool_opts(r.max_connections.unwrap_or(cfg.max_connections)).connect_lazy_with(opts)
         });
         MariaDb {
@@ -208,6 +212,14 @@ impl NamasteCore for MariaDb {
 
     fn health(&self) -> &Health {
         &self.health
+    }
+}
+
+/// An empty password means "no password" (sqlx would send an empty one).
+fn with_password(opts: MySqlConnectOptions, pass: Option<&str>) -> MySqlConnectOptions {
+    match pass {
+        Some(p) if !p.is_empty() => opts.password(p),
+        _ => opts,
     }
 }
 

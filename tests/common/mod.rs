@@ -1,0 +1,459 @@
+//! Test harness: every `TestEnv` gets its own AMQP prefix and MariaDB
+//! database on the real servers, runs a real BEDS node in-process, and
+//! removes its queues, exchange and database when it ends (also on panic).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use beds::broker::reply::Reply;
+use beds::client::{CallOptions, Client};
+use beds::config::{Config, Env, LoggingConfig};
+use beds::ipl::Node;
+use futures::StreamExt;
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+pub const BROKERS: [&str; 3] = ["rBroker", "wBroker", "mBroker"];
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn mysql_user() -> String {
+    std::env::var("BEDS_TEST_MYSQL_USER").unwrap_or_else(|_| "root".into())
+}
+
+pub fn mysql_pass() -> String {
+    std::env::var("BEDS_TEST_MYSQL_PASS").unwrap_or_default()
+}
+
+/// Runs SQL through the `mariadb` client as the test admin; returns stdout.
+pub fn sql(db: Option<&str>, input: &str) -> String {
+    let mut cmd = Command::new("mariadb");
+    cmd.args(["-h127.0.0.1", "-N", "-B", &format!("-u{}", mysql_user())])
+        .env("MYSQL_PWD", mysql_pass());
+    if let Some(db) = db {
+        cmd.arg(db);
+    }
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the mariadb client must be installed (utilities/dev setup)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "SQL failed: {}\n{input}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn unique(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "bt_{tag}_{}_{}_{:04x}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        rand::random::<u16>()
+    )
+}
+
+/// Knobs a test may turn; the defaults keep tests fast.
+#[derive(Clone)]
+pub struct Opts {
+    pub retry_tiers_ms: Vec<u64>,
+    pub prefetch: u16,
+    pub instances: usize,
+    pub drain_timeout_ms: u64,
+    pub max_payload_bytes: usize,
+    /// Point the node at this port instead of MariaDB's (an outage proxy).
+    pub db_port: u16,
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            retry_tiers_ms: vec![200, 400],
+            prefetch: 8,
+            instances: 1,
+            drain_timeout_ms: 10_000,
+            max_payload_bytes: 64 * 1024,
+            db_port: 3306,
+            acquire_timeout_ms: 1_000,
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub prefix: String,
+    pub db: String,
+    pub dir: PathBuf,
+    pub config: Config,
+    pub opts: Opts,
+    node: Option<Node>,
+    client: Option<Client>,
+    cleaned: bool,
+}
+
+/// Writes a complete node config for a test into `dir/config`.
+pub fn write_config(dir: &Path, prefix: &str, db: &str, o: &Opts) {
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    let brokers: String = BROKERS
+        .iter()
+        .zip(["read", "write", "meta"])
+        .map(|(b, s)| {
+            format!(
+                "[brokers.{b}]\ninstances = {}\nserves = [\"{s}\"]\n",
+                o.instances
+            )
+        })
+        .collect();
+    let text = format!(
+        r#"
+[node]
+role = "appServer"
+name = "{prefix}"
+templates = "{templates}"
+
+[amqp]
+user = "guest"
+pass = "guest"
+prefix = "{prefix}"
+
+[dispatch]
+prefetch = {prefetch}
+retry_tiers_ms = {tiers:?}
+drain_timeout_ms = {drain}
+max_payload_bytes = {max_payload}
+
+[logging]
+level = "warn"
+
+[roles.appServer]
+brokers = ["rBroker", "wBroker", "mBroker"]
+
+{brokers}
+[databases.primary]
+kind = "mariadb"
+host = "127.0.0.1"
+port = {port}
+user = "{user}"
+pass = "{pass}"
+name = "{db}"
+max_connections = 8
+acquire_timeout_ms = {acquire}
+"#,
+        templates = dir.join("templates").display(),
+        prefetch = o.prefetch,
+        tiers = o.retry_tiers_ms,
+        drain = o.drain_timeout_ms,
+        max_payload = o.max_payload_bytes,
+        port = o.db_port,
+        user = mysql_user(),
+        pass = mysql_pass(),
+        acquire = o.acquire_timeout_ms,
+    );
+    std::fs::write(dir.join("config/beds.toml"), text).unwrap();
+    let t = dir.join("templates");
+    std::fs::create_dir_all(&t).unwrap();
+    std::fs::copy(root().join("templates/usr.toml"), t.join("usr.toml")).unwrap();
+    for f in std::fs::read_dir(root().join("tests/fixtures/templates")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, t.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Creates a database holding the usr schema and the test procedures.
+pub fn create_db(db: &str) {
+    sql(
+        None,
+        &format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"),
+    );
+    let schema = std::fs::read_to_string(root().join("utilities/sql/usr.sql")).unwrap();
+    let tst = std::fs::read_to_string(root().join("tests/fixtures/tst.sql")).unwrap();
+    sql(Some(db), &format!("{schema}\n{tst}"));
+}
+
+impl TestEnv {
+    pub async fn start(opts: Opts) -> TestEnv {
+        beds::logging::init(&LoggingConfig {
+            level: "warn".into(),
+            journald: false,
+        });
+        let prefix = unique("q");
+        let db = prefix.clone();
+        let dir = std::env::temp_dir().join(&prefix);
+        create_db(&db);
+        write_config(&dir, &prefix, &db, &opts);
+        let config = Config::load(&dir.join("config"), Env::Dev).expect("test config loads");
+        let mut env = TestEnv {
+            prefix,
+            db,
+            dir,
+            config,
+            opts,
+            node: None,
+            client: None,
+            cleaned: false,
+        };
+        env.start_node().await;
+        env.client = Some(
+            Client::connect(AMQP_URL, &env.prefix)
+                .await
+                .expect("client connects"),
+        );
+        env
+    }
+
+    pub async fn start_node(&mut self) {
+        assert!(self.node.is_none());
+        self.node = Some(Node::start(&self.config).await.expect("node starts"));
+    }
+
+    pub async fn stop_node(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.stop().await;
+        }
+    }
+
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().unwrap()
+    }
+
+    pub async fn call(&self, broker: &str, payload: Value) -> Reply {
+        self.call_opts(broker, payload, CallOptions::default())
+            .await
+    }
+
+    pub async fn call_opts(&self, broker: &str, payload: Value, mut opts: CallOptions) -> Reply {
+        opts.timeout = opts.timeout.max(Duration::from_secs(15));
+        self.client()
+            .call(broker, &payload, &opts)
+            .await
+            .unwrap_or_else(|e| panic!("call to {broker} failed: {e}\npayload: {payload}"))
+    }
+
+    pub fn sql(&self, input: &str) -> String {
+        sql(Some(&self.db), input)
+    }
+
+    pub fn queue(&self, broker: &str) -> String {
+        format!("{}.{broker}", self.prefix)
+    }
+
+    pub fn dlq(&self, broker: &str) -> String {
+        format!("{}.{broker}.dlq", self.prefix)
+    }
+
+    /// Takes (and acks) every message now in `queue`.
+    pub async fn drain_queue(&self, queue: &str) -> Vec<BasicGetMessage> {
+        let conn = amqp().await;
+        let ch = conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            out.push(m);
+        }
+        let _ = conn.close(200, "").await;
+        out
+    }
+
+    /// Messages ready in `queue`.
+    pub async fn queue_len(&self, queue: &str) -> u32 {
+        let conn = amqp().await;
+        let ch = conn.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "").await;
+        q.message_count()
+    }
+
+    /// Stops the node and removes everything the test created.
+    pub async fn finish(mut self) {
+        self.stop_node().await;
+        if let Some(c) = self.client.take() {
+            c.close().await;
+        }
+        cleanup(&self.prefix, &self.db, self.opts.retry_tiers_ms.len()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.cleaned = true;
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        // A failed test still removes its queues and database.
+        let (prefix, db, tiers) = (
+            self.prefix.clone(),
+            self.db.clone(),
+            self.opts.retry_tiers_ms.len(),
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(cleanup(&prefix, &db, tiers));
+        })
+        .join();
+    }
+}
+
+pub async fn amqp() -> Connection {
+    let props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    Connection::connect(AMQP_URL, props).await.unwrap()
+}
+
+pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
+    if let Ok(conn) = Connection::connect(
+        AMQP_URL,
+        ConnectionProperties::default()
+            .with_executor(tokio_executor_trait::Tokio::current())
+            .with_reactor(tokio_reactor_trait::Tokio),
+    )
+    .await
+    {
+        if let Ok(ch) = conn.create_channel().await {
+            for b in BROKERS {
+                let mut names = vec![format!("{prefix}.{b}"), format!("{prefix}.{b}.dlq")];
+                names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
+                for q in names {
+                    let _ = ch.queue_delete(&q, Default::default()).await;
+                }
+            }
+            let _ = ch.exchange_delete(prefix, Default::default()).await;
+        }
+        let _ = conn.close(200, "").await;
+    }
+    let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
+}
+
+/// A TCP proxy in front of MariaDB that a test can take down (dropping every
+/// connection and refusing new ones) and bring back: a database outage
+/// without touching the shared server.
+pub struct Proxy {
+    pub port: u16,
+    down: Arc<std::sync::atomic::AtomicBool>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (d, c) = (down.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if d.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(("127.0.0.1", target_port)).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+                c.lock().await.push(task.abort_handle());
+            }
+        });
+        Proxy { port, down, conns }
+    }
+
+    pub async fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for h in self.conns.lock().await.drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// Waits until `f` holds, polling; panics with `what` after `secs`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Collects replies from a raw consumer (for requests sent with `send`).
+pub async fn consume_n(queue: &str, n: usize, secs: u64) -> Vec<lapin::message::Delivery> {
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut c = ch
+        .basic_consume(
+            queue,
+            "",
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(secs), async {
+        while out.len() < n {
+            match c.next().await {
+                Some(Ok(d)) => out.push(d),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let _ = conn.close(200, "").await;
+    out
+}

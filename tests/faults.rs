@@ -1,0 +1,268 @@
+//! Behaviour under faults: retry tiers, the dead-letter queue, drain on
+//! shutdown, database outages, SIGTERM.
+
+mod common;
+
+use std::time::Duration;
+
+use beds::client::CallOptions;
+use common::{consume_n, eventually, Opts, Proxy, TestEnv};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::json;
+
+fn header(props: &lapin::protocol::basic::AMQPProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::LongLongInt(i) => Some(i.to_string()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn key() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retryable_failure_succeeds_on_a_later_tier() {
+    let env = TestEnv::start(Opts::default()).await;
+    let k = key();
+    let r = env
+        .call(
+            "wBroker",
+            json!({"template": "tst", "op": "flaky", "data": {"key": k, "fail_times": 2}}),
+        )
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(
+        r.data.unwrap()[0]["attempts"],
+        3,
+        "failed twice, succeeded on tier 2"
+    );
+    assert_eq!(env.queue_len(&env.dlq("wBroker")).await, 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_exhausted_park_in_dlq_and_answer_unavailable() {
+    let env = TestEnv::start(Opts {
+        retry_tiers_ms: vec![100, 100],
+        ..Default::default()
+    })
+    .await;
+    let k = key();
+    let r = env
+        .call(
+            "wBroker",
+            json!({"template": "tst", "op": "busy", "data": {"key": k}}),
+        )
+        .await;
+    assert_eq!(r.code(), Some("UNAVAILABLE"), "{r:?}");
+    assert!(r.error.as_ref().unwrap().retryable);
+    let runs = env.sql(&format!("SELECT n FROM tst_counter WHERE k = '{k}'"));
+    assert_eq!(runs.trim(), "3", "first attempt plus one per tier");
+    let parked = env.drain_queue(&env.dlq("wBroker")).await;
+    assert_eq!(parked.len(), 1, "the request is in the DLQ");
+    let p = &parked[0].delivery;
+    assert_eq!(
+        header(&p.properties, "x-beds-error-code").as_deref(),
+        Some("UNAVAILABLE")
+    );
+    assert!(
+        String::from_utf8_lossy(&p.data).contains(&k),
+        "original body kept"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fire_and_forget_failures_are_parked_not_dropped() {
+    let env = TestEnv::start(Opts::default()).await;
+    let json_props = BasicProperties::default().with_content_type("application/json".into());
+    env.client()
+        .send("rBroker", b"{not json", json_props.clone())
+        .await
+        .unwrap();
+    env.client()
+        .send(
+            "rBroker",
+            br#"{"template":"usr","op":"read","data":{"id":"x"}}"#,
+            json_props.clone(),
+        )
+        .await
+        .unwrap();
+    // A good fire-and-forget request is executed and not parked.
+    let k = key();
+    let body =
+        json!({"template": "tst", "op": "flaky", "data": {"key": k, "fail_times": 0}}).to_string();
+    env.client()
+        .send("wBroker", body.as_bytes(), json_props)
+        .await
+        .unwrap();
+    let dlq = env.dlq("rBroker");
+    eventually(10, "two parked messages", || async {
+        env.queue_len(&dlq).await == 2
+    })
+    .await;
+    let parked = env.drain_queue(&dlq).await;
+    let codes: Vec<_> = parked
+        .iter()
+        .map(|m| header(&m.delivery.properties, "x-beds-error-code").unwrap())
+        .collect();
+    assert_eq!(codes, ["BAD_PAYLOAD", "VALIDATION"]);
+    eventually(10, "fire-and-forget write executed", || async {
+        env.sql(&format!("SELECT COUNT(*) FROM tst_counter WHERE k = '{k}'"))
+            .trim()
+            == "1"
+    })
+    .await;
+    assert_eq!(env.queue_len(&env.dlq("wBroker")).await, 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_requests_in_flight_loses_none() {
+    let mut env = TestEnv::start(Opts {
+        prefetch: 4,
+        ..Default::default()
+    })
+    .await;
+    // Replies go to a queue of the test's own so they survive the restart.
+    let conn = common::amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let replies = format!("{}.test-replies", env.prefix);
+    ch.queue_declare(
+        &replies,
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let n = 12;
+    let k = key();
+    for i in 0..n {
+        let body = json!({"template": "tst", "op": "sleep", "data": {"ms": 300, "key": format!("{k}-{i}")}}).to_string();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(replies.clone().into())
+            .with_correlation_id(format!("c{i}").into());
+        env.client()
+            .send("wBroker", body.as_bytes(), props)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    env.stop_node().await; // in flight: the first 4
+    let done_before = env.sql(&format!(
+        "SELECT COUNT(*) FROM tst_counter WHERE k LIKE '{k}-%'"
+    ));
+    let done_before: usize = done_before.trim().parse().unwrap();
+    assert!(
+        done_before >= 1 && done_before < n,
+        "some were in flight, some waiting: {done_before}"
+    );
+    env.start_node().await;
+    let got = consume_n(&replies, n, 30).await;
+    assert_eq!(got.len(), n, "every request answered exactly once");
+    let runs = env.sql(&format!(
+        "SELECT SUM(n), MAX(n), COUNT(*) FROM tst_counter WHERE k LIKE '{k}-%'"
+    ));
+    assert_eq!(
+        runs.trim(),
+        format!("{n}\t1\t{n}"),
+        "each executed exactly once"
+    );
+    let _ = ch.queue_delete(&replies, Default::default()).await;
+    let _ = conn.close(200, "").await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
+    let proxy = Proxy::start(3306).await;
+    let env = TestEnv::start(Opts {
+        db_port: proxy.port,
+        retry_tiers_ms: vec![100, 100],
+        acquire_timeout_ms: 300,
+        ..Default::default()
+    })
+    .await;
+    let ok = env
+        .call("rBroker", json!({"template": "usr", "op": "list"}))
+        .await;
+    assert!(ok.is_ok());
+
+    proxy.set_down(true).await;
+    // The first request to hit the outage takes the database down; it goes
+    // to a retry tier, and the dispatchers pause.
+    let opts = CallOptions {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = env.client();
+    let payloads: Vec<_> = (0..10)
+        .map(|i| json!({"template": "usr", "op": "create", "data": {"name": "N", "email": format!("n{i}@outage.example")}}))
+        .collect();
+    let calls =
+        futures::future::join_all(payloads.iter().map(|p| client.call("wBroker", p, &opts)));
+    let restore = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            env.queue_len(&env.dlq("wBroker")).await,
+            0,
+            "nothing parked during the outage"
+        );
+        proxy.set_down(false).await;
+    };
+    let (replies, ()) = tokio::join!(calls, restore);
+    for r in replies {
+        let r = r.expect("reply after the outage");
+        assert!(
+            r.is_ok(),
+            "every request succeeds once the database is back: {r:?}"
+        );
+    }
+    assert_eq!(env.sql("SELECT COUNT(*) FROM usr").trim(), "10");
+    assert_eq!(env.queue_len(&env.dlq("wBroker")).await, 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let prefix = common::unique("sig");
+    let dir = std::env::temp_dir().join(&prefix);
+    common::create_db(&prefix);
+    common::write_config(&dir, &prefix, &prefix, &Opts::default());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
+        .args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
+        .env("BEDS_ENV", "dev")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("BEDS node ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "node became ready");
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    common::cleanup(&prefix, &prefix, 2).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -266,3 +266,44 @@ async fn sigterm_drains_and_exits_zero() {
     common::cleanup(&prefix, &prefix, 2).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_work_end_to_end() {
+    let env = TestEnv::start(Opts {
+        queue_type: "quorum",
+        ..Default::default()
+    })
+    .await;
+    let k = key();
+    let r = env
+        .call(
+            "wBroker",
+            json!({"template": "tst", "op": "flaky", "data": {"key": k, "fail_times": 1}}),
+        )
+        .await;
+    assert!(r.is_ok(), "retry tiers work on quorum queues: {r:?}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "type", "arguments"])
+        .output();
+    // rabbitmqctl needs the node's Erlang cookie; where it runs, check the
+    // declared arguments themselves.
+    if let Ok(out) =
+        out.as_ref()
+            .map_err(|_| ())
+            .and_then(|o| if o.status.success() { Ok(o) } else { Err(()) })
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{}\t", env.queue("wBroker"))))
+            .unwrap_or_default()
+            .to_string();
+        assert!(line.contains("quorum"), "{line}");
+        assert!(line.contains("x-delivery-limit"), "{line}");
+        assert!(
+            line.contains(&env.dlq("wBroker")),
+            "over the limit goes to the DLQ: {line}"
+        );
+    }
+    env.finish().await;
+}

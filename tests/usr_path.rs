@@ -474,3 +474,51 @@ async fn column_types_are_faithful() {
     assert_eq!(r.code(), Some("VALIDATION"));
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beds_call_sends_one_request_and_prints_the_reply() {
+    let env = TestEnv::start(Opts::default()).await;
+    let beds = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_beds"))
+            .args([
+                "--config-dir",
+                env.dir.join("config").to_str().unwrap(),
+                "call",
+            ])
+            .args(args)
+            .env("BEDS_ENV", "dev")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let e = email("cli");
+    let (code, out, err) = beds(&["usr", "create", "name=Cli", &format!("email={e}")]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let reply: Value = serde_json::from_str(&out).unwrap();
+    let id = reply["data"][0]["id"].as_i64().unwrap();
+    // `id=` is converted to an integer by the template's field type, and the
+    // read goes to rBroker because `read` is a read op.
+    let (code, out, _) = beds(&["usr", "read", &format!("id={id}")]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&e));
+    let (code, out, _) = beds(&["usr", "read", "--json", "{\"id\": 999999999}"]);
+    assert_eq!(code, Some(1), "error replies exit 1");
+    assert!(out.contains("NOT_FOUND"));
+    let (code, _, err) = beds(&["usr", "read", "id"]);
+    assert_eq!(code, Some(64), "{err}");
+    let (code, _, err) = beds(&[
+        "usr",
+        "read",
+        "id=1",
+        "--broker",
+        "noSuchBroker",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(code, Some(75), "no reply in time: {err}");
+    env.finish().await;
+}

@@ -11,7 +11,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, StreamExt};
 use hmac::{Hmac, Mac};
 use lapin::message::Delivery;
 use lapin::options::{
@@ -229,7 +231,16 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name);
     async move {
         let started = Instant::now();
-        let action = decide(&shared, &broker, &delivery, &event_id, started).await;
+        // A bug must not strand a delivery unacknowledged (it would hold a
+        // prefetch slot forever): a panic becomes an INTERNAL answer.
+        let action = AssertUnwindSafe(decide(&shared, &broker, &delivery, &event_id, started))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                tracing::error!("request handling panicked");
+                let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
+                answer(Reply::error(event_id.clone(), &f), Some(f), None)
+            });
         match finish(&shared, &broker, &ch, &delivery, &event_id, action).await {
             Ok(()) => {
                 if let Err(e) = delivery.ack(BasicAckOptions::default()).await {

@@ -88,6 +88,7 @@ pub struct Opts {
     /// Point the node at this port instead of MariaDB's (an outage proxy).
     pub db_port: u16,
     pub acquire_timeout_ms: u64,
+    pub queue_type: &'static str,
 }
 
 impl Default for Opts {
@@ -100,6 +101,7 @@ impl Default for Opts {
             max_payload_bytes: 64 * 1024,
             db_port: 3306,
             acquire_timeout_ms: 1_000,
+            queue_type: "classic",
         }
     }
 }
@@ -139,6 +141,7 @@ templates = "{templates}"
 user = "guest"
 pass = "guest"
 prefix = "{prefix}"
+queue_type = "{queue_type}"
 
 [dispatch]
 prefetch = {prefetch}
@@ -172,6 +175,7 @@ acquire_timeout_ms = {acquire}
         user = mysql_user(),
         pass = mysql_pass(),
         acquire = o.acquire_timeout_ms,
+        queue_type = o.queue_type,
     );
     std::fs::write(dir.join("config/beds.toml"), text).unwrap();
     let t = dir.join("templates");

@@ -522,3 +522,53 @@ async fn beds_call_sends_one_request_and_prints_the_reply() {
     assert_eq!(code, Some(75), "no reply in time: {err}");
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_as_a_user_that_may_only_execute_procedures() {
+    let prefix = common::unique("x");
+    common::create_db(&prefix);
+    let (user, pass) = (
+        format!("{prefix}_u"),
+        uuid::Uuid::new_v4().simple().to_string(),
+    );
+    common::sql(
+        None,
+        &format!(
+            "CREATE USER '{user}'@'127.0.0.1' IDENTIFIED BY '{pass}';\n\
+             CREATE USER '{user}'@'localhost' IDENTIFIED BY '{pass}';\n\
+             GRANT EXECUTE ON `{prefix}`.* TO '{user}'@'127.0.0.1';\n\
+             GRANT EXECUTE ON `{prefix}`.* TO '{user}'@'localhost';"
+        ),
+    );
+    let env = TestEnv::start_on(
+        prefix.clone(),
+        Opts {
+            db_login: Some((user.clone(), pass.clone())),
+            ..Default::default()
+        },
+    )
+    .await;
+    // IPL found every procedure as that user; CRUD works through them.
+    let r = env
+        .call("wBroker", json!({"template": "usr", "op": "create", "data": {"name": "Least", "email": email("lp")}}))
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    // ...while the table itself is out of reach.
+    let out = std::process::Command::new("mariadb")
+        .args([
+            "-h127.0.0.1",
+            &format!("-u{user}"),
+            &prefix,
+            "-e",
+            "SELECT * FROM usr",
+        ])
+        .env("MYSQL_PWD", &pass)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "direct SELECT must be denied");
+    env.finish().await;
+    common::sql(
+        None,
+        &format!("DROP USER '{user}'@'127.0.0.1'; DROP USER '{user}'@'localhost';"),
+    );
+}

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use super::reply::Encoded;
+
 pub struct Dedup {
     window: Duration,
     max_entries: usize,
@@ -21,14 +23,14 @@ enum Slot {
     /// Being executed now; the receiver changes (or closes) when it ends.
     Running(watch::Receiver<()>),
     /// Finished: the reply body that was sent.
-    Done { at: Instant, body: Arc<Vec<u8>> },
+    Done { at: Instant, reply: Arc<Encoded> },
 }
 
 pub enum Claim {
     /// First time seen: execute, then `complete` the guard.
     Fresh(DedupGuard),
     /// Already executed within the window: send this body again.
-    Cached(Arc<Vec<u8>>),
+    Cached(Arc<Encoded>),
     /// Another delivery of the same id is executing: wait, then claim again.
     Busy(watch::Receiver<()>),
 }
@@ -45,8 +47,8 @@ impl Dedup {
     pub fn claim(self: &Arc<Self>, key: String) -> Claim {
         let mut slots = self.slots.lock().unwrap();
         match slots.get(&key) {
-            Some(Slot::Done { at, body }) if at.elapsed() < self.window => {
-                return Claim::Cached(body.clone())
+            Some(Slot::Done { at, reply }) if at.elapsed() < self.window => {
+                return Claim::Cached(reply.clone())
             }
             Some(Slot::Running(rx)) => return Claim::Busy(rx.clone()),
             _ => {}
@@ -85,13 +87,13 @@ pub struct DedupGuard {
 }
 
 impl DedupGuard {
-    pub fn complete(mut self, body: Arc<Vec<u8>>) {
+    pub fn complete(mut self, reply: Arc<Encoded>) {
         let mut slots = self.dedup.slots.lock().unwrap();
         slots.insert(
             std::mem::take(&mut self.key),
             Slot::Done {
                 at: Instant::now(),
-                body,
+                reply,
             },
         );
         drop(slots);
@@ -120,8 +122,12 @@ mod tests {
             panic!()
         };
         assert!(matches!(d.claim("a".into()), Claim::Busy(_)));
-        g.complete(Arc::new(b"r".to_vec()));
-        assert!(matches!(d.claim("a".into()), Claim::Cached(b) if b.as_slice() == b"r"));
+        let r = Arc::new(Encoded {
+            event_id: "e".into(),
+            body: b"r".to_vec(),
+        });
+        g.complete(r.clone());
+        assert!(matches!(d.claim("a".into()), Claim::Cached(c) if c == r));
 
         let Claim::Fresh(g) = d.claim("b".into()) else {
             panic!()

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use super::dedup::{Claim, Dedup};
 use super::payload::{self, BrokerPayload, Request};
-use super::reply::Reply;
+use super::reply::{Encoded, Reply};
 use super::topology::Names;
 use super::{publish_confirmed, AmqpLink, Backoff};
 use crate::config::Access;
@@ -205,7 +205,7 @@ enum Action {
     /// Reply (when there is a `reply_to`); park the message first when
     /// `park` holds the reason.
     Answer {
-        body: Arc<Vec<u8>>,
+        reply: Arc<Encoded>,
         park: Option<Failure>,
         batch_done: Option<String>,
     },
@@ -299,10 +299,10 @@ async fn decide(
                         guard = Some(g);
                         break;
                     }
-                    Claim::Cached(body) => {
+                    Claim::Cached(reply) => {
                         tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
                         return Action::Answer {
-                            body,
+                            reply,
                             park: None,
                             batch_done: None,
                         };
@@ -338,8 +338,8 @@ async fn decide(
             }
         }
     };
-    if let (Some(g), Action::Answer { body, .. }) = (guard, &action) {
-        g.complete(body.clone());
+    if let (Some(g), Action::Answer { reply, .. }) = (guard, &action) {
+        g.complete(reply.clone());
     }
     action
 }
@@ -597,7 +597,10 @@ fn answer(reply: Reply, park: Option<Failure>, batch_done: Option<String>) -> Ac
         format!(r#"{{"status":"error","event_id":"{}","error":{{"code":"INTERNAL","message":"reply not serializable: {e}","retryable":false}}}}"#, reply.event_id).into_bytes()
     });
     Action::Answer {
-        body: Arc::new(body),
+        reply: Arc::new(Encoded {
+            event_id: reply.event_id,
+            body,
+        }),
         park,
         batch_done,
     }
@@ -632,7 +635,7 @@ async fn finish(
             publish_confirmed(ch, "", &queue, &delivery.data, p).await
         }
         Action::Answer {
-            body,
+            reply,
             park,
             batch_done,
         } => {
@@ -651,23 +654,15 @@ async fn finish(
                     .await?;
             }
             if let Some(reply_to) = props.reply_to().as_ref() {
-                let reply_event = serde_json::from_slice::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| {
-                        v.get("event_id")
-                            .and_then(|e| e.as_str())
-                            .map(str::to_string)
-                    })
-                    .unwrap_or_else(|| event_id.to_string());
                 let mut headers = FieldTable::default();
-                headers.insert(EVENT_ID_HEADER.into(), text(&reply_event));
+                headers.insert(EVENT_ID_HEADER.into(), text(&reply.event_id));
                 let mut p = BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_headers(headers);
                 if let Some(cid) = props.correlation_id() {
                     p = p.with_correlation_id(cid.clone());
                 }
-                publish_confirmed(ch, "", reply_to.as_str(), &body, p).await?;
+                publish_confirmed(ch, "", reply_to.as_str(), &reply.body, p).await?;
             }
             Ok(())
         }

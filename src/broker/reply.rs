@@ -76,3 +76,11 @@ impl Reply {
         self.error.as_ref().map(|e| e.code.as_str())
     }
 }
+
+/// A reply as serialized for the wire, with its event id (for the
+/// `x-beds-event-id` header) so nobody has to parse it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Encoded {
+    pub event_id: String,
+    pub body: Vec<u8>,
+}

@@ -89,6 +89,8 @@ pub struct Opts {
     pub db_port: u16,
     pub acquire_timeout_ms: u64,
     pub queue_type: &'static str,
+    /// Run the node as this MariaDB (user, password) instead of the admin.
+    pub db_login: Option<(String, String)>,
 }
 
 impl Default for Opts {
@@ -102,6 +104,7 @@ impl Default for Opts {
             db_port: 3306,
             acquire_timeout_ms: 1_000,
             queue_type: "classic",
+            db_login: None,
         }
     }
 }
@@ -172,8 +175,16 @@ acquire_timeout_ms = {acquire}
         drain = o.drain_timeout_ms,
         max_payload = o.max_payload_bytes,
         port = o.db_port,
-        user = mysql_user(),
-        pass = mysql_pass(),
+        user = o
+            .db_login
+            .as_ref()
+            .map(|l| l.0.clone())
+            .unwrap_or_else(mysql_user),
+        pass = o
+            .db_login
+            .as_ref()
+            .map(|l| l.1.clone())
+            .unwrap_or_else(mysql_pass),
         acquire = o.acquire_timeout_ms,
         queue_type = o.queue_type,
     );
@@ -200,14 +211,19 @@ pub fn create_db(db: &str) {
 
 impl TestEnv {
     pub async fn start(opts: Opts) -> TestEnv {
+        let prefix = unique("q");
+        create_db(&prefix);
+        TestEnv::start_on(prefix, opts).await
+    }
+
+    /// Starts a node on an existing database named like the prefix.
+    pub async fn start_on(prefix: String, opts: Opts) -> TestEnv {
         beds::logging::init(&LoggingConfig {
             level: "warn".into(),
             journald: false,
         });
-        let prefix = unique("q");
         let db = prefix.clone();
         let dir = std::env::temp_dir().join(&prefix);
-        create_db(&db);
         write_config(&dir, &prefix, &db, &opts);
         let config = Config::load(&dir.join("config"), Env::Dev).expect("test config loads");
         let mut env = TestEnv {

@@ -144,8 +144,14 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
         }
     };
     ipl::wait_for_signal().await;
-    node.stop().await;
-    ExitCode::SUCCESS
+    tokio::select! {
+        _ = node.stop() => ExitCode::SUCCESS,
+        _ = ipl::wait_for_signal() => {
+            // Unacknowledged requests return to their queues: nothing is lost.
+            tracing::warn!("second signal: exiting without finishing the drain");
+            ExitCode::from(1)
+        }
+    }
 }
 
 async fn check(dir: &std::path::Path, online: bool) -> ExitCode {

@@ -86,9 +86,6 @@ pub struct Failure {
     /// True when the same request may succeed later (database or network
     /// trouble). Retryable failures go through the retry tiers.
     pub retryable: bool,
-    /// True when the failure means the database itself is unreachable, so
-    /// the dispatchers should pause consuming until it answers again.
-    pub db_down: bool,
 }
 
 impl Failure {
@@ -97,7 +94,6 @@ impl Failure {
             code,
             message: message.into(),
             retryable: false,
-            db_down: false,
         }
     }
 }
@@ -128,20 +124,20 @@ impl From<&RequestError> for Failure {
 
 impl From<&AdapterError> for Failure {
     fn from(e: &AdapterError) -> Self {
-        let (code, retryable, db_down) = match e {
-            AdapterError::Unreachable(_) => (ErrorCode::Unavailable, true, true),
-            AdapterError::Transient(_) => (ErrorCode::Unavailable, true, false),
-            AdapterError::Conflict(_) => (ErrorCode::Conflict, false, false),
-            AdapterError::NotFound => (ErrorCode::NotFound, false, false),
-            AdapterError::Rejected(_) | AdapterError::Internal(_) => {
-                (ErrorCode::Internal, false, false)
+        // Pausing on an outage is the adapter's own business (its Health);
+        // here only the client-visible code and retryability matter.
+        let (code, retryable) = match e {
+            AdapterError::Unreachable(_) | AdapterError::Transient(_) => {
+                (ErrorCode::Unavailable, true)
             }
+            AdapterError::Conflict(_) => (ErrorCode::Conflict, false),
+            AdapterError::NotFound => (ErrorCode::NotFound, false),
+            AdapterError::Rejected(_) | AdapterError::Internal(_) => (ErrorCode::Internal, false),
         };
         Failure {
             code,
             message: e.to_string(),
             retryable,
-            db_down,
         }
     }
 }

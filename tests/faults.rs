@@ -173,7 +173,6 @@ async fn shutdown_with_requests_in_flight_loses_none() {
         format!("{n}\t1\t{n}"),
         "each executed exactly once"
     );
-    let _ = ch.queue_delete(&replies, Default::default()).await;
     let _ = conn.close(200, "").await;
     env.finish().await;
 }
@@ -305,5 +304,109 @@ async fn quorum_queues_work_end_to_end() {
             "over the limit goes to the DLQ: {line}"
         );
     }
+    env.finish().await;
+}
+
+/// Moves every parked message of `broker` back to the exchange (what an
+/// operator's shovel does), with replies to `reply_to`.
+async fn replay_dlq(env: &TestEnv, broker: &str, reply_to: &str) -> usize {
+    let parked = env.drain_queue(&env.dlq(broker)).await;
+    for m in &parked {
+        let props = m.delivery.properties.clone().with_reply_to(reply_to.into());
+        env.client()
+            .send(broker, &m.delivery.data, props)
+            .await
+            .unwrap();
+    }
+    parked.len()
+}
+
+async fn reply_queue(env: &TestEnv) -> String {
+    let conn = common::amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = format!("{}.test-replies", env.prefix);
+    ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "").await;
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_parked_write_runs_again_with_fresh_tiers() {
+    let env = TestEnv::start(Opts {
+        retry_tiers_ms: vec![100, 100],
+        ..Default::default()
+    })
+    .await;
+    let k = key();
+    // Fails 4 times: 3 attempts, parked; the replay fails once more, then
+    // succeeds on its first retry tier.
+    let q = json!({"template": "tst", "op": "flaky", "data": {"key": k, "fail_times": 4}});
+    let opts = CallOptions {
+        message_id: Some(format!("m-{k}")),
+        ..Default::default()
+    };
+    let r = env.call_opts("wBroker", q, opts).await;
+    assert_eq!(r.code(), Some("UNAVAILABLE"));
+    let replies = reply_queue(&env).await;
+    assert_eq!(replay_dlq(&env, "wBroker", &replies).await, 1);
+    let got = consume_n(&replies, 1, 15).await;
+    assert_eq!(got.len(), 1);
+    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(
+        reply["status"], "ok",
+        "the replay executed, not answered from dedup: {reply}"
+    );
+    assert_eq!(reply["data"][0]["attempts"], 5);
+    assert_eq!(env.queue_len(&env.dlq("wBroker")).await, 0);
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_batch_replay_resumes_where_it_stopped() {
+    let env = TestEnv::start(Opts {
+        retry_tiers_ms: vec![100],
+        ..Default::default()
+    })
+    .await;
+    let (k, e) = (key(), format!("{}@batch.example", key()));
+    let r = env
+        .call(
+            "wBroker",
+            json!({"batch": [
+                {"template": "usr", "op": "create", "data": {"name": "P", "email": e}},
+                {"template": "tst", "op": "flaky", "data": {"key": k, "fail_times": 2}},
+            ]}),
+        )
+        .await;
+    let res = r.results.unwrap();
+    assert!(res[0].is_ok());
+    assert_eq!(res[1].code(), Some("UNAVAILABLE"));
+    let parked = env.drain_queue(&env.dlq("wBroker")).await;
+    assert_eq!(
+        parked.len(),
+        1,
+        "a batch that ran out of tiers is parked even with a reply_to"
+    );
+    let replies = reply_queue(&env).await;
+    let props = parked[0]
+        .delivery
+        .properties
+        .clone()
+        .with_reply_to(replies.clone().into());
+    env.client()
+        .send("wBroker", &parked[0].delivery.data, props)
+        .await
+        .unwrap();
+    let got = consume_n(&replies, 1, 15).await;
+    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(reply["results"][0]["status"], "ok", "{reply}");
+    assert_eq!(reply["results"][1]["status"], "ok", "{reply}");
+    assert_eq!(
+        env.sql("SELECT COUNT(*) FROM usr").trim(),
+        "1",
+        "the finished entry did not run again"
+    );
     env.finish().await;
 }

@@ -378,6 +378,24 @@ async fn expired_requests_are_never_executed() {
         )
         .await;
     assert!(r.is_ok(), "{r:?}");
+    // An AMQP timestamp counts seconds.
+    let ts = |secs: i64| {
+        let mut h = FieldTable::default();
+        h.insert("x-beds-deadline".into(), AMQPValue::Timestamp(secs as u64));
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_headers(h)
+    };
+    let now = chrono::Utc::now().timestamp();
+    let body = br#"{"template":"usr","op":"list"}"#;
+    assert_eq!(
+        code(&raw(&env, "rBroker", body, ts(now - 10)).await),
+        "EXPIRED"
+    );
+    assert_eq!(
+        raw(&env, "rBroker", body, ts(now + 60)).await["status"],
+        "ok"
+    );
     env.finish().await;
 }
 

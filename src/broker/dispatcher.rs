@@ -338,7 +338,15 @@ async fn decide(
             }
         }
     };
-    if let (Some(g), Action::Answer { reply, .. }) = (guard, &action) {
+    // Remember the answer for duplicates, unless the request was parked: a
+    // parked request is meant to run again when an operator replays it.
+    if let (
+        Some(g),
+        Action::Answer {
+            reply, park: None, ..
+        },
+    ) = (guard, &action)
+    {
         g.complete(reply.clone());
     }
     action
@@ -436,16 +444,20 @@ async fn batch(
                         batch_done: Some(done),
                     };
                 }
-                // Out of tiers: this and every later entry is unavailable.
+                // Out of tiers: park the batch with the progress of the
+                // entries that ran, so a replay resumes at entry `i`; this
+                // and every later entry is answered unavailable.
                 let f = gave_up(meta, f);
                 for j in i..entries.len() {
                     results.push(Reply::error(format!("{event_id}.{j}"), &f));
                 }
-                break;
+                return answer(batch_reply(event_id, started, results), Some(f), Some(done));
             }
             Err(f) => results.push(Reply::error(entry_id, &f)),
         }
     }
+    // Without a reply_to, nobody would see a failed entry: park the batch,
+    // marking every entry done (its failures are final, not retryable).
     let failed = results
         .iter()
         .find(|r| !r.is_ok())
@@ -581,7 +593,6 @@ fn gave_up(meta: &Meta, f: Failure) -> Failure {
             meta.attempt + 1
         ),
         retryable: true,
-        db_down: f.db_down,
     }
 }
 
@@ -641,7 +652,9 @@ async fn finish(
         } => {
             if let Some(f) = park {
                 tracing::warn!(code = %f.code, error = %f.message, "request parked in the dead-letter queue");
+                // A replayed copy gets the full retry tiers again.
                 let mut extra = vec![
+                    (ATTEMPT_HEADER, AMQPValue::LongLongInt(0)),
                     (ERROR_CODE_HEADER, text(f.code.as_str())),
                     (ERROR_MESSAGE_HEADER, text(&f.message)),
                     (EVENT_ID_HEADER, text(event_id)),

@@ -125,7 +125,15 @@ pub fn deadline(props: &AMQPProperties) -> Result<Option<i64>, PayloadError> {
     let Some(v) = header(props, DEADLINE_HEADER) else {
         return Ok(None);
     };
-    amqp_int(v).map(Some).ok_or(PayloadError::BadDeadline)
+    match v {
+        // AMQP timestamps count seconds; the contract's integer counts ms.
+        AMQPValue::Timestamp(secs) => i64::try_from(*secs)
+            .ok()
+            .and_then(|s| s.checked_mul(1000))
+            .map(Some)
+            .ok_or(PayloadError::BadDeadline),
+        _ => amqp_int(v).map(Some).ok_or(PayloadError::BadDeadline),
+    }
 }
 
 pub fn header<'a>(props: &'a AMQPProperties, name: &str) -> Option<&'a AMQPValue> {
@@ -143,7 +151,6 @@ pub fn amqp_int(v: &AMQPValue) -> Option<i64> {
         AMQPValue::LongInt(i) => *i as i64,
         AMQPValue::LongUInt(i) => *i as i64,
         AMQPValue::LongLongInt(i) => *i,
-        AMQPValue::Timestamp(t) => i64::try_from(*t).ok()?,
         _ => return None,
     })
 }

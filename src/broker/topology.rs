@@ -87,6 +87,10 @@ pub async fn declare(ch: &Channel, spec: &TopologySpec<'_>) -> Result<(), String
             );
             args.insert("x-dead-letter-exchange".into(), text(""));
             args.insert("x-dead-letter-routing-key".into(), text(&dlq));
+            // At-least-once dead-lettering (the default may lose messages on
+            // the way to the DLQ); RabbitMQ requires reject-publish with it.
+            args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+            args.insert("x-overflow".into(), text("reject-publish"));
         }
         declare_queue(ch, &work, durable, args).await?;
         ch.queue_bind(

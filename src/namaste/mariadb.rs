@@ -126,7 +126,7 @@ impl NamasteCore for MariaDb {
     async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
         if op.access == Access::Read {
             if let Some(replica) = &self.replica {
-                match run(replica, op, params).await {
+                match run(replica, replica, op, params).await {
                     Err(AdapterError::Unreachable(e)) => {
                         tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from primary");
                     }
@@ -134,7 +134,7 @@ impl NamasteCore for MariaDb {
                 }
             }
         }
-        let result = run(&self.primary, op, params).await;
+        let result = run(&self.primary, &self.primary, op, params).await;
         if let Err(e) = &result {
             self.note_unreachable(e);
         }
@@ -153,10 +153,10 @@ impl NamasteCore for MariaDb {
             .primary
             .begin()
             .await
-            .map_err(|e| fail(0, classify(e)))?;
+            .map_err(|e| fail(0, classify_in(&self.primary, e)))?;
         let mut outs = Vec::with_capacity(calls.len());
         for (i, (op, params)) in calls.iter().enumerate() {
-            let out = run(&mut *tx, op, params)
+            let out = run(&mut *tx, &self.primary, op, params)
                 .await
                 .and_then(|o| shape(op, o))
                 .map_err(|e| fail(i, e))?;
@@ -224,8 +224,14 @@ fn with_password(opts: MySqlConnectOptions, pass: Option<&str>) -> MySqlConnectO
 }
 
 /// One `CALL`: binds params, collects every result set's rows and the
-/// affected-row count.
-async fn run<'e, E>(exec: E, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError>
+/// affected-row count. `pool` is where `exec` gets its connection, for
+/// telling a busy pool from a dead database.
+async fn run<'e, E>(
+    exec: E,
+    pool: &MySqlPool,
+    op: &Op,
+    params: &[Param],
+) -> Result<Outcome, AdapterError>
 where
     E: Executor<'e, Database = MySql>,
 {
@@ -243,7 +249,7 @@ where
     }
     let mut out = Outcome::default();
     let mut stream = exec.fetch_many(q);
-    while let Some(item) = stream.try_next().await.map_err(classify)? {
+    while let Some(item) = stream.try_next().await.map_err(|e| classify_in(pool, e))? {
         match item {
             Either::Left(done) => out.affected += done.rows_affected(),
             Either::Right(row) => out.rows.push(row_to_json(&row)?),
@@ -317,6 +323,18 @@ fn float(f: f64) -> Value {
     Number::from_f64(f)
         .map(Value::Number)
         .unwrap_or(Value::Null)
+}
+
+/// Like [`classify`], but a pool timeout while every connection is busy is
+/// load, not an outage: retry it later without pausing the node.
+fn classify_in(pool: &MySqlPool, e: sqlx::Error) -> AdapterError {
+    let max = pool.options().get_max_connections();
+    if matches!(e, sqlx::Error::PoolTimedOut) && pool.num_idle() == 0 && pool.size() >= max {
+        return AdapterError::Transient(format!(
+            "all {max} database connections stayed busy (raise databases.*.max_connections or lower dispatch.prefetch)"
+        ));
+    }
+    classify(e)
 }
 
 /// Sorts a driver error into what the dispatcher must do about it.

@@ -190,6 +190,9 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
     if file.store == Store::Mongodb {
         p.push("store = \"mongodb\": this version of BEDS has no MongoDB adapter yet".into());
     }
+    if file.store == Store::Mariadb && file.collection.is_some() {
+        p.push("collection is a MongoDB key, not valid with store = \"mariadb\"".into());
+    }
     if !config.databases.contains_key(&file.database) {
         p.push(format!(
             "database {:?} is not a [databases] entry of the node config (known: {})",

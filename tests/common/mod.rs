@@ -218,8 +218,9 @@ impl TestEnv {
 
     /// Starts a node on an existing database named like the prefix.
     pub async fn start_on(prefix: String, opts: Opts) -> TestEnv {
+        // lapin logs the tests' own helper connections closing as errors.
         beds::logging::init(&LoggingConfig {
-            level: "warn".into(),
+            level: "warn,lapin=off".into(),
             journald: false,
         });
         let db = prefix.clone();
@@ -379,6 +380,9 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
                     let _ = ch.queue_delete(&q, Default::default()).await;
                 }
             }
+            let _ = ch
+                .queue_delete(&format!("{prefix}.test-replies"), Default::default())
+                .await;
             let _ = ch.exchange_delete(prefix, Default::default()).await;
         }
         let _ = conn.close(200, "").await;

@@ -82,8 +82,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    // The runtime's own threads need no deep stack (see main.rs).
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_stack_size(8 << 20)
         .build()
     {
         Ok(rt) => rt,

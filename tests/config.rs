@@ -217,6 +217,11 @@ fn beds(args: &[&str], dir: &Path) -> (i32, String) {
 async fn beds_check_exit_codes_and_problem_lists() {
     let prefix = common::unique("chk");
     let dir = std::env::temp_dir().join(&prefix);
+    let _debris = common::Debris {
+        prefix: prefix.clone(),
+        dir: dir.clone(),
+        tiers: 2,
+    };
     common::write_config(&dir, &prefix, &prefix, &Opts::default());
     let cfg = dir.join("config");
 
@@ -257,15 +262,17 @@ async fn beds_check_exit_codes_and_problem_lists() {
         "a bad config exits 64 before anything starts: {out}"
     );
     assert!(out.contains("prefetchh"), "{out}");
-
-    common::cleanup(&prefix, &prefix, 2).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_replica_is_a_warning_in_dev_and_fatal_in_prod() {
     let prefix = common::unique("rep");
     let dir = std::env::temp_dir().join(&prefix);
+    let _debris = common::Debris {
+        prefix: prefix.clone(),
+        dir: dir.clone(),
+        tiers: 2,
+    };
     common::write_config(&dir, &prefix, &prefix, &Opts::default());
     common::create_db(&prefix);
     let cfg = dir.join("config");
@@ -290,6 +297,4 @@ async fn unreachable_replica_is_a_warning_in_dev_and_fatal_in_prod() {
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("prod must not start without its replica"),
     }
-    common::cleanup(&prefix, &prefix, 2).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

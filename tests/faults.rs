@@ -231,12 +231,18 @@ async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
 async fn sigterm_drains_and_exits_zero() {
     let prefix = common::unique("sig");
     let dir = std::env::temp_dir().join(&prefix);
+    let _debris = common::Debris {
+        prefix: prefix.clone(),
+        dir: dir.clone(),
+        tiers: 2,
+    };
     common::create_db(&prefix);
     common::write_config(&dir, &prefix, &prefix, &Opts::default());
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
         .args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
         .env("BEDS_ENV", "dev")
         .env("RUST_LOG", "info")
+        .kill_on_drop(true)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -262,8 +268,6 @@ async fn sigterm_drains_and_exits_zero() {
         .expect("exits after SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    common::cleanup(&prefix, &prefix, 2).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

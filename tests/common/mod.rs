@@ -335,22 +335,35 @@ impl TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
-        if self.cleaned {
-            return;
+        if !self.cleaned {
+            // A failed test still removes its queues and database.
+            drop(Debris {
+                prefix: self.prefix.clone(),
+                dir: self.dir.clone(),
+                tiers: self.opts.retry_tiers_ms.len(),
+            });
         }
-        // A failed test still removes its queues and database.
-        let (prefix, db, tiers) = (
-            self.prefix.clone(),
-            self.db.clone(),
-            self.opts.retry_tiers_ms.len(),
-        );
+    }
+}
+
+/// Removes a test's queues, exchange, database (all named `prefix`) and
+/// folder when dropped, whether the test passed or panicked.
+pub struct Debris {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub tiers: usize,
+}
+
+impl Drop for Debris {
+    fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+        let (prefix, tiers) = (self.prefix.clone(), self.tiers);
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
-            rt.block_on(cleanup(&prefix, &db, tiers));
+            rt.block_on(cleanup(&prefix, &prefix, tiers));
         })
         .join();
     }

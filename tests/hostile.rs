@@ -1,0 +1,258 @@
+//! Hostile AMQP input that no ordinary client library will produce, sent
+//! with a raw AMQP 0-9-1 publisher against the real `beds` binary: the node
+//! must answer (or park) and keep serving, never crash or stall.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use beds::client::{CallOptions, Client};
+use common::{consume_n, eventually, Opts};
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![kind];
+    f.extend(channel.to_be_bytes());
+    f.extend((payload.len() as u32).to_be_bytes());
+    f.extend(payload);
+    f.push(0xCE);
+    f
+}
+
+fn short(b: &[u8]) -> Vec<u8> {
+    let mut v = vec![b.len() as u8];
+    v.extend(b);
+    v
+}
+
+fn long(b: &[u8]) -> Vec<u8> {
+    let mut v = (b.len() as u32).to_be_bytes().to_vec();
+    v.extend(b);
+    v
+}
+
+fn method(class: u16, id: u16, args: &[u8]) -> Vec<u8> {
+    let mut v = class.to_be_bytes().to_vec();
+    v.extend(id.to_be_bytes());
+    v.extend(args);
+    v
+}
+
+/// Reads frames until method `class.id` arrives; returns its arguments.
+fn expect(s: &mut TcpStream, class: u16, id: u16) -> Vec<u8> {
+    loop {
+        let mut head = [0u8; 7];
+        s.read_exact(&mut head).unwrap();
+        let size = u32::from_be_bytes([head[3], head[4], head[5], head[6]]) as usize;
+        let mut body = vec![0u8; size + 1];
+        s.read_exact(&mut body).unwrap();
+        if head[0] != 1 {
+            continue;
+        }
+        let (c, m) = (
+            u16::from_be_bytes([body[0], body[1]]),
+            u16::from_be_bytes([body[2], body[3]]),
+        );
+        assert_eq!(
+            (c, m),
+            (class, id),
+            "unexpected method: {:?}",
+            &body[4..body.len().min(200)]
+        );
+        return body[4..size].to_vec();
+    }
+}
+
+/// Publishes one message with raw properties; waits for the confirm.
+/// `props` is (property flags, encoded property list).
+fn raw_publish(exchange: &str, key: &str, props: (u16, Vec<u8>), body: &[u8]) {
+    let mut s = TcpStream::connect("127.0.0.1:5672").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"AMQP\x00\x00\x09\x01").unwrap();
+    expect(&mut s, 10, 10);
+    let mut start_ok = 0u32.to_be_bytes().to_vec();
+    start_ok.extend(short(b"PLAIN"));
+    start_ok.extend(long(b"\0guest\0guest"));
+    start_ok.extend(short(b"en_US"));
+    s.write_all(&frame(1, 0, &method(10, 11, &start_ok)))
+        .unwrap();
+    let tune = expect(&mut s, 10, 30);
+    let mut tune_ok = tune[..6].to_vec();
+    tune_ok.extend(0u16.to_be_bytes());
+    s.write_all(&frame(1, 0, &method(10, 31, &tune_ok)))
+        .unwrap();
+    let mut open = short(b"/");
+    open.extend(short(b""));
+    open.push(0);
+    s.write_all(&frame(1, 0, &method(10, 40, &open))).unwrap();
+    expect(&mut s, 10, 41);
+    s.write_all(&frame(1, 1, &method(20, 10, &short(b""))))
+        .unwrap();
+    expect(&mut s, 20, 11);
+    s.write_all(&frame(1, 1, &method(85, 10, &[0]))).unwrap();
+    expect(&mut s, 85, 11);
+    let mut publish = 0u16.to_be_bytes().to_vec();
+    publish.extend(short(exchange.as_bytes()));
+    publish.extend(short(key.as_bytes()));
+    publish.push(0);
+    s.write_all(&frame(1, 1, &method(60, 40, &publish)))
+        .unwrap();
+    let mut header = 60u16.to_be_bytes().to_vec();
+    header.extend(0u16.to_be_bytes());
+    header.extend((body.len() as u64).to_be_bytes());
+    header.extend(props.0.to_be_bytes());
+    header.extend(props.1);
+    s.write_all(&frame(2, 1, &header)).unwrap();
+    s.write_all(&frame(3, 1, body)).unwrap();
+    expect(&mut s, 60, 80); // basic.ack: RabbitMQ took it
+}
+
+const CONTENT_TYPE: u16 = 1 << 15;
+const HEADERS: u16 = 1 << 13;
+const CORRELATION_ID: u16 = 1 << 10;
+const REPLY_TO: u16 = 1 << 9;
+const MESSAGE_ID: u16 = 1 << 7;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
+    let prefix = common::unique("hostile");
+    let dir = std::env::temp_dir().join(&prefix);
+    let _debris = common::Debris {
+        prefix: prefix.clone(),
+        dir: dir.clone(),
+        tiers: 2,
+    };
+    common::create_db(&prefix);
+    common::write_config(&dir, &prefix, &prefix, &Opts::default());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
+        .args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
+        .env("BEDS_ENV", "dev")
+        // The binary must protect itself without help from the environment.
+        .kill_on_drop(true)
+        .env_remove("RUST_MIN_STACK")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("BEDS node ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "node became ready");
+    // Keep reading so the node never blocks on a full stderr pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = Client::connect(common::AMQP_URL, &prefix).await.unwrap();
+    let list = json!({"template": "usr", "op": "list"});
+    let opts = CallOptions {
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let ready = client.call("rBroker", &list, &opts).await.expect("node up");
+    assert!(ready.is_ok());
+
+    // Replies to the raw requests land in a queue of the test's own.
+    let conn = common::amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let replies = format!("{prefix}.test-replies");
+    ch.queue_declare(
+        &replies,
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+
+    let body = br#"{"template":"usr","op":"list"}"#.to_vec();
+    // 1. A header table nested 15,000 deep (about 90 KB, within one frame).
+    let mut table = 0u32.to_be_bytes().to_vec();
+    for _ in 0..15_000 {
+        let mut entry = short(b"d");
+        entry.push(b'F');
+        entry.extend(&table);
+        table = long(&entry);
+    }
+    let mut p = short(b"application/json");
+    p.extend(&table);
+    p.extend(short(b"deep"));
+    p.extend(short(replies.as_bytes()));
+    let (ex, rb) = (prefix.clone(), "rBroker");
+    let props = (CONTENT_TYPE | HEADERS | CORRELATION_ID | REPLY_TO, p);
+    let b = body.clone();
+    tokio::task::spawn_blocking(move || {
+        // Building the frame recurses too: give this thread a deep stack.
+        std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn(move || raw_publish(&ex, rb, props, &b))
+            .unwrap()
+            .join()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+
+    // 2. A message_id that is not UTF-8.
+    let mut p = short(b"application/json");
+    p.extend(short(b"bad"));
+    p.extend(short(replies.as_bytes()));
+    p.extend(short(b"id-\xff\xfe-\xc3"));
+    let props = (CONTENT_TYPE | CORRELATION_ID | REPLY_TO | MESSAGE_ID, p);
+    let (ex, b) = (prefix.clone(), body.clone());
+    tokio::task::spawn_blocking(move || raw_publish(&ex, "rBroker", props, &b))
+        .await
+        .unwrap();
+
+    let got = consume_n(&replies, 2, 20).await;
+    let mut cids: Vec<String> = got
+        .iter()
+        .map(|d| d.properties.correlation_id().as_ref().unwrap().to_string())
+        .collect();
+    cids.sort();
+    assert_eq!(cids, ["bad", "deep"], "both hostile requests were answered");
+    for d in &got {
+        let r: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(r["status"], "ok", "{r}");
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the node is still running"
+    );
+    let after = client
+        .call("rBroker", &list, &opts)
+        .await
+        .expect("still serving");
+    assert!(after.is_ok());
+    let queue = format!("{prefix}.rBroker");
+    eventually(10, "work queue empty", || async {
+        let c = common::amqp().await;
+        let ch = c.create_channel().await.unwrap();
+        let q = ch
+            .queue_declare(
+                &queue,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = c.close(200, "").await;
+        q.message_count() == 0
+    })
+    .await;
+
+    client.close().await;
+    let _ = conn.close(200, "").await;
+    let _ = child.kill().await;
+}

@@ -82,10 +82,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    // The runtime's own threads need no deep stack (see main.rs).
+    // Worker threads keep the deep default stack of main.rs: dropping a
+    // delivery frees its header tables recursively on them.
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_stack_size(8 << 20)
         .build()
     {
         Ok(rt) => rt,

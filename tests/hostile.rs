@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use beds::client::{CallOptions, Client};
-use common::{consume_n, eventually, Opts};
+use common::{consume_n, Opts};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::json;
@@ -150,8 +150,15 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
     })
     .await;
     assert_eq!(ready, Ok(true), "node became ready");
-    // Keep reading so the node never blocks on a full stderr pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // Keep reading (the node must never block on a full pipe); keep the
+    // log for the failure message.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            sink.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
     let client = Client::connect(common::AMQP_URL, &prefix).await.unwrap();
     let list = json!({"template": "usr", "op": "list"});
     let opts = CallOptions {
@@ -223,34 +230,59 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
         let r: serde_json::Value = serde_json::from_slice(&d.data).unwrap();
         assert_eq!(r["status"], "ok", "{r}");
     }
+    let status = || {
+        let q = std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_queues",
+                "-q",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default();
+        let mine: Vec<&str> = q.lines().filter(|l| l.starts_with(&prefix)).collect();
+        format!(
+            "queues:\n{}\nnode log:\n{}",
+            mine.join("\n"),
+            log.lock().unwrap()
+        )
+    };
     assert!(
         child.try_wait().unwrap().is_none(),
-        "the node is still running"
+        "the node is still running\n{}",
+        status()
     );
-    let after = client
-        .call("rBroker", &list, &opts)
-        .await
-        .expect("still serving");
-    assert!(after.is_ok());
+    let after = client.call("rBroker", &list, &opts).await;
+    assert!(
+        after.as_ref().is_ok_and(|r| r.is_ok()),
+        "still serving: {after:?}\n{}",
+        status()
+    );
     let queue = format!("{prefix}.rBroker");
-    eventually(10, "work queue empty", || async {
-        let c = common::amqp().await;
-        let ch = c.create_channel().await.unwrap();
-        let q = ch
-            .queue_declare(
-                &queue,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let _ = c.close(200, "").await;
-        q.message_count() == 0
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let c = common::amqp().await;
+            let ch = c.create_channel().await.unwrap();
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let q = ch
+                .queue_declare(&queue, passive, FieldTable::default())
+                .await
+                .unwrap();
+            let _ = c.close(200, "").await;
+            if q.message_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     })
     .await;
+    assert!(drained.is_ok(), "work queue not drained\n{}", status());
 
     client.close().await;
     let _ = conn.close(200, "").await;

@@ -180,7 +180,7 @@ impl Client {
             .with_correlation_id(cid.clone().into());
         let sent = tokio::time::timeout(
             timeout,
-            publish_confirmed(&self.channel, &self.exchange, broker, body, props),
+            publish_confirmed(&self.channel, &self.exchange, broker, body, props, false),
         )
         .await;
         let outcome = match sent {
@@ -203,7 +203,7 @@ impl Client {
         body: &[u8],
         props: BasicProperties,
     ) -> Result<(), ClientError> {
-        publish_confirmed(&self.channel, &self.exchange, broker, body, props)
+        publish_confirmed(&self.channel, &self.exchange, broker, body, props, false)
             .await
             .map_err(|e| ClientError::Publish(e.to_string()))
     }

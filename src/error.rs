@@ -86,14 +86,36 @@ pub struct Failure {
     /// True when the same request may succeed later (database or network
     /// trouble). Retryable failures go through the retry tiers.
     pub retryable: bool,
+    /// Park the request in the DLQ even though it is answered: an operator
+    /// must look at it (e.g. a write whose outcome is unknown).
+    pub park: bool,
+}
+
+/// Longest message a failure carries. Messages echo client input (names,
+/// keys) and travel in AMQP headers of parked copies, which must fit one
+/// frame.
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut.
+pub fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push_str("...");
+    }
+    s
 }
 
 impl Failure {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Failure {
             code,
-            message: message.into(),
+            message: clip(message.into(), MAX_MESSAGE_BYTES),
             retryable: false,
+            park: false,
         }
     }
 }
@@ -126,18 +148,22 @@ impl From<&AdapterError> for Failure {
     fn from(e: &AdapterError) -> Self {
         // Pausing on an outage is the adapter's own business (its Health);
         // here only the client-visible code and retryability matter.
-        let (code, retryable) = match e {
+        let (code, retryable, park) = match e {
             AdapterError::Unreachable(_) | AdapterError::Transient(_) => {
-                (ErrorCode::Unavailable, true)
+                (ErrorCode::Unavailable, true, false)
             }
-            AdapterError::Conflict(_) => (ErrorCode::Conflict, false),
-            AdapterError::NotFound => (ErrorCode::NotFound, false),
-            AdapterError::Rejected(_) | AdapterError::Internal(_) => (ErrorCode::Internal, false),
+            AdapterError::Conflict(_) => (ErrorCode::Conflict, false, false),
+            AdapterError::NotFound => (ErrorCode::NotFound, false, false),
+            AdapterError::Indeterminate(_) => (ErrorCode::Internal, false, true),
+            AdapterError::Rejected(_) | AdapterError::Internal(_) => {
+                (ErrorCode::Internal, false, false)
+            }
         };
         Failure {
             code,
-            message: e.to_string(),
+            message: clip(e.to_string(), MAX_MESSAGE_BYTES),
             retryable,
+            park,
         }
     }
 }

@@ -45,7 +45,7 @@ fn env_file_and_variables_layer_over_the_base() {
     std::fs::write(d.join("beds.toml"), BASE).unwrap();
     std::fs::write(
         d.join("env_qa.toml"),
-        "[amqp]\npass = \"from-file\"\n[brokers.rBroker]\ninstances = 5\n[databases.primary]\npass = \"db\"\n",
+        "[amqp]\npass = \"from-file\"\n[brokers.rBroker]\ninstances = 5\n[databases.primary]\npass = \"db\"\n[dispatch]\nretry_key = \"0123456789abcdef\"\n",
     )
     .unwrap();
     std::env::set_var("BEDS__DISPATCH__MAX_BATCH", "7");
@@ -79,6 +79,10 @@ fn env_file_and_variables_layer_over_the_base() {
     // Another environment does not see qa's file.
     let e = load(&d, Env::Prod).unwrap_err().to_string();
     assert!(e.contains("amqp.pass is not set"), "{e}");
+    assert!(
+        e.contains("dispatch.retry_key must be set"),
+        "outside dev: {e}"
+    );
 }
 
 #[test]

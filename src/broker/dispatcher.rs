@@ -23,7 +23,7 @@ use lapin::options::{
 use lapin::protocol::basic::AMQPProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -32,7 +32,7 @@ use super::dedup::{Claim, Dedup};
 use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
 use super::topology::Names;
-use super::{publish_confirmed, AmqpLink, Backoff};
+use super::{publish_confirmed, AmqpLink, Backoff, PublishError};
 use crate::config::Access;
 use crate::error::{ErrorCode, Failure};
 use crate::namaste::{Adapters, Outcome};
@@ -53,9 +53,15 @@ pub const ERROR_CODE_HEADER: &str = "x-beds-error-code";
 pub const ERROR_MESSAGE_HEADER: &str = "x-beds-error-message";
 pub const EVENT_ID_HEADER: &str = "x-beds-event-id";
 
+/// Wait before returning a request whose outcome could not be published.
+const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
+
 /// Largest batch-progress header carried through a retry; beyond it the
 /// batch is answered at once instead (headers must fit one AMQP frame).
-const MAX_BATCH_DONE_BYTES: usize = 64 * 1024;
+const MAX_BATCH_DONE_BYTES: usize = 32 * 1024;
+/// Client headers larger than this are not copied onto retried or parked
+/// copies (ours must still fit one frame next to them).
+const MAX_COPIED_HEADERS_BYTES: usize = 32 * 1024;
 
 /// What every dispatcher of the node shares, read-only.
 pub struct Shared {
@@ -111,7 +117,16 @@ impl Dispatcher {
                 }
                 tracing::info!(broker = %self.broker.name, id = self.id, "resumed");
             }
-            match self.consume(&tracker).await {
+            // Opening may hang on a partitioned network: shutdown wins.
+            let opened = tokio::select! {
+                _ = self.shutdown.recv() => break,
+                r = open(&self.link, &self.shared, &self.broker, self.id) => r,
+            };
+            let served = match opened {
+                Ok((ch, tag, consumer)) => self.consume(&tracker, ch, tag, consumer).await,
+                Err(e) => Err(e),
+            };
+            match served {
                 Ok(()) => backoff.reset(),
                 Err(e) => {
                     let wait = backoff.next_delay();
@@ -129,26 +144,13 @@ impl Dispatcher {
     /// Consumes until shutdown, a database outage, or a channel error; then
     /// lets in-flight requests finish and closes the channel, which returns
     /// any delivery not yet started to the queue.
-    async fn consume(&mut self, tracker: &TaskTracker) -> Result<(), lapin::Error> {
-        let ch = self.link.channel().await?;
-        ch.basic_qos(self.shared.prefetch, BasicQosOptions::default())
-            .await?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await?;
-        let tag = format!(
-            "{}.{}.{}.{}",
-            self.shared.node,
-            self.broker.name,
-            self.id,
-            uuid::Uuid::new_v4().simple()
-        );
-        let mut consumer = ch
-            .basic_consume(
-                &self.broker.queue,
-                &tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+    async fn consume(
+        &mut self,
+        tracker: &TaskTracker,
+        ch: Channel,
+        tag: String,
+        mut consumer: lapin::Consumer,
+    ) -> Result<(), lapin::Error> {
         let down = any_down(&self.shared.adapters);
         tokio::pin!(down);
         let result = loop {
@@ -179,6 +181,36 @@ impl Dispatcher {
         let _ = ch.close(200, "dispatcher stopping").await;
         result
     }
+}
+
+/// A channel with prefetch and publisher confirms, consuming the broker's
+/// queue.
+async fn open(
+    link: &AmqpLink,
+    shared: &Shared,
+    broker: &BrokerSpec,
+    id: usize,
+) -> Result<(Channel, String, lapin::Consumer), lapin::Error> {
+    let ch = link.channel().await?;
+    ch.basic_qos(shared.prefetch, BasicQosOptions::default())
+        .await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    let tag = format!(
+        "{}.{}.{}.{}",
+        shared.node,
+        broker.name,
+        id,
+        uuid::Uuid::new_v4().simple()
+    );
+    let consumer = ch
+        .basic_consume(
+            &broker.queue,
+            &tag,
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((ch, tag, consumer))
 }
 
 /// Resolves when any database goes down (never, when there are none).
@@ -248,7 +280,10 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
                 }
             }
             Err(e) => {
+                // Pause first: an immediate requeue of a message whose
+                // outcome cannot be published would spin.
                 tracing::warn!(error = %e, "could not publish the outcome; returning the request to the queue");
+                tokio::time::sleep(REQUEUE_PAUSE).await;
                 let _ = delivery
                     .nack(BasicNackOptions {
                         requeue: true,
@@ -272,12 +307,12 @@ async fn decide(
     let props = &delivery.properties;
     let body = delivery.data.as_slice();
     let meta = read_meta(shared, props, body);
-    let now_ms = chrono::Utc::now().timestamp_millis();
     let fail = |f: Failure| answer_failure(&meta, event_id, f, None);
 
-    if let Err(e) = payload::check_envelope(props, body.len(), shared.max_payload, now_ms) {
-        return fail(Failure::from(&e));
-    }
+    let deadline = match payload::check_envelope(props, body.len(), shared.max_payload) {
+        Ok(d) => d,
+        Err(e) => return fail(Failure::from(&e)),
+    };
     let req = match payload::parse(body, shared.max_batch) {
         Ok(r) => r,
         Err(e) => return fail(Failure::from(&e)),
@@ -292,7 +327,14 @@ async fn decide(
     let mut guard = None;
     if let Some(mid) = props.message_id().as_ref() {
         if is_write(&shared.registry, &req) {
-            let key = format!("{}\u{0}{}", meta.user.as_deref().unwrap_or(""), mid);
+            // The body is part of the key: another request that happens to
+            // reuse an id is not mistaken for a duplicate.
+            let key = format!(
+                "{}\u{0}{}\u{0}{}",
+                meta.user.as_deref().unwrap_or(""),
+                mid,
+                hex::encode(Sha256::digest(body))
+            );
             loop {
                 match shared.dedup.claim(key.clone()) {
                     Claim::Fresh(g) => {
@@ -315,6 +357,14 @@ async fn decide(
         }
     }
 
+    // Judged after dedup (a finished duplicate is answered even when late)
+    // and after any wait for a concurrent duplicate. Not remembered: a
+    // client may resend the same request with a new deadline.
+    if let Err(e) = payload::check_deadline(deadline) {
+        drop(guard);
+        return fail(Failure::from(&e));
+    }
+
     let action = match req {
         Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
             Ok(out) => {
@@ -334,7 +384,7 @@ async fn decide(
             if atomic {
                 atomic_batch(shared, broker, &meta, event_id, started, entries).await
             } else {
-                batch(shared, broker, &meta, event_id, started, entries).await
+                batch(shared, broker, &meta, event_id, started, entries, deadline).await
             }
         }
     };
@@ -422,16 +472,20 @@ async fn batch(
     event_id: &str,
     started: Instant,
     entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+    deadline: Option<i64>,
 ) -> Action {
     // Entries finished on an earlier attempt are not run again.
     let mut results: Vec<Reply> = meta.batch_done.clone();
     results.truncate(entries.len());
+    // An entry whose outcome is unknown parks the whole batch for a person.
+    let mut must_park: Option<Failure> = None;
     for (i, entry) in entries.iter().enumerate().skip(results.len()) {
         let entry_id = format!("{event_id}.{i}");
         let t0 = Instant::now();
-        let r = match entry {
-            Err(e) => Err(Failure::from(e)),
-            Ok(p) => execute(shared, broker, meta.user.as_deref(), p).await,
+        let r = match (entry, payload::check_deadline(deadline)) {
+            (_, Err(late)) => Err(Failure::from(&late)),
+            (Err(e), _) => Err(Failure::from(e)),
+            (Ok(p), _) => execute(shared, broker, meta.user.as_deref(), p).await,
         };
         match r {
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
@@ -453,11 +507,24 @@ async fn batch(
                 }
                 return answer(batch_reply(event_id, started, results), Some(f), Some(done));
             }
-            Err(f) => results.push(Reply::error(entry_id, &f)),
+            Err(f) => {
+                if f.park && must_park.is_none() {
+                    must_park = Some(f.clone());
+                }
+                results.push(Reply::error(entry_id, &f));
+            }
         }
     }
     // Without a reply_to, nobody would see a failed entry: park the batch,
     // marking every entry done (its failures are final, not retryable).
+    if must_park.is_some() {
+        let done = serde_json::to_string(&results).unwrap_or_default();
+        return answer(
+            batch_reply(event_id, started, results),
+            must_park,
+            Some(done),
+        );
+    }
     let failed = results
         .iter()
         .find(|r| !r.is_ok())
@@ -522,10 +589,14 @@ async fn atomic_batch(
                 .collect();
             answer(batch_reply(event_id, started, results), None, None)
         }
-        Err((_, e)) if Failure::from(&e).retryable => {
-            retry_or_give_up(shared, meta, event_id, Failure::from(&e), None)
+        Err((i, e)) => {
+            let f = Failure::from(&e);
+            if f.retryable && meta.attempt < shared.retry_tiers {
+                return retry_or_give_up(shared, meta, event_id, f, None);
+            }
+            let f = if f.retryable { gave_up(meta, f) } else { f };
+            atomic_failed(meta, event_id, entries.len(), i, f)
         }
-        Err((i, e)) => atomic_failed(meta, event_id, entries.len(), i, Failure::from(&e)),
     }
 }
 
@@ -547,7 +618,8 @@ fn atomic_failed(meta: &Meta, event_id: &str, n: usize, i: usize, f: Failure) ->
     top.message = format!("atomic batch entry {i}: {}", f.message);
     let mut reply = Reply::error(event_id.to_string(), &top);
     reply.results = Some(results);
-    answer(reply, meta.reply_to.is_none().then_some(top), None)
+    let park = (meta.reply_to.is_none() || f.park).then_some(top);
+    answer(reply, park, None)
 }
 
 fn batch_reply(event_id: &str, started: Instant, results: Vec<Reply>) -> Reply {
@@ -593,6 +665,7 @@ fn gave_up(meta: &Meta, f: Failure) -> Failure {
             meta.attempt + 1
         ),
         retryable: true,
+        park: true,
     }
 }
 
@@ -600,7 +673,8 @@ fn gave_up(meta: &Meta, f: Failure) -> Failure {
 fn answer_failure(meta: &Meta, event_id: &str, f: Failure, batch_done: Option<String>) -> Action {
     tracing::debug!(code = %f.code, error = %f.message, "request failed");
     let reply = Reply::error(event_id.to_string(), &f);
-    answer(reply, meta.reply_to.is_none().then_some(f), batch_done)
+    let park = (meta.reply_to.is_none() || f.park).then_some(f);
+    answer(reply, park, batch_done)
 }
 
 fn answer(reply: Reply, park: Option<Failure>, batch_done: Option<String>) -> Action {
@@ -625,7 +699,7 @@ async fn finish(
     delivery: &Delivery,
     event_id: &str,
     action: Action,
-) -> Result<(), lapin::Error> {
+) -> Result<(), PublishError> {
     let props = &delivery.properties;
     match action {
         Action::Retry {
@@ -643,7 +717,7 @@ async fn finish(
             }
             let p = republish_props(shared, props, &delivery.data, extra);
             let queue = shared.names.retry(&broker.name, tier);
-            publish_confirmed(ch, "", &queue, &delivery.data, p).await
+            publish_confirmed(ch, "", &queue, &delivery.data, p, true).await
         }
         Action::Answer {
             reply,
@@ -663,8 +737,15 @@ async fn finish(
                     extra.push((BATCH_DONE_HEADER, text(done)));
                 }
                 let p = republish_props(shared, props, &delivery.data, extra);
-                publish_confirmed(ch, "", &shared.names.dlq(&broker.name), &delivery.data, p)
-                    .await?;
+                publish_confirmed(
+                    ch,
+                    "",
+                    &shared.names.dlq(&broker.name),
+                    &delivery.data,
+                    p,
+                    true,
+                )
+                .await?;
             }
             if let Some(reply_to) = props.reply_to().as_ref() {
                 let mut headers = FieldTable::default();
@@ -675,7 +756,9 @@ async fn finish(
                 if let Some(cid) = props.correlation_id() {
                     p = p.with_correlation_id(cid.clone());
                 }
-                publish_confirmed(ch, "", reply_to.as_str(), &reply.body, p).await?;
+                // Not mandatory: a client that went away has no queue left,
+                // and that must not hold the request.
+                publish_confirmed(ch, "", reply_to.as_str(), &reply.body, p, false).await?;
             }
             Ok(())
         }
@@ -691,7 +774,21 @@ fn republish_props(
     body: &[u8],
     extra: Vec<(&str, AMQPValue)>,
 ) -> BasicProperties {
-    let mut headers = props.headers().clone().unwrap_or_default();
+    let mut headers = match props.headers() {
+        Some(h) if table_size(h) <= MAX_COPIED_HEADERS_BYTES => h.clone(),
+        Some(h) => {
+            // Ours must fit in the same frame: keep only the deadline.
+            tracing::warn!(
+                "client headers too large to copy onto the retried/parked message; dropped"
+            );
+            let mut kept = FieldTable::default();
+            if let Some(d) = h.inner().get(payload::DEADLINE_HEADER) {
+                kept.insert(payload::DEADLINE_HEADER.into(), d.clone());
+            }
+            kept
+        }
+        None => FieldTable::default(),
+    };
     for (k, v) in extra {
         headers.insert(k.into(), v);
     }
@@ -738,6 +835,26 @@ fn republish_props(
         p = p.with_priority(*v);
     }
     p
+}
+
+/// Encoded size of a header table, roughly (AMQP field-table encoding).
+fn table_size(t: &FieldTable) -> usize {
+    4 + t
+        .inner()
+        .iter()
+        .map(|(k, v)| 1 + k.as_str().len() + value_size(v))
+        .sum::<usize>()
+}
+
+fn value_size(v: &AMQPValue) -> usize {
+    1 + match v {
+        AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+        AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+        AMQPValue::FieldTable(t) => table_size(t),
+        AMQPValue::FieldArray(a) => 4 + a.as_slice().iter().map(value_size).sum::<usize>(),
+        AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+        _ => 8,
+    }
 }
 
 fn read_meta(shared: &Shared, props: &AMQPProperties, body: &[u8]) -> Meta {

@@ -87,30 +87,44 @@ impl AmqpLink {
     }
 }
 
+/// Why a publish did not end with RabbitMQ responsible for the message.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("no queue took the message ({0})")]
+    Unroutable(String),
+}
+
 /// Publishes and waits for the broker's confirm: a message is only "sent"
-/// once RabbitMQ has taken responsibility for it.
+/// once RabbitMQ has taken responsibility for it. With `mandatory`, a
+/// message no queue takes (its queue was deleted) is an error, not a
+/// silently confirmed loss.
 pub async fn publish_confirmed(
     channel: &Channel,
     exchange: &str,
     routing_key: &str,
     body: &[u8],
     props: BasicProperties,
-) -> Result<(), lapin::Error> {
+    mandatory: bool,
+) -> Result<(), PublishError> {
+    let opts = BasicPublishOptions {
+        mandatory,
+        ..Default::default()
+    };
     let confirm = channel
-        .basic_publish(
-            exchange,
-            routing_key,
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
+        .basic_publish(exchange, routing_key, opts, body, props)
         .await?
         .await?;
     match confirm {
-        Confirmation::Nack(_) => Err(lapin::Error::InvalidChannelState(
-            lapin::ChannelState::Error,
-        )),
-        _ => Ok(()),
+        Confirmation::Ack(Some(ret)) => Err(PublishError::Unroutable(format!(
+            "{} {}",
+            ret.reply_code, ret.reply_text
+        ))),
+        Confirmation::Nack(_) => Err(PublishError::Nacked),
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
     }
 }
 

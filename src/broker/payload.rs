@@ -86,13 +86,14 @@ impl Request {
     }
 }
 
-/// Checks the properties that must hold before the body is even parsed.
+/// Checks the properties that must hold before the body is even parsed;
+/// returns the request's deadline (judged later: a duplicate of a finished
+/// write is answered from its first execution even after the deadline).
 pub fn check_envelope(
     props: &AMQPProperties,
     body_len: usize,
     limit: usize,
-    now_ms: i64,
-) -> Result<(), PayloadError> {
+) -> Result<Option<i64>, PayloadError> {
     let ct = props.content_type().as_ref().map(|s| s.as_str());
     let json = ct.is_some_and(|ct| {
         let base = ct.split(';').next().unwrap_or("").trim();
@@ -110,12 +111,19 @@ pub fn check_envelope(
             limit,
         });
     }
-    if let Some(deadline) = deadline(props)? {
-        if now_ms > deadline {
-            return Err(PayloadError::Expired {
-                late_ms: now_ms - deadline,
-            });
-        }
+    deadline(props)
+}
+
+/// EXPIRED when `deadline` (Unix epoch ms) has passed.
+pub fn check_deadline(deadline: Option<i64>) -> Result<(), PayloadError> {
+    let Some(deadline) = deadline else {
+        return Ok(());
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    if now_ms > deadline {
+        return Err(PayloadError::Expired {
+            late_ms: now_ms - deadline,
+        });
     }
     Ok(())
 }

@@ -134,11 +134,25 @@ impl NamasteCore for MariaDb {
                 }
             }
         }
-        let result = run(&self.primary, &self.primary, op, params).await;
-        if let Err(e) = &result {
-            self.note_unreachable(e);
+        // The connection is taken first: failing to get one means nothing
+        // was sent, so the request is safe to retry.
+        let mut conn = self.primary.acquire().await.map_err(|e| {
+            let e = classify_in(&self.primary, e);
+            self.note_unreachable(&e);
+            e
+        })?;
+        match run(&mut *conn, &self.primary, op, params).await {
+            Err(AdapterError::Unreachable(m)) => {
+                self.note_unreachable(&AdapterError::Unreachable(m.clone()));
+                // A read can simply run again; a write may have committed.
+                Err(if op.access == Access::Read {
+                    AdapterError::Unreachable(m)
+                } else {
+                    AdapterError::Indeterminate(m)
+                })
+            }
+            other => other.and_then(|o| shape(op, o)),
         }
-        result.and_then(|o| shape(op, o))
     }
 
     async fn call_atomic(
@@ -162,10 +176,19 @@ impl NamasteCore for MariaDb {
                 .map_err(|e| fail(i, e))?;
             outs.push(out);
         }
-        // Dropping `tx` on any error above rolls back.
-        tx.commit()
-            .await
-            .map_err(|e| fail(calls.len().saturating_sub(1), classify(e)))?;
+        // Dropping `tx` on any error above rolls back (and a lost connection
+        // rolls back on the server), so those are safe to retry; a failed
+        // COMMIT leaves the outcome unknown.
+        tx.commit().await.map_err(|e| {
+            let e = match classify(e) {
+                AdapterError::Unreachable(m) => {
+                    self.note_unreachable(&AdapterError::Unreachable(m.clone()));
+                    AdapterError::Indeterminate(m)
+                }
+                other => other,
+            };
+            (calls.len().saturating_sub(1), e)
+        })?;
         Ok(outs)
     }
 
@@ -358,8 +381,12 @@ pub fn classify(e: sqlx::Error) -> AdapterError {
                     AdapterError::Conflict(msg)
                 }
                 (_, s) if s.starts_with("23") => AdapterError::Conflict(msg),
-                (1213 | 1205, _) | (_, "40001") => AdapterError::Transient(msg),
-                (1040 | 1053 | 1927 | 2002 | 2003 | 2006 | 2013 | 4031, _) => {
+                // Deadlock, lock wait, serialization failure; too many
+                // connections; read-only during a failover; statement timeout.
+                (1213 | 1205 | 1040 | 1290 | 1836 | 1969, _) | (_, "40001") => {
+                    AdapterError::Transient(msg)
+                }
+                (1053 | 1927 | 2002 | 2003 | 2006 | 2013 | 4031, _) => {
                     AdapterError::Unreachable(msg)
                 }
                 (_, s) if s.starts_with("08") => AdapterError::Unreachable(msg),

@@ -41,6 +41,10 @@ pub enum AdapterError {
     /// A `returns = "one"` op found no row.
     #[error("no row found")]
     NotFound,
+    /// The connection broke after a write was sent (or during COMMIT): it
+    /// may or may not have been applied, so it must not be retried blindly.
+    #[error("the database connection was lost while the write ran; it may or may not have been applied ({0})")]
+    Indeterminate(String),
     /// The procedure itself signalled an error (SQLSTATE 45000): its message
     /// is the DBA's, meant for the caller.
     #[error("{0}")]

@@ -414,3 +414,107 @@ async fn parked_batch_replay_resumes_where_it_stopped() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_cut_off_mid_flight_is_parked_never_retried() {
+    let proxy = Proxy::start(3306).await;
+    let env = TestEnv::start(Opts {
+        db_port: proxy.port,
+        retry_tiers_ms: vec![100, 100],
+        ..Default::default()
+    })
+    .await;
+    let k = key();
+    let call = env.call(
+        "wBroker",
+        json!({"template": "tst", "op": "sleep", "data": {"ms": 1500, "key": k}}),
+    );
+    let cut = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        proxy.set_down(true).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        proxy.set_down(false).await;
+    };
+    let (r, ()) = tokio::join!(call, cut);
+    assert_eq!(r.code(), Some("INTERNAL"), "{r:?}");
+    assert!(
+        r.error.as_ref().unwrap().message.contains("may or may not"),
+        "{r:?}"
+    );
+    let parked = env.drain_queue(&env.dlq("wBroker")).await;
+    assert_eq!(parked.len(), 1, "an unknown outcome is parked for a person");
+    // However long we wait, it never runs a second time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = env.sql(&format!(
+        "SELECT COALESCE(MAX(n), 0) FROM tst_counter WHERE k = '{k}'"
+    ));
+    assert!(n.trim() == "0" || n.trim() == "1", "ran {n} times");
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parking_into_a_deleted_dlq_keeps_the_message() {
+    let env = TestEnv::start(Opts::default()).await;
+    let conn = common::amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let dlq = env.dlq("rBroker");
+    ch.queue_delete(&dlq, Default::default()).await.unwrap();
+    let json_props = BasicProperties::default().with_content_type("application/json".into());
+    env.client()
+        .send("rBroker", b"{broken", json_props)
+        .await
+        .unwrap();
+    // It cannot be parked, so it is not acknowledged either.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.queue_declare(&dlq, durable, FieldTable::default())
+        .await
+        .unwrap();
+    eventually(10, "parked once the DLQ is back", || async {
+        env.queue_len(&dlq).await == 1
+    })
+    .await;
+    let _ = conn.close(200, "").await;
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_client_input_still_parks_within_one_frame() {
+    let env = TestEnv::start(Opts::default()).await;
+    // A 60 KB field name is echoed in the error message; parking copies
+    // the message and adds that message as a header.
+    let body = format!(
+        r#"{{"template":"usr","op":"read","data":{{"{}":1}}}}"#,
+        "k".repeat(60_000)
+    );
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-client".into(),
+        AMQPValue::LongString("v".repeat(60_000).into()),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    env.client()
+        .send("rBroker", body.as_bytes(), props)
+        .await
+        .unwrap();
+    let dlq = env.dlq("rBroker");
+    eventually(10, "parked", || async { env.queue_len(&dlq).await == 1 }).await;
+    let parked = env.drain_queue(&dlq).await;
+    let msg = header(&parked[0].delivery.properties, "x-beds-error-message").unwrap();
+    assert!(
+        msg.len() <= 1024,
+        "error message bounded: {} bytes",
+        msg.len()
+    );
+    assert_eq!(
+        header(&parked[0].delivery.properties, "x-beds-error-code").as_deref(),
+        Some("VALIDATION")
+    );
+    assert_eq!(parked[0].delivery.data.len(), body.len(), "body kept whole");
+    env.finish().await;
+}

@@ -590,3 +590,35 @@ async fn runs_as_a_user_that_may_only_execute_procedures() {
         &format!("DROP USER '{user}'@'127.0.0.1'; DROP USER '{user}'@'localhost';"),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reused_message_id_with_another_body_is_a_new_request() {
+    let env = TestEnv::start(Opts::default()).await;
+    let opts = CallOptions {
+        message_id: Some("1".into()),
+        ..Default::default()
+    };
+    let (a, b) = (email("a"), email("b"));
+    let ra = env
+        .call_opts(
+            "wBroker",
+            json!({"template": "usr", "op": "create", "data": {"name": "A", "email": a}}),
+            opts.clone(),
+        )
+        .await;
+    let rb = env
+        .call_opts(
+            "wBroker",
+            json!({"template": "usr", "op": "create", "data": {"name": "B", "email": b}}),
+            opts,
+        )
+        .await;
+    assert!(ra.is_ok() && rb.is_ok());
+    assert_ne!(
+        ra.data.unwrap()[0]["id"],
+        rb.data.unwrap()[0]["id"],
+        "B got its own row, not A's"
+    );
+    assert_eq!(env.sql("SELECT COUNT(*) FROM usr").trim(), "2");
+    env.finish().await;
+}

@@ -138,6 +138,14 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
         config.logging.level,
         config.logging.journald
     );
+    // Listening before IPL: a signal during startup is not lost.
+    let mut signals = match ipl::Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("beds: cannot listen for signals: {e}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
     let node = match Node::start(&config).await {
         Ok(n) => n,
         Err(e) => {
@@ -145,10 +153,10 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
             return ExitCode::from(e.exit_code());
         }
     };
-    ipl::wait_for_signal().await;
+    signals.recv().await;
     tokio::select! {
         _ = node.stop() => ExitCode::SUCCESS,
-        _ = ipl::wait_for_signal() => {
+        _ = signals.recv() => {
             // Unacknowledged requests return to their queues: nothing is lost.
             tracing::warn!("second signal: exiting without finishing the drain");
             ExitCode::from(1)

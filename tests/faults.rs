@@ -229,11 +229,11 @@ async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
     env.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_and_exits_zero() {
-    let prefix = common::unique("sig");
+/// Runs the `beds` binary on a fresh prefix and database until it is ready.
+async fn spawn_node(tag: &str) -> (tokio::process::Child, common::Debris, String) {
+    let prefix = common::unique(tag);
     let dir = std::env::temp_dir().join(&prefix);
-    let _debris = common::Debris {
+    let debris = common::Debris {
         prefix: prefix.clone(),
         dir: dir.clone(),
         tiers: 2,
@@ -248,9 +248,8 @@ async fn sigterm_drains_and_exits_zero() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
     use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let ready = tokio::time::timeout(Duration::from_secs(30), async {
         while let Ok(Some(l)) = lines.next_line().await {
             if l.contains("BEDS node ready") {
@@ -261,15 +260,64 @@ async fn sigterm_drains_and_exits_zero() {
     })
     .await;
     assert_eq!(ready, Ok(true), "node became ready");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, debris, prefix)
+}
+
+fn signal(child: &tokio::process::Child, sig: &str) {
     std::process::Command::new("kill")
-        .args(["-TERM", &child.id().unwrap().to_string()])
+        .args([sig, &child.id().unwrap().to_string()])
         .status()
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_exits_zero() {
+    let (mut child, _debris, prefix) = spawn_node("sig").await;
+    let client = beds::client::Client::connect(common::AMQP_URL, &prefix)
+        .await
+        .unwrap();
+    // A request in flight when SIGTERM arrives is finished, not dropped.
+    let slow = json!({"template": "tst", "op": "sleep", "data": {"ms": 700, "key": key()}});
+    let opts = CallOptions::default();
+    let call = client.call("wBroker", &slow, &opts);
+    let term = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        signal(&child, "-TERM");
+    };
+    let (reply, ()) = tokio::join!(call, term);
+    assert!(reply.expect("answered during the drain").is_ok());
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("exits after SIGTERM")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_cuts_the_drain_short() {
+    let (mut child, _debris, prefix) = spawn_node("sig2").await;
+    let client = beds::client::Client::connect(common::AMQP_URL, &prefix)
+        .await
+        .unwrap();
+    let slow = json!({"template": "tst", "op": "sleep", "data": {"ms": 5000, "key": key()}});
+    let body = slow.to_string();
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    client
+        .send("wBroker", body.as_bytes(), props)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    signal(&child, "-INT");
+    let status = tokio::time::timeout(Duration::from_secs(3), child.wait())
+        .await
+        .expect("exits well before the 5 s request would finish")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    client.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -119,6 +119,16 @@ fn load_config(dir: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Config for the one-shot commands, which log only warnings.
+fn load_quiet(dir: &std::path::Path) -> Result<Config, ExitCode> {
+    let config = load_config(dir)?;
+    crate::logging::init(&LoggingConfig {
+        level: "warn".into(),
+        journald: false,
+    });
+    Ok(config)
+}
+
 async fn run_node(dir: &std::path::Path) -> ExitCode {
     let t = Instant::now();
     let config = match load_config(dir) {
@@ -165,14 +175,10 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
 }
 
 async fn check(dir: &std::path::Path, online: bool) -> ExitCode {
-    let config = match load_config(dir) {
+    let config = match load_quiet(dir) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(&LoggingConfig {
-        level: "warn".into(),
-        journald: false,
-    });
     let problems = ipl::check(&config, online).await;
     if problems.is_empty() {
         println!(
@@ -196,14 +202,10 @@ async fn check(dir: &std::path::Path, online: bool) -> ExitCode {
 }
 
 async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
-    let config = match load_config(dir) {
+    let config = match load_quiet(dir) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    crate::logging::init(&LoggingConfig {
-        level: "warn".into(),
-        journald: false,
-    });
     // The local templates tell the op's access kind and field types; a
     // template unknown here is still sent, so the node's answer is shown.
     let registry = Registry::load_dir(&config.node.templates, &config).ok();

@@ -229,41 +229,6 @@ async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
     env.finish().await;
 }
 
-/// Runs the `beds` binary on a fresh prefix and database until it is ready.
-async fn spawn_node(tag: &str) -> (tokio::process::Child, common::Debris, String) {
-    let prefix = common::unique(tag);
-    let dir = std::env::temp_dir().join(&prefix);
-    let debris = common::Debris {
-        prefix: prefix.clone(),
-        dir: dir.clone(),
-        tiers: 2,
-    };
-    common::create_db(&prefix);
-    common::write_config(&dir, &prefix, &prefix, &Opts::default());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
-        .args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
-        .env("BEDS_ENV", "dev")
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains("BEDS node ready") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(ready, Ok(true), "node became ready");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, debris, prefix)
-}
-
 fn signal(child: &tokio::process::Child, sig: &str) {
     std::process::Command::new("kill")
         .args([sig, &child.id().unwrap().to_string()])
@@ -273,7 +238,7 @@ fn signal(child: &tokio::process::Child, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_and_exits_zero() {
-    let (mut child, _debris, prefix) = spawn_node("sig").await;
+    let (mut child, _debris, prefix, _log) = common::spawn_node("sig", &[]).await;
     let client = beds::client::Client::connect(common::AMQP_URL, &prefix)
         .await
         .unwrap();
@@ -297,7 +262,7 @@ async fn sigterm_drains_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_signal_cuts_the_drain_short() {
-    let (mut child, _debris, prefix) = spawn_node("sig2").await;
+    let (mut child, _debris, prefix, _log) = common::spawn_node("sig2", &[]).await;
     let client = beds::client::Client::connect(common::AMQP_URL, &prefix)
         .await
         .unwrap();

@@ -9,11 +9,10 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use beds::client::{CallOptions, Client};
-use common::{consume_n, Opts};
+use common::consume_n;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::json;
-use tokio::io::AsyncBufReadExt;
 
 fn frame(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![kind];
@@ -120,45 +119,9 @@ const MESSAGE_ID: u16 = 1 << 7;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
-    let prefix = common::unique("hostile");
-    let dir = std::env::temp_dir().join(&prefix);
-    let _debris = common::Debris {
-        prefix: prefix.clone(),
-        dir: dir.clone(),
-        tiers: 2,
-    };
-    common::create_db(&prefix);
-    common::write_config(&dir, &prefix, &prefix, &Opts::default());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
-        .args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
-        .env("BEDS_ENV", "dev")
-        // The binary must protect itself without help from the environment.
-        .kill_on_drop(true)
-        .env_remove("RUST_MIN_STACK")
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains("BEDS node ready") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(ready, Ok(true), "node became ready");
-    // Keep reading (the node must never block on a full pipe); keep the
-    // log for the failure message.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            sink.lock().unwrap().push_str(&(l + "\n"));
-        }
-    });
+    // The binary must protect itself without help from the environment.
+    let (mut child, _debris, prefix, log) =
+        common::spawn_node("hostile", &[("RUST_MIN_STACK", None)]).await;
     let client = Client::connect(common::AMQP_URL, &prefix).await.unwrap();
     let list = json!({"template": "usr", "op": "list"});
     let opts = CallOptions {

@@ -494,3 +494,60 @@ pub async fn consume_n(queue: &str, n: usize, secs: u64) -> Vec<lapin::message::
     let _ = conn.close(200, "").await;
     out
 }
+
+/// Runs the `beds` binary on a fresh prefix and database until it is ready,
+/// with extra environment variables (`None` removes one). The node's log is
+/// collected in the returned string buffer.
+pub async fn spawn_node(
+    tag: &str,
+    env: &[(&str, Option<&str>)],
+) -> (
+    tokio::process::Child,
+    Debris,
+    String,
+    Arc<std::sync::Mutex<String>>,
+) {
+    let prefix = unique(tag);
+    let dir = std::env::temp_dir().join(&prefix);
+    let debris = Debris {
+        prefix: prefix.clone(),
+        dir: dir.clone(),
+        tiers: 2,
+    };
+    create_db(&prefix);
+    write_config(&dir, &prefix, &prefix, &Opts::default());
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"));
+    cmd.args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
+        .env("BEDS_ENV", "dev")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd.spawn().unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("BEDS node ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "node became ready");
+    // Keep reading (the node must never block on a full pipe).
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            sink.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    (child, debris, prefix, log)
+}

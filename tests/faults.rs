@@ -533,3 +533,45 @@ async fn huge_client_input_still_parks_within_one_frame() {
     assert_eq!(parked[0].delivery.data.len(), body.len(), "body kept whole");
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_skip_a_down_replica_without_pausing_the_node() {
+    let replica = Proxy::start(3306).await;
+    let env = TestEnv::start(Opts {
+        replica_port: Some(replica.port),
+        ..Default::default()
+    })
+    .await;
+    let read = json!({"template": "usr", "op": "list"});
+    assert!(env.call("rBroker", read.clone()).await.is_ok());
+    assert!(
+        replica.accepted.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "reads use the replica"
+    );
+
+    replica.set_down(true).await;
+    // The first read finds the replica down and falls back to the primary.
+    assert!(env.call("rBroker", read.clone()).await.is_ok());
+    let before = replica.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..20 {
+        assert!(env.call("rBroker", read.clone()).await.is_ok());
+    }
+    let tried = replica.accepted.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        tried < 10,
+        "a down replica is skipped, not tried per read ({tried} attempts)"
+    );
+    // Writes never noticed: the primary is fine, nothing paused or parked.
+    let w = json!({"template": "usr", "op": "create", "data": {"name": "R", "email": format!("{}@replica.example", key())}});
+    assert!(env.call("wBroker", w).await.is_ok());
+    assert_eq!(env.queue_len(&env.dlq("rBroker")).await, 0);
+
+    replica.set_down(false).await;
+    let back = replica.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    eventually(15, "reads return to the replica", || async {
+        env.call("rBroker", read.clone()).await.is_ok()
+            && replica.accepted.load(std::sync::atomic::Ordering::SeqCst) > back
+    })
+    .await;
+    env.finish().await;
+}

@@ -24,7 +24,11 @@ pub struct MariaDb {
     primary: MySqlPool,
     /// Read ops, when configured; falls back to the primary when it is down.
     replica: Option<MySqlPool>,
+    /// Pauses the node's dispatchers while the primary is down.
     health: Arc<Health>,
+    /// The replica's own state: while it is down, reads skip it. Never
+    /// pauses anything (the primary can serve reads).
+    replica_health: Arc<Health>,
 }
 
 impl MariaDb {
@@ -62,6 +66,7 @@ impl MariaDb {
             primary: pool_opts(cfg.max_connections).connect_lazy_with(primary_opts),
             replica,
             health: Arc::new(Health::default()),
+            replica_health: Arc::new(Health::default()),
         }
     }
 
@@ -96,39 +101,61 @@ impl MariaDb {
             return;
         }
         tracing::warn!(database = %self.name, error = %err, "database down: pausing dispatchers until it answers");
-        let pool = self.primary.clone();
-        let health = self.health.clone();
-        let name = self.name.clone();
-        tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let jitter = rand::thread_rng().gen_range(0.5..1.5);
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                if pool.is_closed() {
+        probe(
+            self.primary.clone(),
+            self.health.clone(),
+            self.name.clone(),
+            "primary",
+        );
+    }
+}
+
+/// Polls `pool` with `SELECT 1` (jittered exponential backoff, 100 ms to
+/// 5 s) until it answers, then marks `health` up.
+fn probe(pool: MySqlPool, health: Arc<Health>, name: String, role: &'static str) {
+    tokio::spawn(async move {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let jitter = rand::thread_rng().gen_range(0.5..1.5);
+            tokio::time::sleep(delay.mul_f64(jitter)).await;
+            if pool.is_closed() {
+                return;
+            }
+            match pool.execute("SELECT 1").await {
+                Ok(_) => {
+                    tracing::info!(database = %name, role, "database answers again");
+                    health.mark_up();
                     return;
                 }
-                match pool.execute("SELECT 1").await {
-                    Ok(_) => {
-                        tracing::info!(database = %name, "database answers again: resuming");
-                        health.mark_up();
-                        return;
-                    }
-                    Err(e) => tracing::debug!(database = %name, error = %e, "probe failed"),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                Err(e) => tracing::debug!(database = %name, role, error = %e, "probe failed"),
             }
-        });
-    }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    });
 }
 
 #[async_trait]
 impl NamasteCore for MariaDb {
     async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
         if op.access == Access::Read {
-            if let Some(replica) = &self.replica {
+            // While the replica is down, reads go straight to the primary
+            // (no waiting on the replica's pool) until its probe succeeds.
+            if let Some(replica) = self
+                .replica
+                .as_ref()
+                .filter(|_| self.replica_health.is_up())
+            {
                 match run(replica, replica, op, params).await {
                     Err(AdapterError::Unreachable(e)) => {
-                        tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from primary");
+                        if self.replica_health.mark_down() {
+                            tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from the primary until it answers");
+                            probe(
+                                replica.clone(),
+                                self.replica_health.clone(),
+                                self.name.clone(),
+                                "replica",
+                            );
+                        }
                     }
                     other => return other.and_then(|o| shape(op, o)),
                 }

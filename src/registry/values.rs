@@ -107,24 +107,43 @@ fn check(name: &str, spec: &FieldSpec, v: &Value) -> Result<Param, String> {
         }
         FieldType::Json => Param::Json(v.to_string()),
     };
-    let number = match &param {
-        Param::Int(i) => Some(*i as f64),
-        Param::Float(f) => Some(*f),
-        _ => None,
+    let (below, above) = match &param {
+        Param::Int(i) => (
+            spec.min.is_some_and(|m| cmp_int(*i, m.ceil()).is_lt()),
+            spec.max.is_some_and(|m| cmp_int(*i, m.floor()).is_gt()),
+        ),
+        Param::Float(f) => (
+            spec.min.is_some_and(|m| *f < m),
+            spec.max.is_some_and(|m| *f > m),
+        ),
+        _ => (false, false),
     };
-    if let Some(x) = number {
-        if let Some(min) = spec.min {
-            if x < min {
-                return Err(format!("data.{name}: must be at least {min}"));
-            }
-        }
-        if let Some(max) = spec.max {
-            if x > max {
-                return Err(format!("data.{name}: must be at most {max}"));
-            }
-        }
+    if below {
+        return Err(format!(
+            "data.{name}: must be at least {}",
+            spec.min.unwrap_or_default()
+        ));
+    }
+    if above {
+        return Err(format!(
+            "data.{name}: must be at most {}",
+            spec.max.unwrap_or_default()
+        ));
     }
     Ok(param)
+}
+
+/// Compares an integer with a whole-number bound exactly (no rounding of
+/// integers beyond 2^53 through f64).
+fn cmp_int(i: i64, whole: f64) -> std::cmp::Ordering {
+    const TWO_POW_63: f64 = 9_223_372_036_854_775_808.0;
+    if whole >= TWO_POW_63 {
+        std::cmp::Ordering::Less
+    } else if whole < -TWO_POW_63 {
+        std::cmp::Ordering::Greater
+    } else {
+        i.cmp(&(whole as i64))
+    }
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -136,5 +155,20 @@ fn kind(v: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cmp_int;
+    use std::cmp::Ordering::*;
+
+    #[test]
+    fn integer_bounds_are_exact_beyond_f64_precision() {
+        let big = 9_007_199_254_740_993_i64; // 2^53 + 1: not an f64
+        assert_eq!(cmp_int(big, 9_007_199_254_740_992.0), Greater);
+        assert_eq!(cmp_int(i64::MAX, 9.3e18), Less);
+        assert_eq!(cmp_int(i64::MIN, -9.3e18), Greater);
+        assert_eq!(cmp_int(5, 5.0), Equal);
     }
 }

@@ -91,6 +91,8 @@ pub struct Opts {
     pub queue_type: &'static str,
     /// Run the node as this MariaDB (user, password) instead of the admin.
     pub db_login: Option<(String, String)>,
+    /// Configure a read replica on this port (the same server, via a proxy).
+    pub replica_port: Option<u16>,
 }
 
 impl Default for Opts {
@@ -105,6 +107,7 @@ impl Default for Opts {
             acquire_timeout_ms: 1_000,
             queue_type: "classic",
             db_login: None,
+            replica_port: None,
         }
     }
 }
@@ -188,6 +191,12 @@ acquire_timeout_ms = {acquire}
         acquire = o.acquire_timeout_ms,
         queue_type = o.queue_type,
     );
+    let text = match o.replica_port {
+        Some(port) => {
+            format!("{text}\n[databases.primary.replica]\nhost = \"127.0.0.1\"\nport = {port}\n")
+        }
+        None => text,
+    };
     std::fs::write(dir.join("config/beds.toml"), text).unwrap();
     let t = dir.join("templates");
     std::fs::create_dir_all(&t).unwrap();
@@ -408,6 +417,8 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
 /// without touching the shared server.
 pub struct Proxy {
     pub port: u16,
+    /// Connections accepted so far (also while down).
+    pub accepted: Arc<AtomicUsize>,
     down: Arc<std::sync::atomic::AtomicBool>,
     conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
@@ -418,12 +429,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (d, c) = (down.clone(), conns.clone());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (d, c, a) = (down.clone(), conns.clone(), accepted.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else {
                     return;
                 };
+                a.fetch_add(1, Ordering::SeqCst);
                 if d.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -436,7 +449,12 @@ impl Proxy {
                 c.lock().await.push(task.abort_handle());
             }
         });
-        Proxy { port, down, conns }
+        Proxy {
+            port,
+            accepted,
+            down,
+            conns,
+        }
     }
 
     pub async fn set_down(&self, down: bool) {

@@ -480,7 +480,11 @@ impl Config {
             p.push("amqp.delivery_limit must be at least 1 with quorum queues".into());
         }
         let d = &self.dispatch;
-        if self.env != Env::Dev && d.retry_key.as_deref().is_none_or(|k| k.len() < 16) {
+        if self.env != Env::Dev
+            && d.retry_key
+                .as_deref()
+                .is_none_or(|k| k.chars().count() < 16)
+        {
             p.push(format!(
                 "dispatch.retry_key must be set (16+ characters, the same on every node) in {}: \
                  it signs the caller identity a retried request carries",

@@ -421,7 +421,11 @@ async fn parked_batch_replay_resumes_where_it_stopped() {
     let got = consume_n(&replies, 1, 15).await;
     let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
     assert_eq!(reply["results"][0]["status"], "ok", "{reply}");
-    assert_eq!(reply["results"][1]["status"], "ok", "{reply}");
+    assert_eq!(
+        reply["results"].as_array().unwrap().len(),
+        1,
+        "only the kept entry ran: {reply}"
+    );
     assert_eq!(
         env.sql("SELECT COUNT(*) FROM usr").trim(),
         "1",

@@ -251,3 +251,40 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
     let _ = conn.close(200, "").await;
     let _ = child.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_address_that_breaks_the_connection_is_quarantined() {
+    let env = common::TestEnv::start(common::Opts::default()).await;
+    // A forged direct reply-to name: RabbitMQ 3.10 closes the publishing
+    // connection when BEDS replies to it. Whatever the RabbitMQ version, the
+    // node must end up serving, with the request parked or answered.
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_reply_to("amq.rabbitmq.reply-to.g1h2AA==.abc".into())
+        .with_correlation_id("forged".into());
+    env.client()
+        .send("rBroker", br#"{"template":"usr","op":"list"}"#, props)
+        .await
+        .unwrap();
+    let queue = env.queue("rBroker");
+    let list = json!({"template": "usr", "op": "list"});
+    let quick = CallOptions {
+        timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let settled = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if env.queue_len(&queue).await == 0 {
+                let probe = env.client().call("rBroker", &list, &quick).await;
+                if probe.is_ok_and(|r| r.is_ok()) {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "the node serves again");
+    assert!(env.queue_len(&env.dlq("rBroker")).await <= 1);
+    env.finish().await;
+}

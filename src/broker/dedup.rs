@@ -125,6 +125,7 @@ mod tests {
         let r = Arc::new(Encoded {
             event_id: "e".into(),
             body: b"r".to_vec(),
+            park_again: None,
         });
         g.complete(r.clone());
         assert!(matches!(d.claim("a".into()), Claim::Cached(c) if c == r));

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
@@ -34,7 +35,7 @@ use super::reply::{Encoded, Reply};
 use super::topology::Names;
 use super::{publish_confirmed, AmqpLink, Backoff, PublishError};
 use crate::config::Access;
-use crate::error::{ErrorCode, Failure};
+use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
 use crate::namaste::{Adapters, Outcome};
 use crate::registry::{values, Op, Param, Registry, RequestError, Store};
 use crate::shutdown::Shutdown;
@@ -52,6 +53,12 @@ pub const USER_SIG_HEADER: &str = "x-beds-user-sig";
 pub const ERROR_CODE_HEADER: &str = "x-beds-error-code";
 pub const ERROR_MESSAGE_HEADER: &str = "x-beds-error-message";
 pub const EVENT_ID_HEADER: &str = "x-beds-event-id";
+/// On a parked batch: the original indices of the entries it kept.
+pub const BATCH_ENTRIES_HEADER: &str = "x-beds-batch-entries";
+
+/// Redeliveries whose outcome could not be published before a request is
+/// quarantined instead of tried again.
+const MAX_STRIKES: u8 = 2;
 
 /// Wait before returning a request whose outcome could not be published.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
@@ -83,6 +90,8 @@ pub struct Shared {
     pub retry_key: Vec<u8>,
     /// Node name, for consumer tags.
     pub node: String,
+    /// Poison-message guard: attempts whose outcome was never published.
+    pub strikes: Strikes,
 }
 
 /// One broker this node serves.
@@ -239,7 +248,9 @@ enum Action {
     Answer {
         reply: Arc<Encoded>,
         park: Option<Failure>,
-        batch_done: Option<String>,
+        /// Batches: the entries the parked copy keeps (those a replay
+        /// should run), so a replay never re-runs finished entries.
+        parked_entries: Option<Vec<usize>>,
     },
     /// Republish to retry tier `tier` (1-based).
     Retry {
@@ -263,22 +274,31 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name);
     async move {
         let started = Instant::now();
-        // A bug must not strand a delivery unacknowledged (it would hold a
-        // prefetch slot forever): a panic becomes an INTERNAL answer.
-        let action = AssertUnwindSafe(decide(&shared, &broker, &delivery, &event_id, started))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| {
-                tracing::error!("request handling panicked");
-                let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
-                answer(Reply::error(event_id.clone(), &f), Some(f), None)
-            });
-        match finish(&shared, &broker, &ch, &delivery, &event_id, action).await {
-            Ok(()) => {
-                if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver");
-                }
-            }
+        let print = fingerprint(&delivery);
+        let strikes = shared.strikes.begin(print);
+        let outcome = if delivery.redelivered && strikes > MAX_STRIKES {
+            // Publishing this request's outcome never completed, twice: the
+            // connection closed under it (RabbitMQ rejected something in it).
+            // Repeating it would stop the node again; park a bare copy.
+            quarantine(&shared, &broker, &ch, &delivery, &event_id).await
+        } else {
+            // A bug must not strand a delivery unacknowledged (it would hold
+            // a prefetch slot forever): a panic becomes an INTERNAL answer.
+            let action = AssertUnwindSafe(decide(&shared, &broker, &delivery, &event_id, started))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| {
+                    tracing::error!("request handling panicked");
+                    let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
+                    answer(Reply::error(event_id.clone(), &f), Some(f), None)
+                });
+            finish(&shared, &broker, &ch, &delivery, &event_id, action).await
+        };
+        match outcome {
+            Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
+                Ok(()) => shared.strikes.clear(print),
+                Err(e) => tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver"),
+            },
             Err(e) => {
                 // Pause first: an immediate requeue of a message whose
                 // outcome cannot be published would spin.
@@ -297,6 +317,77 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     .await
 }
 
+/// Attempts per request whose outcome was not published and acknowledged:
+/// counted before publishing, cleared after the ack, so an attempt cut off
+/// by a closed connection still counts.
+#[derive(Default)]
+pub struct Strikes {
+    counts: std::sync::Mutex<HashMap<[u8; 32], u8>>,
+}
+
+impl Strikes {
+    /// Counts this attempt; returns how many attempts (this one included)
+    /// have not completed.
+    fn begin(&self, print: [u8; 32]) -> u8 {
+        let mut counts = self.counts.lock().unwrap();
+        if counts.len() > 10_000 {
+            counts.clear(); // memory bound; worst case a poison loop resumes
+        }
+        let n = counts.entry(print).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn clear(&self, print: [u8; 32]) {
+        self.counts.lock().unwrap().remove(&print);
+    }
+}
+
+/// Identifies a request across redeliveries.
+fn fingerprint(d: &Delivery) -> [u8; 32] {
+    let p = &d.properties;
+    let mut h = Sha256::new();
+    h.update(&d.data);
+    for part in [p.reply_to(), p.correlation_id(), p.message_id()] {
+        h.update([0]);
+        h.update(part.as_ref().map(|s| s.as_str()).unwrap_or("").as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Parks a bare copy of a request whose outcome could not be published:
+/// the body, the reply address as a header, and why; nothing else of the
+/// original (whatever RabbitMQ rejected is not repeated). No reply is sent.
+async fn quarantine(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    ch: &Channel,
+    delivery: &Delivery,
+    event_id: &str,
+) -> Result<(), PublishError> {
+    let msg = "publishing this request's outcome failed repeatedly (the connection was closed under it); parked without executing again or replying";
+    tracing::error!(error = msg, "request quarantined in the dead-letter queue");
+    let mut headers = FieldTable::default();
+    headers.insert(ERROR_CODE_HEADER.into(), text(ErrorCode::Internal.as_str()));
+    headers.insert(ERROR_MESSAGE_HEADER.into(), text(msg));
+    headers.insert(EVENT_ID_HEADER.into(), text(event_id));
+    let reply_to = delivery
+        .properties
+        .reply_to()
+        .as_ref()
+        .map(|r| r.to_string());
+    headers.insert(
+        "x-beds-reply-to".into(),
+        text(&reply_to.unwrap_or_default()),
+    );
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let dlq = shared.names.dlq(&broker.name);
+    publish_confirmed(ch, "", &dlq, &delivery.data, props, true).await
+}
+
 async fn decide(
     shared: &Arc<Shared>,
     broker: &BrokerSpec,
@@ -307,7 +398,7 @@ async fn decide(
     let props = &delivery.properties;
     let body = delivery.data.as_slice();
     let meta = read_meta(shared, props, body);
-    let fail = |f: Failure| answer_failure(&meta, event_id, f, None);
+    let fail = |f: Failure| answer_failure(&meta, event_id, f);
 
     let deadline = match payload::check_envelope(props, body.len(), shared.max_payload) {
         Ok(d) => d,
@@ -344,9 +435,9 @@ async fn decide(
                     Claim::Cached(reply) => {
                         tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
                         return Action::Answer {
+                            park: reply.park_again.clone(),
                             reply,
-                            park: None,
-                            batch_done: None,
+                            parked_entries: None,
                         };
                     }
                     Claim::Busy(mut rx) => {
@@ -375,7 +466,7 @@ async fn decide(
                     None,
                 )
             }
-            Err(f) if f.retryable => retry_or_give_up(shared, &meta, event_id, f, None),
+            Err(f) if f.retryable => retry_or_give_up(shared, &meta, event_id, f),
             Err(f) => fail(f),
         },
         Request::Batch {
@@ -388,16 +479,18 @@ async fn decide(
             }
         }
     };
-    // Remember the answer for duplicates, unless the request was parked: a
-    // parked request is meant to run again when an operator replays it.
-    if let (
-        Some(g),
-        Action::Answer {
-            reply, park: None, ..
-        },
-    ) = (guard, &action)
-    {
-        g.complete(reply.clone());
+    // Remember the answer for duplicates. Not when it was parked after its
+    // retries ran out (a replay must run it again); an unknown outcome is
+    // remembered with its parking, so a duplicate is parked, never re-run.
+    if let (Some(g), Action::Answer { reply, park, .. }) = (guard, &action) {
+        match park {
+            None => g.complete(reply.clone()),
+            Some(f) if f.park && !f.retryable => g.complete(Arc::new(Encoded {
+                park_again: Some(f.clone()),
+                ..(**reply).clone()
+            })),
+            Some(_) => {}
+        }
     }
     action
 }
@@ -477,8 +570,10 @@ async fn batch(
     // Entries finished on an earlier attempt are not run again.
     let mut results: Vec<Reply> = meta.batch_done.clone();
     results.truncate(entries.len());
-    // An entry whose outcome is unknown parks the whole batch for a person.
-    let mut must_park: Option<Failure> = None;
+    // Entries whose outcome is unknown (or that ran out of tiers) are kept
+    // by the parked copy, for a person or a replay.
+    let mut must_park: Vec<usize> = Vec::new();
+    let mut first_park: Option<Failure> = None;
     for (i, entry) in entries.iter().enumerate().skip(results.len()) {
         let entry_id = format!("{event_id}.{i}");
         let t0 = Instant::now();
@@ -491,55 +586,68 @@ async fn batch(
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
             Err(f) if f.retryable => {
                 let done = serde_json::to_string(&results).unwrap_or_default();
-                if meta.attempt < shared.retry_tiers && done.len() <= MAX_BATCH_DONE_BYTES {
+                // A batch already holding an unknown outcome goes to a person
+                // now rather than through the tiers.
+                if meta.attempt < shared.retry_tiers
+                    && done.len() <= MAX_BATCH_DONE_BYTES
+                    && must_park.is_empty()
+                {
                     return Action::Retry {
                         tier: meta.attempt + 1,
                         failure: f,
                         batch_done: Some(done),
                     };
                 }
-                // Out of tiers: park the batch with the progress of the
-                // entries that ran, so a replay resumes at entry `i`; this
-                // and every later entry is answered unavailable.
+                // Out of tiers: this and every later entry is answered
+                // unavailable, and they are what the parked copy keeps.
                 let f = gave_up(meta, f);
                 for j in i..entries.len() {
                     results.push(Reply::error(format!("{event_id}.{j}"), &f));
                 }
-                return answer(batch_reply(event_id, started, results), Some(f), Some(done));
+                must_park.extend(i..entries.len());
+                return answer(
+                    batch_reply(event_id, started, results),
+                    Some(f),
+                    Some(must_park),
+                );
             }
             Err(f) => {
-                if f.park && must_park.is_none() {
-                    must_park = Some(f.clone());
+                if f.park {
+                    must_park.push(i);
+                    first_park.get_or_insert_with(|| f.clone());
                 }
                 results.push(Reply::error(entry_id, &f));
             }
         }
     }
-    // Without a reply_to, nobody would see a failed entry: park the batch,
-    // marking every entry done (its failures are final, not retryable).
-    if must_park.is_some() {
-        let done = serde_json::to_string(&results).unwrap_or_default();
+    // Entries whose outcome is unknown go to a person.
+    if let Some(f) = first_park {
         return answer(
             batch_reply(event_id, started, results),
-            must_park,
-            Some(done),
+            Some(f),
+            Some(must_park),
         );
     }
-    let failed = results
-        .iter()
-        .find(|r| !r.is_ok())
-        .and_then(|r| r.error.clone());
-    let park = match (&meta.reply_to, failed) {
-        (None, Some(e)) => Some(Failure::new(
-            ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal),
-            e.message,
-        )),
+    // Without a reply_to nobody would see a failed entry: park the failed
+    // entries.
+    let failed: Vec<usize> = (0..results.len())
+        .filter(|&k| !results[k].is_ok())
+        .collect();
+    let park = match (&meta.reply_to, failed.first()) {
+        (None, Some(&k)) => results[k].error.clone().map(|e| {
+            Failure::new(
+                ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal),
+                e.message,
+            )
+        }),
         _ => None,
     };
-    let batch_done = park
-        .as_ref()
-        .map(|_| serde_json::to_string(&results).unwrap_or_default());
-    answer(batch_reply(event_id, started, results), park, batch_done)
+    let parked_entries = park.as_ref().map(|_| failed);
+    answer(
+        batch_reply(event_id, started, results),
+        park,
+        parked_entries,
+    )
 }
 
 async fn atomic_batch(
@@ -592,7 +700,7 @@ async fn atomic_batch(
         Err((i, e)) => {
             let f = Failure::from(&e);
             if f.retryable && meta.attempt < shared.retry_tiers {
-                return retry_or_give_up(shared, meta, event_id, f, None);
+                return retry_or_give_up(shared, meta, event_id, f);
             }
             let f = if f.retryable { gave_up(meta, f) } else { f };
             atomic_failed(meta, event_id, entries.len(), i, f)
@@ -609,13 +717,20 @@ fn atomic_failed(meta: &Meta, event_id: &str, n: usize, i: usize, f: Failure) ->
                 Reply::error(id, &f)
             } else {
                 let mut other = f.clone();
-                other.message = format!("not applied: atomic batch entry {i} failed");
+                other.message = if f.park && !f.retryable {
+                    "outcome unknown: the atomic batch's COMMIT did not complete".into()
+                } else {
+                    format!("not applied: atomic batch entry {i} failed")
+                };
                 Reply::error(id, &other)
             }
         })
         .collect();
     let mut top = f.clone();
-    top.message = format!("atomic batch entry {i}: {}", f.message);
+    top.message = clip(
+        format!("atomic batch entry {i}: {}", f.message),
+        MAX_MESSAGE_BYTES,
+    );
     let mut reply = Reply::error(event_id.to_string(), &top);
     reply.results = Some(results);
     let park = (meta.reply_to.is_none() || f.park).then_some(top);
@@ -636,33 +751,30 @@ fn batch_reply(event_id: &str, started: Instant, results: Vec<Reply>) -> Reply {
     r
 }
 
-fn retry_or_give_up(
-    shared: &Shared,
-    meta: &Meta,
-    event_id: &str,
-    f: Failure,
-    batch_done: Option<String>,
-) -> Action {
+fn retry_or_give_up(shared: &Shared, meta: &Meta, event_id: &str, f: Failure) -> Action {
     if meta.attempt < shared.retry_tiers {
         tracing::info!(attempt = meta.attempt + 1, error = %f.message, "retryable failure: to retry tier");
         return Action::Retry {
             tier: meta.attempt + 1,
             failure: f,
-            batch_done,
+            batch_done: None,
         };
     }
     let f = gave_up(meta, f);
     let reply = Reply::error(event_id.to_string(), &f);
-    answer(reply, Some(f), batch_done)
+    answer(reply, Some(f), None)
 }
 
 fn gave_up(meta: &Meta, f: Failure) -> Failure {
     Failure {
         code: ErrorCode::Unavailable,
-        message: format!(
-            "{} (gave up after {} attempt(s); the request is parked in the dead-letter queue)",
-            f.message,
-            meta.attempt + 1
+        message: clip(
+            format!(
+                "{} (gave up after {} attempt(s); the request is parked in the dead-letter queue)",
+                f.message,
+                meta.attempt + 1
+            ),
+            MAX_MESSAGE_BYTES,
         ),
         retryable: true,
         park: true,
@@ -670,14 +782,14 @@ fn gave_up(meta: &Meta, f: Failure) -> Failure {
 }
 
 /// A final failure: answered, and parked when nobody would see the answer.
-fn answer_failure(meta: &Meta, event_id: &str, f: Failure, batch_done: Option<String>) -> Action {
+fn answer_failure(meta: &Meta, event_id: &str, f: Failure) -> Action {
     tracing::debug!(code = %f.code, error = %f.message, "request failed");
     let reply = Reply::error(event_id.to_string(), &f);
     let park = (meta.reply_to.is_none() || f.park).then_some(f);
-    answer(reply, park, batch_done)
+    answer(reply, park, None)
 }
 
-fn answer(reply: Reply, park: Option<Failure>, batch_done: Option<String>) -> Action {
+fn answer(reply: Reply, park: Option<Failure>, parked_entries: Option<Vec<usize>>) -> Action {
     let body = serde_json::to_vec(&reply).unwrap_or_else(|e| {
         format!(r#"{{"status":"error","event_id":"{}","error":{{"code":"INTERNAL","message":"reply not serializable: {e}","retryable":false}}}}"#, reply.event_id).into_bytes()
     });
@@ -685,9 +797,10 @@ fn answer(reply: Reply, park: Option<Failure>, batch_done: Option<String>) -> Ac
         reply: Arc::new(Encoded {
             event_id: reply.event_id,
             body,
+            park_again: None,
         }),
         park,
-        batch_done,
+        parked_entries,
     }
 }
 
@@ -722,7 +835,7 @@ async fn finish(
         Action::Answer {
             reply,
             park,
-            batch_done,
+            parked_entries,
         } => {
             if let Some(f) = park {
                 tracing::warn!(code = %f.code, error = %f.message, "request parked in the dead-letter queue");
@@ -733,19 +846,19 @@ async fn finish(
                     (ERROR_MESSAGE_HEADER, text(&f.message)),
                     (EVENT_ID_HEADER, text(event_id)),
                 ];
-                if let Some(done) = &batch_done {
-                    extra.push((BATCH_DONE_HEADER, text(done)));
+                let mut body = std::borrow::Cow::Borrowed(delivery.data.as_slice());
+                if let Some(keep) = &parked_entries {
+                    body = std::borrow::Cow::Owned(batch_subset(&delivery.data, keep));
+                    let list = keep
+                        .iter()
+                        .map(|k| k.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    extra.push((BATCH_ENTRIES_HEADER, text(&list)));
                 }
-                let p = republish_props(shared, props, &delivery.data, extra);
-                publish_confirmed(
-                    ch,
-                    "",
-                    &shared.names.dlq(&broker.name),
-                    &delivery.data,
-                    p,
-                    true,
-                )
-                .await?;
+                let p = republish_props(shared, props, &body, extra);
+                let dlq = shared.names.dlq(&broker.name);
+                publish_confirmed(ch, "", &dlq, &body, p, true).await?;
             }
             if let Some(reply_to) = props.reply_to().as_ref() {
                 let mut headers = FieldTable::default();
@@ -775,7 +888,17 @@ fn republish_props(
     extra: Vec<(&str, AMQPValue)>,
 ) -> BasicProperties {
     let mut headers = match props.headers() {
-        Some(h) if table_size(h) <= MAX_COPIED_HEADERS_BYTES => h.clone(),
+        // Progress belongs to one attempt: a copy carries only what `extra`
+        // says.
+        Some(h) if table_size(h) <= MAX_COPIED_HEADERS_BYTES => {
+            let mut kept = FieldTable::default();
+            for (k, v) in h.inner() {
+                if k.as_str() != BATCH_DONE_HEADER && k.as_str() != BATCH_ENTRIES_HEADER {
+                    kept.insert(k.clone(), v.clone());
+                }
+            }
+            kept
+        }
         Some(h) => {
             // Ours must fit in the same frame: keep only the deadline.
             tracing::warn!(
@@ -835,6 +958,25 @@ fn republish_props(
         p = p.with_priority(*v);
     }
     p
+}
+
+/// The batch body restricted to the entries `keep` (original indices), for
+/// a parked copy; the original body if it cannot be rebuilt.
+fn batch_subset(body: &[u8], keep: &[usize]) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_slice(body) else {
+        return body.to_vec();
+    };
+    let Some(serde_json::Value::Array(entries)) = obj.remove("batch") else {
+        return body.to_vec();
+    };
+    let kept: Vec<_> = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| keep.contains(i))
+        .map(|(_, e)| e)
+        .collect();
+    obj.insert("batch".into(), serde_json::Value::Array(kept));
+    serde_json::to_vec(&obj).unwrap_or_else(|_| body.to_vec())
 }
 
 /// Encoded size of a header table, roughly (AMQP field-table encoding).

@@ -83,4 +83,7 @@ impl Reply {
 pub struct Encoded {
     pub event_id: String,
     pub body: Vec<u8>,
+    /// Set when this answer is remembered for an unknown-outcome write: a
+    /// duplicate gets the same answer and is parked too, never re-run.
+    pub park_again: Option<crate::error::Failure>,
 }

@@ -204,12 +204,22 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
 // BEDS patch: decode short strings lossily. RabbitMQ does not validate
 // UTF-8, and a strict decode fails the whole frame, which makes lapin drop
 // the connection; the message is then redelivered and the node never gets
-// past it. Invalid bytes become U+FFFD instead.
+// past it. Invalid bytes become U+FFFD instead, and the result is cut to 255
+// bytes so it still encodes as a short string when it is sent on.
 fn make_str<I: nom::InputIter<Item = u8>>(i: I) -> String {
     let bytes: Vec<u8> = i.iter_elements().collect();
     match String::from_utf8(bytes) {
         Ok(s) => s,
-        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        Err(e) => {
+            // Each invalid byte becomes 3: cut back to a short string's 255.
+            let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+            let mut end = s.len().min(255);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s
+        }
     }
 }
 

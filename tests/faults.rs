@@ -579,3 +579,50 @@ async fn reads_skip_a_down_replica_without_pausing_the_node() {
     .await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_parked_batch_keeps_its_verified_caller() {
+    let env = TestEnv::start(Opts {
+        retry_tiers_ms: vec![100],
+        ..Default::default()
+    })
+    .await;
+    let k = key();
+    // Only user "guest" may use template gst; the batch fails twice (every
+    // tier), is parked with a rewritten body, and is replayed.
+    let batch = json!({"batch": [
+        {"template": "gst", "op": "read", "data": {"id": 1}},
+        {"template": "gst", "op": "flaky", "data": {"key": k, "fail_times": 2}},
+    ]});
+    let opts = CallOptions {
+        user_id: Some("guest".into()),
+        ..Default::default()
+    };
+    let r = env.call_opts("wBroker", batch, opts).await;
+    let res = r.results.unwrap();
+    assert_eq!(res[0].code(), Some("WRONG_BROKER"), "a read on wBroker");
+    assert_eq!(res[1].code(), Some("UNAVAILABLE"));
+    let parked = env.drain_queue(&env.dlq("wBroker")).await;
+    assert_eq!(parked.len(), 1);
+    assert!(
+        parked[0].delivery.properties.user_id().is_none(),
+        "identity travels signed, not as user_id"
+    );
+    let replies = reply_queue(&env).await;
+    let props = parked[0]
+        .delivery
+        .properties
+        .clone()
+        .with_reply_to(replies.clone().into());
+    env.client()
+        .send("wBroker", &parked[0].delivery.data, props)
+        .await
+        .unwrap();
+    let got = consume_n(&replies, 1, 15).await;
+    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(
+        reply["results"][0]["status"], "ok",
+        "still guest after the rewrite: {reply}"
+    );
+    env.finish().await;
+}

@@ -126,6 +126,7 @@ mod tests {
             event_id: "e".into(),
             body: b"r".to_vec(),
             park_again: None,
+            parked_entries: None,
         });
         g.complete(r.clone());
         assert!(matches!(d.claim("a".into()), Claim::Cached(c) if c == r));

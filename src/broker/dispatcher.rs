@@ -436,8 +436,8 @@ async fn decide(
                         tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
                         return Action::Answer {
                             park: reply.park_again.clone(),
+                            parked_entries: reply.parked_entries.clone(),
                             reply,
-                            parked_entries: None,
                         };
                     }
                     Claim::Busy(mut rx) => {
@@ -479,17 +479,26 @@ async fn decide(
             }
         }
     };
-    // Remember the answer for duplicates. Not when it was parked after its
-    // retries ran out (a replay must run it again); an unknown outcome is
-    // remembered with its parking, so a duplicate is parked, never re-run.
-    if let (Some(g), Action::Answer { reply, park, .. }) = (guard, &action) {
+    // Remember the answer for duplicates, and how it was parked, so a
+    // duplicate is answered and parked the same way, never run again. Not
+    // when it was parked after its retries ran out: a replay runs again.
+    if let (
+        Some(g),
+        Action::Answer {
+            reply,
+            park,
+            parked_entries,
+        },
+    ) = (guard, &action)
+    {
         match park {
             None => g.complete(reply.clone()),
-            Some(f) if f.park && !f.retryable => g.complete(Arc::new(Encoded {
+            Some(f) if f.retryable => {}
+            Some(f) => g.complete(Arc::new(Encoded {
                 park_again: Some(f.clone()),
+                parked_entries: parked_entries.clone(),
                 ..(**reply).clone()
             })),
-            Some(_) => {}
         }
     }
     action
@@ -590,7 +599,7 @@ async fn batch(
                 // now rather than through the tiers.
                 if meta.attempt < shared.retry_tiers
                     && done.len() <= MAX_BATCH_DONE_BYTES
-                    && must_park.is_empty()
+                    && first_park.is_none()
                 {
                     return Action::Retry {
                         tier: meta.attempt + 1,
@@ -605,11 +614,10 @@ async fn batch(
                     results.push(Reply::error(format!("{event_id}.{j}"), &f));
                 }
                 must_park.extend(i..entries.len());
-                return answer(
-                    batch_reply(event_id, started, results),
-                    Some(f),
-                    Some(must_park),
-                );
+                // An unknown outcome outranks running out of tiers: it is
+                // what a person must look at, and what dedup must remember.
+                let reason = first_park.unwrap_or(f);
+                return park_batch(meta, event_id, started, results, reason, must_park);
             }
             Err(f) => {
                 if f.park {
@@ -622,31 +630,45 @@ async fn batch(
     }
     // Entries whose outcome is unknown go to a person.
     if let Some(f) = first_park {
-        return answer(
-            batch_reply(event_id, started, results),
-            Some(f),
-            Some(must_park),
-        );
+        return park_batch(meta, event_id, started, results, f, must_park);
     }
-    // Without a reply_to nobody would see a failed entry: park the failed
-    // entries.
-    let failed: Vec<usize> = (0..results.len())
-        .filter(|&k| !results[k].is_ok())
-        .collect();
-    let park = match (&meta.reply_to, failed.first()) {
-        (None, Some(&k)) => results[k].error.clone().map(|e| {
-            Failure::new(
-                ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal),
-                e.message,
+    // Without a reply_to nobody would see a failed entry: park them.
+    let first_failed = results.iter().find_map(|r| r.error.clone());
+    match (&meta.reply_to, first_failed) {
+        (None, Some(e)) => {
+            let code = ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal);
+            park_batch(
+                meta,
+                event_id,
+                started,
+                results,
+                Failure::new(code, e.message),
+                Vec::new(),
             )
-        }),
-        _ => None,
-    };
-    let parked_entries = park.as_ref().map(|_| failed);
+        }
+        _ => answer(batch_reply(event_id, started, results), None, None),
+    }
+}
+
+/// Answers a batch and parks the entries in `keep` (plus, when nobody gets
+/// the answer, every failed entry) for a person or a replay.
+fn park_batch(
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    results: Vec<Reply>,
+    reason: Failure,
+    mut keep: Vec<usize>,
+) -> Action {
+    if meta.reply_to.is_none() {
+        keep.extend((0..results.len()).filter(|&k| !results[k].is_ok()));
+    }
+    keep.sort_unstable();
+    keep.dedup();
     answer(
         batch_reply(event_id, started, results),
-        park,
-        parked_entries,
+        Some(reason),
+        Some(keep),
     )
 }
 
@@ -798,6 +820,7 @@ fn answer(reply: Reply, park: Option<Failure>, parked_entries: Option<Vec<usize>
             event_id: reply.event_id,
             body,
             park_again: None,
+            parked_entries: None,
         }),
         park,
         parked_entries,
@@ -828,7 +851,7 @@ async fn finish(
             if let Some(done) = &batch_done {
                 extra.push((BATCH_DONE_HEADER, text(done)));
             }
-            let p = republish_props(shared, props, &delivery.data, extra);
+            let p = republish_props(shared, props, &delivery.data, &delivery.data, extra);
             let queue = shared.names.retry(&broker.name, tier);
             publish_confirmed(ch, "", &queue, &delivery.data, p, true).await
         }
@@ -856,7 +879,7 @@ async fn finish(
                         .join(",");
                     extra.push((BATCH_ENTRIES_HEADER, text(&list)));
                 }
-                let p = republish_props(shared, props, &body, extra);
+                let p = republish_props(shared, props, &delivery.data, &body, extra);
                 let dlq = shared.names.dlq(&broker.name);
                 publish_confirmed(ch, "", &dlq, &body, p, true).await?;
             }
@@ -884,6 +907,7 @@ async fn finish(
 fn republish_props(
     shared: &Shared,
     props: &AMQPProperties,
+    original: &[u8],
     body: &[u8],
     extra: Vec<(&str, AMQPValue)>,
 ) -> BasicProperties {
@@ -893,7 +917,13 @@ fn republish_props(
         Some(h) if table_size(h) <= MAX_COPIED_HEADERS_BYTES => {
             let mut kept = FieldTable::default();
             for (k, v) in h.inner() {
-                if k.as_str() != BATCH_DONE_HEADER && k.as_str() != BATCH_ENTRIES_HEADER {
+                let ours = [
+                    BATCH_DONE_HEADER,
+                    BATCH_ENTRIES_HEADER,
+                    USER_HEADER,
+                    USER_SIG_HEADER,
+                ];
+                if !ours.contains(&k.as_str()) {
                     kept.insert(k.clone(), v.clone());
                 }
             }
@@ -919,7 +949,7 @@ fn republish_props(
         .user_id()
         .as_ref()
         .map(|u| u.to_string())
-        .or_else(|| signed_user(shared, props, body));
+        .or_else(|| signed_user(shared, props, original));
     if let Some(user) = user {
         headers.insert(USER_HEADER.into(), text(&user));
         headers.insert(

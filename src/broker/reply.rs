@@ -86,4 +86,6 @@ pub struct Encoded {
     /// Set when this answer is remembered for an unknown-outcome write: a
     /// duplicate gets the same answer and is parked too, never re-run.
     pub park_again: Option<crate::error::Failure>,
+    /// With `park_again` on a batch: the entries its parked copy kept.
+    pub parked_entries: Option<Vec<usize>>,
 }

@@ -217,6 +217,9 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
         if f.max_len.is_some() && f.ty != FieldType::String {
             p.push(format!("fields.{name}: max_len applies only to strings"));
         }
+        if f.min.is_some_and(f64::is_nan) || f.max.is_some_and(f64::is_nan) {
+            p.push(format!("fields.{name}: min/max must be numbers"));
+        }
         if (f.min.is_some() || f.max.is_some())
             && !matches!(f.ty, FieldType::Int | FieldType::Float)
         {

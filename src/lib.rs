@@ -2,10 +2,11 @@
 //! databases.
 //!
 //! The path of one message, module by module:
-//! [`config`] → [`ipl`] → [`broker::dispatcher`] (with [`broker::payload`],
-//! [`broker::dedup`]) → [`registry`] (templates, value validation) →
-//! [`namaste`] (NamasteCore adapters) → [`broker::reply`]; errors of every
-//! layer become contract codes in [`error`].
+//! [`config`] → [`ipl`] → [`broker::dispatcher`] (consume, pause, drain) →
+//! [`broker::request`] (with [`broker::payload`], [`broker::dedup`],
+//! [`registry`] for templates and value validation, and [`namaste`] for the
+//! NamasteCore adapters) → [`broker::outcome`] (reply, retry, park) → ack.
+//! Errors of every layer become contract codes in [`error`].
 
 pub mod broker;
 pub mod cli;

@@ -3,8 +3,10 @@
 
 pub mod dedup;
 pub mod dispatcher;
+pub mod outcome;
 pub mod payload;
 pub mod reply;
+pub mod request;
 pub mod topology;
 
 use std::time::Duration;

@@ -1,0 +1,522 @@
+//! Deciding what one delivery needs: envelope and payload checks, dedup,
+//! template resolution, execution through NamasteCore (singles and
+//! batches), and the retry-or-park decision. Nothing here publishes; the
+//! result is an `Action` that `outcome::finish` carries out.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lapin::message::Delivery;
+use lapin::protocol::basic::AMQPProperties;
+use lapin::types::AMQPValue;
+use sha2::{Digest, Sha256};
+
+use super::dedup::Claim;
+use super::dispatcher::{BrokerSpec, Shared};
+use super::outcome::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
+use super::payload::{self, BrokerPayload, Request};
+use super::reply::{Encoded, Reply};
+use crate::config::Access;
+use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
+use crate::namaste::Outcome;
+use crate::registry::{values, Op, Param, Registry, RequestError, Store};
+
+/// Largest batch-progress header carried through a retry; beyond it the
+/// batch is answered at once instead (headers must fit one AMQP frame).
+pub(crate) const MAX_BATCH_DONE_BYTES: usize = 32 * 1024;
+
+/// What finishing a delivery requires, decided before anything is sent.
+pub(crate) enum Action {
+    /// Reply (when there is a `reply_to`); park the message first when
+    /// `park` holds the reason.
+    Answer {
+        reply: Arc<Encoded>,
+        park: Option<Failure>,
+        /// Batches: the entries the parked copy keeps (those a replay
+        /// should run), so a replay never re-runs finished entries.
+        parked_entries: Option<Vec<usize>>,
+    },
+    /// Republish to retry tier `tier` (1-based).
+    Retry {
+        tier: usize,
+        failure: Failure,
+        batch_done: Option<String>,
+    },
+}
+
+/// What the dispatcher knows about a delivery beyond its body.
+pub(crate) struct Meta {
+    /// RabbitMQ-verified `user_id`, or the signed identity of a retry.
+    user: Option<String>,
+    reply_to: Option<String>,
+    attempt: usize,
+    batch_done: Vec<Reply>,
+}
+
+pub(crate) async fn decide(
+    shared: &Arc<Shared>,
+    broker: &BrokerSpec,
+    delivery: &Delivery,
+    event_id: &str,
+    started: Instant,
+) -> Action {
+    let props = &delivery.properties;
+    let body = delivery.data.as_slice();
+    let meta = read_meta(shared, props, body);
+    let fail = |f: Failure| answer_failure(&meta, event_id, f);
+
+    let deadline = match payload::check_envelope(props, body.len(), shared.max_payload) {
+        Ok(d) => d,
+        Err(e) => return fail(Failure::from(&e)),
+    };
+    let req = match payload::parse(body, shared.max_batch) {
+        Ok(r) => r,
+        Err(e) => return fail(Failure::from(&e)),
+    };
+    tracing::debug!(
+        parent_event_id = req.parent_event_id(),
+        context = req.context(),
+        "request"
+    );
+
+    // A write with a message_id is executed once per dedup window.
+    let mut guard = None;
+    if let Some(mid) = props.message_id().as_ref() {
+        if is_write(&shared.registry, &req) {
+            // The body is part of the key: another request that happens to
+            // reuse an id is not mistaken for a duplicate.
+            let key = format!(
+                "{}\u{0}{}\u{0}{}",
+                meta.user.as_deref().unwrap_or(""),
+                mid,
+                hex::encode(Sha256::digest(body))
+            );
+            loop {
+                match shared.dedup.claim(key.clone()) {
+                    Claim::Fresh(g) => {
+                        guard = Some(g);
+                        break;
+                    }
+                    Claim::Cached(reply) => {
+                        tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
+                        return Action::Answer {
+                            park: reply.park_again.clone(),
+                            parked_entries: reply.parked_entries.clone(),
+                            reply,
+                        };
+                    }
+                    Claim::Busy(mut rx) => {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), rx.changed()).await;
+                    }
+                }
+            }
+        }
+    }
+
+    // Judged after dedup (a finished duplicate is answered even when late)
+    // and after any wait for a concurrent duplicate. Not remembered: a
+    // client may resend the same request with a new deadline.
+    if let Err(e) = payload::check_deadline(deadline) {
+        drop(guard);
+        return fail(Failure::from(&e));
+    }
+
+    let action = match req {
+        Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
+            Ok(out) => {
+                tracing::debug!(template = %p.template, op = %p.op, "ok");
+                answer(
+                    Reply::ok(event_id.to_string(), out, micros(started)),
+                    None,
+                    None,
+                )
+            }
+            Err(f) if f.retryable => retry_or_give_up(shared, &meta, event_id, f),
+            Err(f) => fail(f),
+        },
+        Request::Batch {
+            entries, atomic, ..
+        } => {
+            if atomic {
+                atomic_batch(shared, broker, &meta, event_id, started, entries).await
+            } else {
+                batch(shared, broker, &meta, event_id, started, entries, deadline).await
+            }
+        }
+    };
+    // Remember the answer for duplicates, and how it was parked, so a
+    // duplicate is answered and parked the same way, never run again. Not
+    // when it was parked after its retries ran out: a replay runs again.
+    if let (
+        Some(g),
+        Action::Answer {
+            reply,
+            park,
+            parked_entries,
+        },
+    ) = (guard, &action)
+    {
+        match park {
+            None => g.complete(reply.clone()),
+            Some(f) if f.retryable => {}
+            Some(f) => g.complete(Arc::new(Encoded {
+                park_again: Some(f.clone()),
+                parked_entries: parked_entries.clone(),
+                ..(**reply).clone()
+            })),
+        }
+    }
+    action
+}
+
+/// Resolves, checks and executes one payload.
+pub(crate) async fn execute(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    user: Option<&str>,
+    p: &BrokerPayload,
+) -> Result<Outcome, Failure> {
+    let (template_db, op, params) = resolve(shared, broker, user, p)?;
+    let adapter = shared.adapters.get(template_db).ok_or_else(|| {
+        Failure::new(
+            ErrorCode::Internal,
+            format!("no adapter for database {template_db}"),
+        )
+    })?;
+    adapter
+        .call(op, &params)
+        .await
+        .map_err(|e| Failure::from(&e))
+}
+
+/// Template → op → broker check → access check → typed params.
+pub(crate) fn resolve<'r>(
+    shared: &'r Shared,
+    broker: &BrokerSpec,
+    user: Option<&str>,
+    p: &BrokerPayload,
+) -> Result<(&'r str, &'r Op, Vec<Param>), Failure> {
+    let f = |e: RequestError| Failure::from(&e);
+    let t = shared.registry.get(&p.template).map_err(f)?;
+    let op = t.op(&p.op).map_err(f)?;
+    if !broker.serves.contains(&op.access) {
+        return Err(f(RequestError::WrongBroker {
+            qualified: op.qualified.clone(),
+            access: op.access.as_str(),
+            broker: broker.name.clone(),
+            serves: broker
+                .serves
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        }));
+    }
+    t.check_allowed(user).map_err(f)?;
+    let params =
+        values::validate(op, p.data.as_ref()).map_err(|m| f(RequestError::Validation(m)))?;
+    Ok((t.database.as_str(), op, params))
+}
+
+pub(crate) fn is_write(registry: &Registry, req: &Request) -> bool {
+    let write = |p: &BrokerPayload| {
+        registry
+            .get(&p.template)
+            .ok()
+            .and_then(|t| t.op(&p.op).ok())
+            .is_some_and(|op| op.access == Access::Write)
+    };
+    match req {
+        Request::Single(p) => write(p),
+        Request::Batch { entries, .. } => entries.iter().flatten().any(write),
+    }
+}
+
+pub(crate) async fn batch(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+    deadline: Option<i64>,
+) -> Action {
+    // Entries finished on an earlier attempt are not run again.
+    let mut results: Vec<Reply> = meta.batch_done.clone();
+    results.truncate(entries.len());
+    // Entries whose outcome is unknown (or that ran out of tiers) are kept
+    // by the parked copy, for a person or a replay.
+    let mut must_park: Vec<usize> = Vec::new();
+    let mut first_park: Option<Failure> = None;
+    for (i, entry) in entries.iter().enumerate().skip(results.len()) {
+        let entry_id = format!("{event_id}.{i}");
+        let t0 = Instant::now();
+        let r = match (entry, payload::check_deadline(deadline)) {
+            (_, Err(late)) => Err(Failure::from(&late)),
+            (Err(e), _) => Err(Failure::from(e)),
+            (Ok(p), _) => execute(shared, broker, meta.user.as_deref(), p).await,
+        };
+        match r {
+            Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
+            Err(f) if f.retryable => {
+                let done = serde_json::to_string(&results).unwrap_or_default();
+                // A batch already holding an unknown outcome goes to a person
+                // now rather than through the tiers.
+                if meta.attempt < shared.retry_tiers
+                    && done.len() <= MAX_BATCH_DONE_BYTES
+                    && first_park.is_none()
+                {
+                    return Action::Retry {
+                        tier: meta.attempt + 1,
+                        failure: f,
+                        batch_done: Some(done),
+                    };
+                }
+                // Out of tiers: this and every later entry is answered
+                // unavailable, and they are what the parked copy keeps.
+                let f = gave_up(meta, f);
+                for j in i..entries.len() {
+                    results.push(Reply::error(format!("{event_id}.{j}"), &f));
+                }
+                must_park.extend(i..entries.len());
+                // An unknown outcome outranks running out of tiers: it is
+                // what a person must look at, and what dedup must remember.
+                let reason = first_park.unwrap_or(f);
+                return park_batch(meta, event_id, started, results, reason, must_park);
+            }
+            Err(f) => {
+                if f.park {
+                    must_park.push(i);
+                    first_park.get_or_insert_with(|| f.clone());
+                }
+                results.push(Reply::error(entry_id, &f));
+            }
+        }
+    }
+    // Entries whose outcome is unknown go to a person.
+    if let Some(f) = first_park {
+        return park_batch(meta, event_id, started, results, f, must_park);
+    }
+    // Without a reply_to nobody would see a failed entry: park them.
+    let first_failed = results.iter().find_map(|r| r.error.clone());
+    match (&meta.reply_to, first_failed) {
+        (None, Some(e)) => {
+            let code = ErrorCode::parse(&e.code).unwrap_or(ErrorCode::Internal);
+            park_batch(
+                meta,
+                event_id,
+                started,
+                results,
+                Failure::new(code, e.message),
+                Vec::new(),
+            )
+        }
+        _ => answer(batch_reply(event_id, started, results), None, None),
+    }
+}
+
+/// Answers a batch and parks the entries in `keep` (plus, when nobody gets
+/// the answer, every failed entry) for a person or a replay.
+pub(crate) fn park_batch(
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    results: Vec<Reply>,
+    reason: Failure,
+    mut keep: Vec<usize>,
+) -> Action {
+    if meta.reply_to.is_none() {
+        keep.extend((0..results.len()).filter(|&k| !results[k].is_ok()));
+    }
+    keep.sort_unstable();
+    keep.dedup();
+    answer(
+        batch_reply(event_id, started, results),
+        Some(reason),
+        Some(keep),
+    )
+}
+
+pub(crate) async fn atomic_batch(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+) -> Action {
+    // Everything is resolved and validated before anything runs.
+    let mut calls = Vec::with_capacity(entries.len());
+    let mut database = None;
+    for (i, entry) in entries.iter().enumerate() {
+        let resolved = match entry {
+            Err(e) => Err(Failure::from(e)),
+            Ok(p) => resolve(shared, broker, meta.user.as_deref(), p),
+        };
+        let (db, op, params) = match resolved {
+            Ok(r) => r,
+            Err(f) => return atomic_failed(meta, event_id, entries.len(), i, f),
+        };
+        let store = shared
+            .registry
+            .get(&entries[i].as_ref().unwrap().template)
+            .map(|t| t.store);
+        if store.ok() != Some(Store::Mariadb) || database.is_some_and(|d| d != db) {
+            let f = Failure::from(&RequestError::AtomicBatch(
+                "every entry must use the same MariaDB database".into(),
+            ));
+            return atomic_failed(meta, event_id, entries.len(), i, f);
+        }
+        database = Some(db);
+        calls.push((op, params));
+    }
+    let Some(adapter) = database.and_then(|d| shared.adapters.get(d)) else {
+        let f = Failure::new(ErrorCode::Internal, "no adapter for the batch's database");
+        return atomic_failed(meta, event_id, entries.len(), 0, f);
+    };
+    let refs: Vec<(&Op, &[Param])> = calls.iter().map(|(op, p)| (*op, p.as_slice())).collect();
+    match adapter.call_atomic(&refs).await {
+        Ok(outs) => {
+            let results = outs
+                .into_iter()
+                .enumerate()
+                .map(|(i, o)| Reply::ok(format!("{event_id}.{i}"), o, 0))
+                .collect();
+            answer(batch_reply(event_id, started, results), None, None)
+        }
+        Err((i, e)) => {
+            let f = Failure::from(&e);
+            if f.retryable && meta.attempt < shared.retry_tiers {
+                return retry_or_give_up(shared, meta, event_id, f);
+            }
+            let f = if f.retryable { gave_up(meta, f) } else { f };
+            atomic_failed(meta, event_id, entries.len(), i, f)
+        }
+    }
+}
+
+/// All-or-nothing failure: entry `i` failed, so none was applied.
+pub(crate) fn atomic_failed(meta: &Meta, event_id: &str, n: usize, i: usize, f: Failure) -> Action {
+    let results: Vec<Reply> = (0..n)
+        .map(|j| {
+            let id = format!("{event_id}.{j}");
+            if j == i {
+                Reply::error(id, &f)
+            } else {
+                let mut other = f.clone();
+                other.message = if f.park && !f.retryable {
+                    "outcome unknown: the atomic batch's COMMIT did not complete".into()
+                } else {
+                    format!("not applied: atomic batch entry {i} failed")
+                };
+                Reply::error(id, &other)
+            }
+        })
+        .collect();
+    let mut top = f.clone();
+    top.message = clip(
+        format!("atomic batch entry {i}: {}", f.message),
+        MAX_MESSAGE_BYTES,
+    );
+    let mut reply = Reply::error(event_id.to_string(), &top);
+    reply.results = Some(results);
+    let park = (meta.reply_to.is_none() || f.park).then_some(top);
+    answer(reply, park, None)
+}
+
+pub(crate) fn batch_reply(event_id: &str, started: Instant, results: Vec<Reply>) -> Reply {
+    let affected = results.iter().filter_map(|r| r.affected).sum();
+    let mut r = Reply::ok(
+        event_id.to_string(),
+        Outcome {
+            rows: Vec::new(),
+            affected,
+        },
+        micros(started),
+    );
+    r.results = Some(results);
+    r
+}
+
+pub(crate) fn retry_or_give_up(shared: &Shared, meta: &Meta, event_id: &str, f: Failure) -> Action {
+    if meta.attempt < shared.retry_tiers {
+        tracing::info!(attempt = meta.attempt + 1, error = %f.message, "retryable failure: to retry tier");
+        return Action::Retry {
+            tier: meta.attempt + 1,
+            failure: f,
+            batch_done: None,
+        };
+    }
+    let f = gave_up(meta, f);
+    let reply = Reply::error(event_id.to_string(), &f);
+    answer(reply, Some(f), None)
+}
+
+pub(crate) fn gave_up(meta: &Meta, f: Failure) -> Failure {
+    Failure {
+        code: ErrorCode::Unavailable,
+        message: clip(
+            format!(
+                "{} (gave up after {} attempt(s); the request is parked in the dead-letter queue)",
+                f.message,
+                meta.attempt + 1
+            ),
+            MAX_MESSAGE_BYTES,
+        ),
+        retryable: true,
+        park: true,
+    }
+}
+
+/// A final failure: answered, and parked when nobody would see the answer.
+pub(crate) fn answer_failure(meta: &Meta, event_id: &str, f: Failure) -> Action {
+    tracing::debug!(code = %f.code, error = %f.message, "request failed");
+    let reply = Reply::error(event_id.to_string(), &f);
+    let park = (meta.reply_to.is_none() || f.park).then_some(f);
+    answer(reply, park, None)
+}
+
+pub(crate) fn answer(
+    reply: Reply,
+    park: Option<Failure>,
+    parked_entries: Option<Vec<usize>>,
+) -> Action {
+    let body = serde_json::to_vec(&reply).unwrap_or_else(|e| {
+        format!(r#"{{"status":"error","event_id":"{}","error":{{"code":"INTERNAL","message":"reply not serializable: {e}","retryable":false}}}}"#, reply.event_id).into_bytes()
+    });
+    Action::Answer {
+        reply: Arc::new(Encoded {
+            event_id: reply.event_id,
+            body,
+            park_again: None,
+            parked_entries: None,
+        }),
+        park,
+        parked_entries,
+    }
+}
+
+pub(crate) fn read_meta(shared: &Shared, props: &AMQPProperties, body: &[u8]) -> Meta {
+    let user = match props.user_id() {
+        Some(u) => Some(u.to_string()),
+        None => signed_user(shared, props, body),
+    };
+    let attempt = payload::header(props, ATTEMPT_HEADER)
+        .and_then(payload::amqp_int)
+        .map(|a| a.clamp(0, 64) as usize)
+        .unwrap_or(0);
+    let batch_done = match payload::header(props, BATCH_DONE_HEADER) {
+        Some(AMQPValue::LongString(s)) => serde_json::from_slice(s.as_bytes()).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Meta {
+        user,
+        reply_to: props.reply_to().as_ref().map(|r| r.to_string()),
+        attempt,
+        batch_done,
+    }
+}
+
+pub(crate) fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros().min(u64::MAX as u128) as u64
+}

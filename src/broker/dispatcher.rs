@@ -2,13 +2,12 @@
 //! pausing while a database is down and draining on shutdown. Every delivery
 //! runs as its own task (at most `prefetch` at once) in `handle`:
 //!
-//! 1. `request::decide`: envelope check → parse →
-//!    dedup → template, op, broker and access checks → validate values →
-//!    NamasteCore call → an `Action` (answer,
-//!    retry or park);
-//! 2. `outcome::finish`: publish it, each message
-//!    with a publisher confirm;
+//! 1. `request::decide`: envelope check → parse → dedup → template, op,
+//!    broker and access checks → validate values → NamasteCore call → an
+//!    `Action` (answer, retry or park);
+//! 2. `outcome::finish`: publish it, each message with a publisher confirm;
 //! 3. ack. If step 2 fails, the delivery goes back to its queue instead.
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -11,10 +11,26 @@ use beds::ipl::{IplError, Node};
 use beds::registry::compile;
 use common::Opts;
 
-fn tmp(tag: &str) -> std::path::PathBuf {
+/// A temporary config folder, removed when dropped.
+struct TmpDir(std::path::PathBuf);
+
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tmp(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(common::unique(tag));
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 const BASE: &str = r#"

@@ -235,13 +235,8 @@ fn beds(args: &[&str], dir: &Path) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beds_check_exit_codes_and_problem_lists() {
-    let prefix = common::unique("chk");
-    let dir = std::env::temp_dir().join(&prefix);
-    let _debris = common::Debris {
-        prefix: prefix.clone(),
-        dir: dir.clone(),
-        tiers: 2,
-    };
+    let scratch = common::Debris::new("chk");
+    let (prefix, dir) = (scratch.prefix.clone(), scratch.dir.clone());
     common::write_config(&dir, &prefix, &prefix, &Opts::default());
     let cfg = dir.join("config");
 
@@ -286,13 +281,8 @@ async fn beds_check_exit_codes_and_problem_lists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_replica_is_a_warning_in_dev_and_fatal_in_prod() {
-    let prefix = common::unique("rep");
-    let dir = std::env::temp_dir().join(&prefix);
-    let _debris = common::Debris {
-        prefix: prefix.clone(),
-        dir: dir.clone(),
-        tiers: 2,
-    };
+    let scratch = common::Debris::new("rep");
+    let (prefix, dir) = (scratch.prefix.clone(), scratch.dir.clone());
     common::write_config(&dir, &prefix, &prefix, &Opts::default());
     common::create_db(&prefix);
     let cfg = dir.join("config");

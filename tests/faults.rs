@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use beds::client::CallOptions;
 use common::{consume_n, eventually, Opts, Proxy, TestEnv};
+use lapin::message::BasicGetMessage;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -131,16 +132,7 @@ async fn shutdown_with_requests_in_flight_loses_none() {
     })
     .await;
     // Replies go to a queue of the test's own so they survive the restart.
-    let conn = common::amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    let replies = format!("{}.test-replies", env.prefix);
-    ch.queue_declare(
-        &replies,
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let replies = common::reply_queue(&env.prefix).await;
     let n = 12;
     let k = key();
     for i in 0..n {
@@ -175,7 +167,6 @@ async fn shutdown_with_requests_in_flight_loses_none() {
         format!("{n}\t1\t{n}"),
         "each executed exactly once"
     );
-    let _ = conn.close(200, "").await;
     env.finish().await;
 }
 
@@ -326,29 +317,23 @@ async fn quorum_queues_work_end_to_end() {
     env.finish().await;
 }
 
-/// Moves every parked message of `broker` back to the exchange (what an
-/// operator's shovel does), with replies to `reply_to`.
-async fn replay_dlq(env: &TestEnv, broker: &str, reply_to: &str) -> usize {
-    let parked = env.drain_queue(&env.dlq(broker)).await;
-    for m in &parked {
-        let props = m.delivery.properties.clone().with_reply_to(reply_to.into());
-        env.client()
-            .send(broker, &m.delivery.data, props)
-            .await
-            .unwrap();
-    }
-    parked.len()
-}
-
-async fn reply_queue(env: &TestEnv) -> String {
-    let conn = common::amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    let q = format!("{}.test-replies", env.prefix);
-    ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::default())
+/// Sends a parked message back to `broker` (what an operator's shovel
+/// does), with its reply going to a queue of the test's own; returns the
+/// reply.
+async fn replay(env: &TestEnv, broker: &str, parked: &BasicGetMessage) -> serde_json::Value {
+    let replies = common::reply_queue(&env.prefix).await;
+    let props = parked
+        .delivery
+        .properties
+        .clone()
+        .with_reply_to(replies.clone().into());
+    env.client()
+        .send(broker, &parked.delivery.data, props)
         .await
         .unwrap();
-    let _ = conn.close(200, "").await;
-    q
+    let got = consume_n(&replies, 1, 15).await;
+    assert_eq!(got.len(), 1, "the replay is answered");
+    serde_json::from_slice(&got[0].data).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,11 +353,9 @@ async fn replayed_parked_write_runs_again_with_fresh_tiers() {
     };
     let r = env.call_opts("wBroker", q, opts).await;
     assert_eq!(r.code(), Some("UNAVAILABLE"));
-    let replies = reply_queue(&env).await;
-    assert_eq!(replay_dlq(&env, "wBroker", &replies).await, 1);
-    let got = consume_n(&replies, 1, 15).await;
-    assert_eq!(got.len(), 1);
-    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    let parked = env.drain_queue(&env.dlq("wBroker")).await;
+    assert_eq!(parked.len(), 1);
+    let reply = replay(&env, "wBroker", &parked[0]).await;
     assert_eq!(
         reply["status"], "ok",
         "the replay executed, not answered from dedup: {reply}"
@@ -408,18 +391,7 @@ async fn parked_batch_replay_resumes_where_it_stopped() {
         1,
         "a batch that ran out of tiers is parked even with a reply_to"
     );
-    let replies = reply_queue(&env).await;
-    let props = parked[0]
-        .delivery
-        .properties
-        .clone()
-        .with_reply_to(replies.clone().into());
-    env.client()
-        .send("wBroker", &parked[0].delivery.data, props)
-        .await
-        .unwrap();
-    let got = consume_n(&replies, 1, 15).await;
-    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    let reply = replay(&env, "wBroker", &parked[0]).await;
     assert_eq!(reply["results"][0]["status"], "ok", "{reply}");
     assert_eq!(
         reply["results"].as_array().unwrap().len(),
@@ -608,18 +580,7 @@ async fn replayed_parked_batch_keeps_its_verified_caller() {
         parked[0].delivery.properties.user_id().is_none(),
         "identity travels signed, not as user_id"
     );
-    let replies = reply_queue(&env).await;
-    let props = parked[0]
-        .delivery
-        .properties
-        .clone()
-        .with_reply_to(replies.clone().into());
-    env.client()
-        .send("wBroker", &parked[0].delivery.data, props)
-        .await
-        .unwrap();
-    let got = consume_n(&replies, 1, 15).await;
-    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    let reply = replay(&env, "wBroker", &parked[0]).await;
     assert_eq!(
         reply["results"][0]["status"], "ok",
         "still guest after the rewrite: {reply}"

@@ -132,16 +132,7 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
     assert!(ready.is_ok());
 
     // Replies to the raw requests land in a queue of the test's own.
-    let conn = common::amqp().await;
-    let ch = conn.create_channel().await.unwrap();
-    let replies = format!("{prefix}.test-replies");
-    ch.queue_declare(
-        &replies,
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
+    let replies = common::reply_queue(&prefix).await;
 
     let body = br#"{"template":"usr","op":"list"}"#.to_vec();
     // 1. A header table nested 15,000 deep (about 90 KB, within one frame).
@@ -248,7 +239,6 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
     assert!(drained.is_ok(), "work queue not drained\n{}", status());
 
     client.close().await;
-    let _ = conn.close(200, "").await;
     let _ = child.kill().await;
 }
 

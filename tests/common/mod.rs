@@ -363,6 +363,20 @@ pub struct Debris {
     pub tiers: usize,
 }
 
+impl Debris {
+    /// A fresh prefix (also the database name) and config folder for a test
+    /// that runs the binary itself, removed when dropped.
+    pub fn new(tag: &str) -> Debris {
+        let prefix = unique(tag);
+        let dir = std::env::temp_dir().join(&prefix);
+        Debris {
+            prefix,
+            dir,
+            tiers: 2,
+        }
+    }
+}
+
 impl Drop for Debris {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -467,6 +481,19 @@ impl Proxy {
     }
 }
 
+/// Declares `<prefix>.test-replies`, a reply queue of the test's own that
+/// outlives client connections (removed by `cleanup`).
+pub async fn reply_queue(prefix: &str) -> String {
+    let conn = amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = format!("{prefix}.test-replies");
+    ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "").await;
+    q
+}
+
 /// Waits until `f` holds, polling; panics with `what` after `secs`.
 pub async fn eventually<F, Fut>(secs: u64, what: &str, mut f: F)
 where
@@ -525,13 +552,8 @@ pub async fn spawn_node(
     String,
     Arc<std::sync::Mutex<String>>,
 ) {
-    let prefix = unique(tag);
-    let dir = std::env::temp_dir().join(&prefix);
-    let debris = Debris {
-        prefix: prefix.clone(),
-        dir: dir.clone(),
-        tiers: 2,
-    };
+    let debris = Debris::new(tag);
+    let (prefix, dir) = (debris.prefix.clone(), debris.dir.clone());
     create_db(&prefix);
     write_config(&dir, &prefix, &prefix, &Opts::default());
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"));

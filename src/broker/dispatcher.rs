@@ -39,8 +39,8 @@ use crate::namaste::Adapters;
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 
-/// Redeliveries whose outcome could not be published before a request is
-/// quarantined instead of tried again.
+/// Failed attempts (outcome not published, or ack failed) after which a
+/// redelivered request is quarantined instead of tried again.
 const MAX_STRIKES: u8 = 2;
 
 /// Wait before returning a request whose outcome could not be published.
@@ -222,9 +222,11 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name);
     async move {
         let started = Instant::now();
-        let print = fingerprint(&delivery);
-        let strikes = shared.strikes.begin(print);
-        let outcome = if delivery.redelivered && strikes > MAX_STRIKES {
+        // Only a redelivery can have failed attempts behind it: first
+        // deliveries skip the hashing and the lock.
+        let print = delivery.redelivered.then(|| fingerprint(&delivery));
+        let strikes = print.map_or(0, |p| shared.strikes.get(p));
+        let outcome = if strikes >= MAX_STRIKES {
             // Publishing this request's outcome never completed, twice: the
             // connection closed under it (RabbitMQ rejected something in it).
             // Repeating it would stop the node again; park a bare copy.
@@ -242,12 +244,23 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
                 });
             finish(&shared, &broker, &ch, &delivery, &event_id, action).await
         };
+        // A failed publish or ack is a strike: the connection may have been
+        // closed because of something in this request.
+        let strike = || shared.strikes.add(print.unwrap_or_else(|| fingerprint(&delivery)));
         match outcome {
             Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
-                Ok(()) => shared.strikes.clear(print),
-                Err(e) => tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver"),
+                Ok(()) => {
+                    if let Some(p) = print {
+                        shared.strikes.clear(p);
+                    }
+                }
+                Err(e) => {
+                    strike();
+                    tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver");
+                }
             },
             Err(e) => {
+                strike();
                 // Pause first: an immediate requeue of a message whose
                 // outcome cannot be published would spin.
                 tracing::warn!(error = %e, "could not publish the outcome; returning the request to the queue");
@@ -265,25 +278,31 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     .await
 }
 
-/// Attempts per request whose outcome was not published and acknowledged:
-/// counted before publishing, cleared after the ack, so an attempt cut off
-/// by a closed connection still counts.
+/// Failed attempts per request: its outcome could not be published, or its
+/// ack failed (typically because the connection closed under it). Cleared
+/// when a later attempt completes.
 #[derive(Default)]
 pub struct Strikes {
     counts: std::sync::Mutex<HashMap<[u8; 32], u8>>,
 }
 
 impl Strikes {
-    /// Counts this attempt; returns how many attempts (this one included)
-    /// have not completed.
-    fn begin(&self, print: [u8; 32]) -> u8 {
+    fn get(&self, print: [u8; 32]) -> u8 {
+        self.counts
+            .lock()
+            .unwrap()
+            .get(&print)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn add(&self, print: [u8; 32]) {
         let mut counts = self.counts.lock().unwrap();
         if counts.len() > 10_000 {
             counts.clear(); // memory bound; worst case a poison loop resumes
         }
         let n = counts.entry(print).or_insert(0);
         *n = n.saturating_add(1);
-        *n
     }
 
     fn clear(&self, print: [u8; 32]) {

@@ -1,4 +1,5 @@
-//! The command line: `beds run` (default), `beds check`, `beds call`.
+//! The command line: `beds run` (default), `beds check`, `beds call`,
+//! `beds bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,8 @@ pub enum Command {
     },
     /// Send one request and print the reply.
     Call(CallArgs),
+    /// Load a node (or a reference) and report throughput, latency, cost.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -65,7 +68,7 @@ pub struct CallArgs {
     pub message_id: Option<String>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| s.split_at(i))
@@ -99,6 +102,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Run => run_node(&cli.config_dir).await,
             Command::Check { online } => check(&cli.config_dir, online).await,
             Command::Call(args) => call(&cli.config_dir, args).await,
+            Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
         }
     })
 }
@@ -120,7 +124,7 @@ fn load_config(dir: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 /// Config for the one-shot commands, which log only warnings.
-fn load_quiet(dir: &std::path::Path) -> Result<Config, ExitCode> {
+pub(crate) fn load_quiet(dir: &std::path::Path) -> Result<Config, ExitCode> {
     let config = load_config(dir)?;
     crate::logging::init(&LoggingConfig {
         level: "warn".into(),
@@ -293,7 +297,7 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
 }
 
 /// The broker serving `access`, preferring the node's own role.
-fn broker_for(config: &Config, access: Access) -> Option<String> {
+pub(crate) fn broker_for(config: &Config, access: Access) -> Option<String> {
     let own = config.node_brokers();
     own.iter()
         .find(|(_, b)| b.serves.contains(&access))

@@ -8,6 +8,7 @@
 //! NamasteCore adapters) → [`broker::outcome`] (reply, retry, park) → ack.
 //! Errors of every layer become contract codes in [`error`].
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -41,14 +41,7 @@ impl MariaDb {
                 .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
                 .test_before_acquire(true)
         };
-        let primary_opts = with_password(
-            MySqlConnectOptions::new()
-                .host(&cfg.host)
-                .port(cfg.port)
-                .username(&cfg.user)
-                .database(&cfg.name),
-            cfg.pass.as_deref(),
-        );
+        let primary_opts = connect_options(cfg);
         let replica = cfg.replica.as_ref().map(|r| {
             let opts = with_password(
                 MySqlConnectOptions::new()
@@ -263,6 +256,19 @@ impl NamasteCore for MariaDb {
     fn health(&self) -> &Health {
         &self.health
     }
+}
+
+/// How to reach the primary of `cfg` (also used by `beds bench`'s
+/// database references).
+pub fn connect_options(cfg: &DatabaseConfig) -> MySqlConnectOptions {
+    with_password(
+        MySqlConnectOptions::new()
+            .host(&cfg.host)
+            .port(cfg.port)
+            .username(&cfg.user)
+            .database(&cfg.name),
+        cfg.pass.as_deref(),
+    )
 }
 
 /// An empty password means "no password" (sqlx would send an empty one).

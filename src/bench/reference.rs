@@ -1,0 +1,201 @@
+//! The yardsticks `beds bench --reference` measures BEDS against, run inside
+//! the bench process on its own AMQP connection:
+//!
+//! - `broker`: an echo consumer answering every request with a fixed `ok`
+//!   reply: the RabbitMQ round trip with no database.
+//! - `pipeline`: the thinnest correct Rust data path: lapin consumer →
+//!   sqlx `CALL` → reply published with a publisher confirm → ack. What is
+//!   left out is everything BEDS adds: validation, dedup, deadlines,
+//!   retries, typed values, access rules, events.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::{json, Value};
+use sqlx::mysql::MySqlPool;
+use tokio::task::JoinHandle;
+
+use super::target;
+use crate::config::QueueType;
+use crate::registry::Registry;
+
+/// A reference consumer, running until `stop`.
+pub struct Server {
+    conn: Connection,
+    channel: Channel,
+    /// The queue it consumes (deleted on stop).
+    pub queue: String,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    pub async fn stop(self) {
+        self.task.abort();
+        let _ = self
+            .channel
+            .queue_delete(&self.queue, QueueDeleteOptions::default())
+            .await;
+        let _ = self.channel.close(200, "bench done").await;
+        let _ = self.conn.close(200, "bench done").await;
+    }
+}
+
+/// What the server does with each request.
+#[derive(Clone)]
+pub enum Kind {
+    Echo,
+    Pipeline {
+        pool: MySqlPool,
+        registry: Arc<Registry>,
+    },
+}
+
+/// Declares a private queue like the BEDS work queues (durable, the same
+/// queue type; it expires if the bench dies) and starts consuming it.
+pub async fn start(
+    uri: &str,
+    queue: String,
+    queue_type: QueueType,
+    prefetch: u16,
+    kind: Kind,
+) -> Result<Server, lapin::Error> {
+    let props = ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
+        .with_connection_name("beds bench reference".into());
+    let conn = Connection::connect(uri, props).await?;
+    let channel = conn.create_channel().await?;
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    if queue_type == QueueType::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    channel
+        .queue_declare(
+            &queue,
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    if matches!(kind, Kind::Pipeline { .. }) {
+        // Correct means nothing is acked before its reply is confirmed.
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+    }
+    let mut consumer = channel
+        .basic_consume(
+            &queue,
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let ch = channel.clone();
+    let task = tokio::spawn(async move {
+        while let Some(Ok(d)) = consumer.next().await {
+            let (ch, kind) = (ch.clone(), kind.clone());
+            tokio::spawn(async move {
+                let reply = match &kind {
+                    Kind::Echo => {
+                        br#"{"status":"ok","event_id":"","data":[],"affected":0}"#.to_vec()
+                    }
+                    Kind::Pipeline { pool, registry } => pipeline(pool, registry, &d.data).await,
+                };
+                if let (Some(to), Some(cid)) =
+                    (d.properties.reply_to(), d.properties.correlation_id())
+                {
+                    let props = BasicProperties::default()
+                        .with_content_type("application/json".into())
+                        .with_correlation_id(cid.clone());
+                    let sent = match ch
+                        .basic_publish(
+                            "",
+                            to.as_str(),
+                            BasicPublishOptions::default(),
+                            &reply,
+                            props,
+                        )
+                        .await
+                    {
+                        Ok(confirm) => confirm.await.is_ok(),
+                        Err(_) => false,
+                    };
+                    if !sent {
+                        return; // unacked: redelivered when the channel closes
+                    }
+                }
+                let _ = d.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+    Ok(Server {
+        conn,
+        channel,
+        queue,
+        task,
+    })
+}
+
+/// Runs a BrokerPayload or a batch: look up the op's procedure, bind `data`
+/// in param order, `CALL`, rows to JSON. No validation and no retries.
+async fn pipeline(pool: &MySqlPool, registry: &Registry, body: &[u8]) -> Vec<u8> {
+    let Ok(req) = serde_json::from_slice::<Value>(body) else {
+        return error("BAD_PAYLOAD");
+    };
+    let Ok(mut conn) = pool.acquire().await else {
+        return error("UNAVAILABLE");
+    };
+    let entries = match req.get("batch").and_then(Value::as_array) {
+        Some(b) => b.iter().collect(),
+        None => vec![&req],
+    };
+    let mut replies = Vec::with_capacity(entries.len());
+    for e in &entries {
+        let op = registry
+            .get(e["template"].as_str().unwrap_or(""))
+            .ok()
+            .and_then(|t| t.op(e["op"].as_str().unwrap_or("")).ok());
+        let Some(op) = op else {
+            replies.push(json!({"status": "error", "error": {"code": "UNKNOWN_OPERATION"}}));
+            continue;
+        };
+        let args: Vec<&Value> = op
+            .params
+            .iter()
+            .map(|(n, _)| e["data"].get(n).unwrap_or(&Value::Null))
+            .collect();
+        replies.push(match target::call(&mut conn, &op.call_sql, &args).await {
+            Ok(rows) => {
+                let data: Vec<Value> = rows.iter().map(target::row_json).collect();
+                json!({"status": "ok", "data": data, "affected": 0})
+            }
+            Err(code) => json!({"status": "error", "error": {"code": code}}),
+        });
+    }
+    let reply = if req.get("batch").is_some() {
+        json!({"status": "ok", "results": replies})
+    } else {
+        replies.pop().unwrap_or(Value::Null)
+    };
+    serde_json::to_vec(&reply).unwrap_or_default()
+}
+
+fn error(code: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"status": "error", "error": {"code": code}})).unwrap_or_default()
+}

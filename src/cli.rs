@@ -44,6 +44,9 @@ pub enum Command {
     Call(CallArgs),
     /// Load a node (or a reference) and report throughput, latency, cost.
     Bench(crate::bench::BenchArgs),
+    /// A `beds bench` reference server (started by the bench itself).
+    #[command(hide = true)]
+    BenchServe(crate::bench::reference::ServeArgs),
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +106,19 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Check { online } => check(&cli.config_dir, online).await,
             Command::Call(args) => call(&cli.config_dir, args).await,
             Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
+            Command::BenchServe(args) => {
+                let config = match load_quiet(&cli.config_dir) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                match crate::bench::reference::serve(&config, args).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("beds bench-serve: {e}");
+                        ExitCode::from(EX_UNAVAILABLE)
+                    }
+                }
+            }
         }
     })
 }

@@ -172,7 +172,10 @@ impl Client {
         props: BasicProperties,
         timeout: Duration,
     ) -> Result<Delivery, ClientError> {
-        let cid = uuid::Uuid::new_v4().to_string();
+        // From the thread's CSPRNG: no getrandom syscall per call.
+        let cid = uuid::Builder::from_random_bytes(rand::random())
+            .into_uuid()
+            .to_string();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap().insert(cid.clone(), tx);
         let props = props

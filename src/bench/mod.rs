@@ -66,6 +66,10 @@ pub struct BenchArgs {
     /// the ratios.
     #[arg(long, conflicts_with = "reference")]
     pub compare: bool,
+    /// Run every mode this many times, interleaved, and report each mode's
+    /// median run (a shared machine is noisy).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// AMQP connections the load is spread over.
     #[arg(long, default_value_t = 1)]
     pub connections: usize,
@@ -120,7 +124,7 @@ pub async fn run(dir: &std::path::Path, args: BenchArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match bench(&config, &args).await {
+    match bench(dir, &config, &args).await {
         Ok(reports) => {
             if args.json {
                 let line = if reports.len() == 1 {
@@ -146,7 +150,11 @@ pub async fn run(dir: &std::path::Path, args: BenchArgs) -> ExitCode {
     }
 }
 
-async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
+async fn bench(
+    dir: &std::path::Path,
+    config: &Config,
+    args: &BenchArgs,
+) -> Result<Vec<Report>, Fail> {
     let usage = |m: String| Fail(EX_USAGE, m);
     if !(1..=10_000).contains(&args.concurrency) {
         return Err(usage("--concurrency must be 1 to 10000".into()));
@@ -184,6 +192,16 @@ async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
     } else {
         vec![args.reference.map_or(Mode::Beds, Mode::Ref)]
     };
+    if args.rounds == 0 || args.rounds > 100 {
+        return Err(usage("--rounds must be 1 to 100".into()));
+    }
+    let per_round = modes.len();
+    let modes: Vec<Mode> = modes
+        .iter()
+        .copied()
+        .cycle()
+        .take(per_round * args.rounds)
+        .collect();
     let needs_db = modes
         .iter()
         .any(|m| matches!(m, Mode::Ref(Reference::Database | Reference::Pipeline)));
@@ -202,6 +220,8 @@ async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
             MySqlPoolOptions::new()
                 .max_connections(size)
                 .acquire_timeout(Duration::from_millis(c.acquire_timeout_ms))
+                // The thinnest path: no ping before each use.
+                .test_before_acquire(false)
                 .connect_lazy_with(crate::namaste::mariadb::connect_options(c))
         })
     };
@@ -213,7 +233,6 @@ async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
         // that is its definition. The pipeline gets what BEDS gets.
         let pool = match mode {
             Mode::Ref(Reference::Database) => pool(args.concurrency as u32),
-            Mode::Ref(Reference::Pipeline) => pool(db_cfg.map_or(1, |c| c.max_connections)),
             _ => None,
         };
         // Seeding lists (a read) and creates (a write).
@@ -221,7 +240,7 @@ async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
         if wl.needs_keys() {
             accesses.extend([Access::Read, Access::Write]);
         }
-        let mut run = Run::start(config, args, mode, &registry, pool, &accesses).await?;
+        let mut run = Run::start(dir, config, args, mode, pool, &accesses).await?;
         let mut seed_requests = 0;
         if !seeded && wl.needs_keys() {
             seed_requests = if mode == Mode::Ref(Reference::Broker) {
@@ -241,22 +260,39 @@ async fn bench(config: &Config, args: &BenchArgs) -> Result<Vec<Report>, Fail> {
         }
         reports.push(report);
     }
-    Ok(reports)
+    if args.rounds == 1 {
+        return Ok(reports);
+    }
+    // Each mode's median run by requests per second.
+    let mut medians = Vec::new();
+    for i in 0..per_round {
+        let mut runs: Vec<Report> = reports.iter().skip(i).step_by(per_round).cloned().collect();
+        runs.sort_by(|a, b| a.requests_per_s.total_cmp(&b.requests_per_s));
+        medians.push(runs.swap_remove(runs.len() / 2));
+    }
+    if !args.json {
+        println!("\nmedian of {} rounds:", args.rounds);
+        for r in &medians {
+            r.print_human();
+        }
+    }
+    Ok(medians)
 }
 
 /// One mode's target and, for references, the consumer serving it.
 struct Run {
     mode: Mode,
     target: Arc<Target>,
-    server: Option<reference::Server>,
+    /// The reference process (`beds bench-serve`) of broker and pipeline.
+    server: Option<tokio::process::Child>,
 }
 
 impl Run {
     async fn start(
+        dir: &std::path::Path,
         config: &Config,
         args: &BenchArgs,
         mode: Mode,
-        registry: &Arc<Registry>,
         pool: Option<MySqlPool>,
         accesses: &[Access],
     ) -> Result<Run, Fail> {
@@ -318,30 +354,45 @@ impl Run {
                 },
                 None,
             ),
-            Mode::Ref(r) => {
-                let kind = match r {
-                    Reference::Pipeline => reference::Kind::Pipeline {
-                        pool: pool.ok_or_else(|| unavailable("no database pool".into()))?,
-                        registry: registry.clone(),
-                    },
-                    _ => reference::Kind::Echo,
-                };
-                let server = reference::start(
-                    &uri,
-                    queue(mode.name()),
-                    config.amqp.queue_type,
-                    prefetch,
-                    kind,
-                )
-                .await
-                .map_err(|e| {
+            Mode::Ref(_) => {
+                let q = queue(mode.name());
+                let mut cmd = tokio::process::Command::new(
+                    std::env::current_exe().map_err(|e| unavailable(e.to_string()))?,
+                );
+                cmd.arg("--config-dir")
+                    .arg(dir)
+                    .args(["bench-serve", "--kind", mode.name(), "--queue", &q])
+                    .args(["--prefetch", &prefetch.to_string()])
+                    .args(["--template", &args.template])
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .kill_on_drop(true);
+                let mut child = cmd.spawn().map_err(|e| {
                     unavailable(format!("cannot start the {} reference: {e}", mode.name()))
                 })?;
+                let stdout = child.stdout.take();
+                let ready = tokio::time::timeout(Duration::from_secs(30), async move {
+                    use tokio::io::AsyncBufReadExt;
+                    let mut lines = tokio::io::BufReader::new(stdout?).lines();
+                    while let Ok(Some(l)) = lines.next_line().await {
+                        if l == "ready" {
+                            return Some(());
+                        }
+                    }
+                    None
+                })
+                .await;
+                if !matches!(ready, Ok(Some(()))) {
+                    return Err(unavailable(format!(
+                        "the {} reference did not start (see its error above)",
+                        mode.name()
+                    )));
+                }
                 let clients = connect(String::new()).await?;
-                let routing = target::Routing::Queue(server.queue.clone());
+                let routing = target::Routing::Queue(q);
                 (
                     Target::amqp(clients, routing, args.persistent, args.timeout),
-                    Some(server),
+                    Some(child),
                 )
             }
         };
@@ -353,8 +404,17 @@ impl Run {
     }
 
     async fn stop(self) {
-        if let Some(s) = self.server {
-            s.stop().await;
+        if let Some(mut child) = self.server {
+            if let Some(pid) = child.id() {
+                // SAFETY: signals our own child process.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            }
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
         }
         if let Ok(t) = Arc::try_unwrap(self.target) {
             t.close().await;
@@ -375,8 +435,10 @@ impl Run {
             let t = drive(&self.target, wl, args.concurrency, until, None).await;
             warmup_requests = t.requests;
         }
-        let node_pid = match self.mode {
-            Mode::Beds => args.node_pid.or_else(report::find_node),
+        // The process serving the requests: the BEDS node or the reference.
+        let node_pid = match (&self.server, self.mode) {
+            (Some(child), _) => child.id(),
+            (None, Mode::Beds) => args.node_pid.or_else(report::find_node),
             _ => None,
         };
         let duration = args.duration.unwrap_or(Duration::from_secs(10));
@@ -420,7 +482,7 @@ impl Run {
             (Some(a), Some(b)) if n > 0 => (b.cpu_s - a.cpu_s) * 1e6 / n as f64,
             _ => 0.0,
         };
-        let node = match (node_pid, node_before, node_after) {
+        let server = match (node_pid, node_before, node_after) {
             (Some(pid), Some(a), Some(b)) => {
                 let mut rss = rss;
                 rss.push(b.rss_kib);
@@ -431,7 +493,7 @@ impl Run {
                 );
                 let cpu = b.cpu_s - a.cpu_s;
                 let us_req = per(Some(a), Some(b), tally.requests);
-                Some(report::NodeCost {
+                Some(report::ServerCost {
                     pid,
                     cpu_us_per_request: us_req,
                     cpu_us_per_op: per(Some(a), Some(b), tally.ops),
@@ -474,7 +536,7 @@ impl Run {
             ops_per_s: tally.ops as f64 / elapsed,
             latency_us: report::latency(&tally.hist),
             errors: tally.errors,
-            node,
+            server,
             bench_cpu_us_per_request: per(me_before, me_after, tally.requests),
             machine_cpu_busy_pct,
         }

@@ -1,5 +1,6 @@
-//! The yardsticks `beds bench --reference` measures BEDS against, run inside
-//! the bench process on its own AMQP connection:
+//! The yardsticks `beds bench --reference` measures BEDS against. They run
+//! as a separate process (`beds bench-serve`, started by the bench), like a
+//! BEDS node, so latency and CPU per request compare like for like:
 //!
 //! - `broker`: an echo consumer answering every request with a fixed `ok`
 //!   reply: the RabbitMQ round trip with no database.
@@ -22,8 +23,80 @@ use sqlx::mysql::MySqlPool;
 use tokio::task::JoinHandle;
 
 use super::target;
-use crate::config::QueueType;
-use crate::registry::Registry;
+use crate::config::{Config, QueueType};
+use crate::registry::{Registry, Store};
+
+/// `beds bench-serve`: what the bench passes to its reference process.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// `broker` (echo) or `pipeline`.
+    #[arg(long)]
+    pub kind: String,
+    /// The private queue to declare and consume.
+    #[arg(long)]
+    pub queue: String,
+    #[arg(long)]
+    pub prefetch: u16,
+    /// Template whose database the pipeline connects to.
+    #[arg(long, default_value = "usr")]
+    pub template: String,
+    /// Database connections of the pipeline (default: what BEDS gets).
+    #[arg(long)]
+    pub pool: Option<u32>,
+}
+
+/// Runs a reference until SIGTERM/SIGINT or stdin closes (the bench died).
+/// Prints `ready` on stdout once it consumes.
+pub async fn serve(config: &Config, args: ServeArgs) -> Result<(), String> {
+    let kind = match args.kind.as_str() {
+        "broker" => Kind::Echo,
+        "pipeline" => {
+            let registry = Registry::load_dir(&config.node.templates, config)
+                .map_err(|e| format!("templates: {}", e.join("; ")))?;
+            let t = registry.get(&args.template).map_err(|e| e.to_string())?;
+            let db = match t.store {
+                Store::Mariadb => config.databases.get(&t.database),
+                _ => None,
+            }
+            .ok_or_else(|| format!("{} is not a MariaDB template", t.name))?;
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(args.pool.unwrap_or(db.max_connections))
+                // The thinnest path: no ping before each use.
+                .test_before_acquire(false)
+                .connect_lazy_with(crate::namaste::mariadb::connect_options(db));
+            Kind::Pipeline {
+                pool,
+                registry: Arc::new(registry),
+            }
+        }
+        other => return Err(format!("unknown reference {other:?}")),
+    };
+    let server = start(
+        &config.amqp.uri(),
+        args.queue,
+        config.amqp.queue_type,
+        args.prefetch,
+        kind,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    println!("ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| e.to_string())?;
+    let stdin_closed = async {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let mut stdin = tokio::io::stdin();
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        _ = stdin_closed => {}
+    }
+    server.stop().await;
+    Ok(())
+}
 
 /// A reference consumer, running until `stop`.
 pub struct Server {

@@ -136,9 +136,10 @@ pub struct Latency {
     pub mean: u64,
 }
 
-/// The node's cost over the measured run.
+/// The serving process's cost over the measured run: the BEDS node, or the
+/// reference's `beds bench-serve` process.
 #[derive(Debug, Clone, Serialize)]
-pub struct NodeCost {
+pub struct ServerCost {
     pub pid: u32,
     /// CPU time (user + system) per request, µs.
     pub cpu_us_per_request: f64,
@@ -181,10 +182,12 @@ pub struct Report {
     pub latency_us: Latency,
     /// Failed operations by code.
     pub errors: BTreeMap<String, u64>,
-    /// The BEDS node's CPU and memory (mode `beds`, when its pid is known).
-    pub node: Option<NodeCost>,
-    /// This process's CPU per request, µs: the load generator, plus the
-    /// reference consumer in `pipeline` and `broker` modes.
+    /// CPU and memory of the process serving the requests: the BEDS node
+    /// (when its pid is known) or the reference process. None for the
+    /// database reference, which this process runs itself.
+    pub server: Option<ServerCost>,
+    /// This process's CPU per request, µs: the load generator (and the
+    /// `CALL`s themselves in `database` mode).
     pub bench_cpu_us_per_request: f64,
     /// Whole machine CPU busy over the run, percent of all cores.
     pub machine_cpu_busy_pct: f64,
@@ -265,13 +268,13 @@ impl Report {
                 .collect();
             println!("  errors    {}", list.join(", "));
         }
-        if let Some(n) = &self.node {
+        if let Some(n) = &self.server {
             println!(
-                "  node      pid {}: {:.0} µs CPU/request ({:.0} µs/op), {:.2} cores busy; 40,000 req/s would take {:.1} cores",
+                "  server    pid {}: {:.0} µs CPU/request ({:.0} µs/op), {:.2} cores busy; 40,000 req/s would take {:.1} cores",
                 n.pid, n.cpu_us_per_request, n.cpu_us_per_op, n.cores_busy, n.cores_for_40k_rps
             );
             println!(
-                "  node rss  {:.1} → {:.1} MiB (min {:.1}, max {:.1}, spread {:.1} %)",
+                "  rss       {:.1} → {:.1} MiB (min {:.1}, max {:.1}, spread {:.1} %)",
                 n.rss_kib_start as f64 / 1024.0,
                 n.rss_kib_end as f64 / 1024.0,
                 n.rss_kib_min as f64 / 1024.0,

@@ -120,7 +120,10 @@ impl Target {
                 };
                 let client = &clients[n % clients.len()];
                 let body = wl.body(job);
-                match client.call_raw(route, &body, (**props).clone(), *timeout).await {
+                match client
+                    .call_raw(route, &body, (**props).clone(), *timeout)
+                    .await
+                {
                     Ok(d) => parse_reply(&d.data, job.entries.len(), want_rows),
                     Err(ClientError::Timeout(_)) => {
                         Outcome::all_failed(job.entries.len(), "TIMEOUT")

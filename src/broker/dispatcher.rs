@@ -218,7 +218,7 @@ async fn any_down(adapters: &Adapters) {
 }
 
 async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, delivery: Delivery) {
-    let event_id = uuid::Uuid::now_v7().to_string();
+    let event_id = event_id();
     let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name);
     async move {
         let started = Instant::now();
@@ -308,6 +308,18 @@ impl Strikes {
     fn clear(&self, print: [u8; 32]) {
         self.counts.lock().unwrap().remove(&print);
     }
+}
+
+/// A UUIDv7 (time-ordered) event id. Its random part comes from the
+/// thread's CSPRNG rather than a getrandom syscall per request.
+fn event_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand::random())
+        .into_uuid()
+        .to_string()
 }
 
 /// Identifies a request across redeliveries.

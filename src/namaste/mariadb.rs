@@ -9,7 +9,8 @@ use futures::TryStreamExt;
 use rand::Rng;
 use serde_json::{Number, Value};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow};
-use sqlx::{Column, Either, Executor, MySql, Row, TypeInfo, ValueRef};
+use sqlx::pool::PoolConnection;
+use sqlx::{Column, Connection, Either, Executor, MySql, Row, TypeInfo, ValueRef};
 
 use super::{shape, AdapterError, Health, NamasteCore, Outcome};
 use crate::config::{Access, DatabaseConfig};
@@ -39,7 +40,9 @@ impl MariaDb {
             MySqlPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-                .test_before_acquire(true)
+                // Pinging every connection taken costs a round trip per
+                // request; writes check theirs (`acquire_live`), reads retry.
+                .test_before_acquire(false)
         };
         let primary_opts = connect_options(cfg);
         let replica = cfg.replica.as_ref().map(|r| {
@@ -103,6 +106,51 @@ impl MariaDb {
     }
 }
 
+impl MariaDb {
+    /// A primary connection that just answered a ping: a connection that
+    /// died while idle (server restart, network cut) is replaced here,
+    /// before a write is sent on it.
+    async fn acquire_live(&self) -> Result<PoolConnection<MySql>, AdapterError> {
+        let mut last = None;
+        for _ in 0..=self.primary.options().get_max_connections() {
+            let mut conn = self
+                .primary
+                .acquire()
+                .await
+                .map_err(|e| classify_in(&self.primary, e))?;
+            match conn.ping().await {
+                Ok(()) => return Ok(conn),
+                Err(e) => {
+                    drop(conn.detach());
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last
+            .map(classify)
+            .unwrap_or_else(|| AdapterError::Unreachable("no live database connection".into())))
+    }
+}
+
+/// A read on `pool`. A pooled connection may have died while idle: the
+/// read runs once more on another connection before the error counts.
+async fn read(pool: &MySqlPool, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+    let mut attempt = 0;
+    loop {
+        let mut conn = pool.acquire().await.map_err(|e| classify_in(pool, e))?;
+        match run(&mut *conn, pool, op, params).await {
+            Err(AdapterError::Unreachable(m)) => {
+                drop(conn.detach());
+                attempt += 1;
+                if attempt == 2 {
+                    return Err(AdapterError::Unreachable(m));
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Polls `pool` with `SELECT 1` (jittered exponential backoff, 100 ms to
 /// 5 s) until it answers, then marks `health` up.
 fn probe(pool: MySqlPool, health: Arc<Health>, name: String, role: &'static str) {
@@ -138,7 +186,7 @@ impl NamasteCore for MariaDb {
                 .as_ref()
                 .filter(|_| self.replica_health.is_up())
             {
-                match run(replica, replica, op, params).await {
+                match read(replica, op, params).await {
                     Err(AdapterError::Unreachable(e)) => {
                         if self.replica_health.mark_down() {
                             tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from the primary until it answers");
@@ -153,23 +201,25 @@ impl NamasteCore for MariaDb {
                     other => return other.and_then(|o| shape(op, o)),
                 }
             }
+            return read(&self.primary, op, params)
+                .await
+                .inspect_err(|e| self.note_unreachable(e))
+                .and_then(|o| shape(op, o));
         }
-        // The connection is taken first: failing to get one means nothing
-        // was sent, so the request is safe to retry.
-        let mut conn = self.primary.acquire().await.map_err(|e| {
-            let e = classify_in(&self.primary, e);
-            self.note_unreachable(&e);
-            e
-        })?;
+        // The connection is taken and checked first: failing to get a live
+        // one means nothing was sent, so the request is safe to retry. The
+        // check costs a round trip, so only writes (whose failure after
+        // sending leaves the outcome unknown) pay it.
+        let mut conn = self
+            .acquire_live()
+            .await
+            .inspect_err(|e| self.note_unreachable(e))?;
         match run(&mut *conn, &self.primary, op, params).await {
             Err(AdapterError::Unreachable(m)) => {
+                drop(conn.detach());
                 self.note_unreachable(&AdapterError::Unreachable(m.clone()));
-                // A read can simply run again; a write may have committed.
-                Err(if op.access == Access::Read {
-                    AdapterError::Unreachable(m)
-                } else {
-                    AdapterError::Indeterminate(m)
-                })
+                // A write may have committed.
+                Err(AdapterError::Indeterminate(m))
             }
             other => other.and_then(|o| shape(op, o)),
         }

@@ -643,10 +643,10 @@ async fn gather_keys(
             ));
             let missing = args.seed - keys.len();
             let mut tasks = tokio::task::JoinSet::new();
-            let per = missing.div_ceil(args.concurrency);
-            for w in 0..args.concurrency.min(missing) {
+            let workers = args.concurrency.min(missing);
+            for w in 0..workers {
                 let (t, cw) = (target.clone(), cw.clone());
-                let n = per.min(missing - w * per);
+                let n = missing / workers + usize::from(w < missing % workers);
                 tasks.spawn(async move {
                     let mut rng = rand::rngs::StdRng::from_entropy();
                     let mut found = Vec::new();

@@ -3,6 +3,7 @@
 //! batches), and the retry-or-park decision. Nothing here publishes; the
 //! result is an `Action` that `outcome::finish` carries out.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
-use crate::namaste::Outcome;
+use crate::namaste::{Outcome, Session};
 use crate::registry::{values, Op, Param, Registry, RequestError, Store};
 
 /// Largest batch-progress header carried through a retry; beyond it the
@@ -189,6 +190,33 @@ pub(crate) async fn execute(
         .map_err(|e| Failure::from(&e))
 }
 
+/// [`execute`] for a batch entry, on the batch's session for its database.
+async fn execute_in<'s>(
+    shared: &'s Shared,
+    broker: &BrokerSpec,
+    user: Option<&str>,
+    p: &BrokerPayload,
+    sessions: &mut HashMap<&'s str, Box<dyn Session + 's>>,
+) -> Result<Outcome, Failure> {
+    let (template_db, op, params) = resolve(shared, broker, user, p)?;
+    let session = match sessions.entry(template_db) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(v) => {
+            let adapter = shared.adapters.get(template_db).ok_or_else(|| {
+                Failure::new(
+                    ErrorCode::Internal,
+                    format!("no adapter for database {template_db}"),
+                )
+            })?;
+            v.insert(adapter.session())
+        }
+    };
+    session
+        .call(op, &params)
+        .await
+        .map_err(|e| Failure::from(&e))
+}
+
 /// Template → op → broker check → access check → typed params.
 pub(crate) fn resolve<'r>(
     shared: &'r Shared,
@@ -248,13 +276,16 @@ pub(crate) async fn batch(
     // by the parked copy, for a person or a replay.
     let mut must_park: Vec<usize> = Vec::new();
     let mut first_park: Option<Failure> = None;
+    // One session per database the entries use: a connection per batch,
+    // not per entry.
+    let mut sessions: HashMap<&str, Box<dyn Session + '_>> = HashMap::new();
     for (i, entry) in entries.iter().enumerate().skip(results.len()) {
         let entry_id = format!("{event_id}.{i}");
         let t0 = Instant::now();
         let r = match (entry, payload::check_deadline(deadline)) {
             (_, Err(late)) => Err(Failure::from(&late)),
             (Err(e), _) => Err(Failure::from(e)),
-            (Ok(p), _) => execute(shared, broker, meta.user.as_deref(), p).await,
+            (Ok(p), _) => execute_in(shared, broker, meta.user.as_deref(), p, &mut sessions).await,
         };
         match r {
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),

@@ -12,7 +12,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolO
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, Connection, Either, Executor, MySql, Row, TypeInfo, ValueRef};
 
-use super::{shape, AdapterError, Health, NamasteCore, Outcome};
+use super::{shape, AdapterError, Health, NamasteCore, Outcome, Session};
 use crate::config::{Access, DatabaseConfig};
 use crate::registry::{Op, Param};
 
@@ -305,6 +305,60 @@ impl NamasteCore for MariaDb {
 
     fn health(&self) -> &Health {
         &self.health
+    }
+
+    fn session(&self) -> Box<dyn Session + '_> {
+        Box::new(MariaSession {
+            db: self,
+            conn: None,
+        })
+    }
+}
+
+/// A batch's primary connection, taken at its first op and kept until the
+/// batch ends: no pool round trip per op, and a write after an op that just
+/// succeeded on it needs no ping.
+struct MariaSession<'a> {
+    db: &'a MariaDb,
+    conn: Option<PoolConnection<MySql>>,
+}
+
+#[async_trait]
+impl Session for MariaSession<'_> {
+    async fn call(&mut self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+        let db = self.db;
+        // Reads with a replica keep its routing and fallback.
+        if op.access == Access::Read && db.replica.is_some() {
+            return db.call(op, params).await;
+        }
+        let mut conn = match self.conn.take() {
+            Some(c) => Ok(c),
+            None if op.access == Access::Read => db
+                .primary
+                .acquire()
+                .await
+                .map_err(|e| classify_in(&db.primary, e)),
+            None => db.acquire_live().await,
+        }
+        .inspect_err(|e| db.note_unreachable(e))?;
+        match run(&mut *conn, &db.primary, op, params).await {
+            Err(AdapterError::Unreachable(m)) => {
+                drop(conn.detach());
+                if op.access == Access::Read {
+                    // As outside a batch: once more on another connection.
+                    return read(&db.primary, op, params)
+                        .await
+                        .inspect_err(|e| db.note_unreachable(e))
+                        .and_then(|o| shape(op, o));
+                }
+                db.note_unreachable(&AdapterError::Unreachable(m.clone()));
+                Err(AdapterError::Indeterminate(m))
+            }
+            other => {
+                self.conn = Some(conn);
+                other.and_then(|o| shape(op, o))
+            }
+        }
     }
 }
 

@@ -78,6 +78,18 @@ pub trait NamasteCore: Send + Sync {
 
     /// Up/down state of this database, for dispatchers to pause on.
     fn health(&self) -> &Health;
+
+    /// A session for the entries of a non-atomic batch: ops run one after
+    /// another, each on its own (no transaction), and the adapter may keep
+    /// one connection for all of them instead of taking one per op.
+    fn session(&self) -> Box<dyn Session + '_>;
+}
+
+/// Calls that run in order on what one [`NamasteCore::session`] holds.
+#[async_trait]
+pub trait Session: Send {
+    /// Same contract as [`NamasteCore::call`].
+    async fn call(&mut self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError>;
 }
 
 /// Applies an op's `returns` to what the database produced.

@@ -90,11 +90,12 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Reference {
-    /// Echo consumer in this process: RabbitMQ round trips, no database.
+    /// Echo consumer (its own process): RabbitMQ round trips, no database.
     Broker,
     /// The same procedures called straight through a sqlx pool: no RabbitMQ.
     Database,
-    /// The thinnest correct pipeline: lapin → sqlx CALL → confirmed reply → ack.
+    /// The thinnest correct pipeline (its own process): lapin → sqlx CALL →
+    /// confirmed reply → ack.
     Pipeline,
 }
 

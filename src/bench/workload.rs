@@ -248,11 +248,26 @@ mod tests {
     use crate::config::{Config, Env};
     use crate::registry::compile;
 
+    /// The shipped config and `usr` template; placeholder secrets, since a
+    /// fresh checkout has no env_dev.toml.
     fn usr() -> Template {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let config = Config::load(&dir.join("config"), Env::Dev).unwrap();
-        let text = std::fs::read_to_string(dir.join("templates/usr.toml")).unwrap();
-        compile(&text, &config).unwrap()
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = std::env::temp_dir().join(format!(
+            "beds-workload-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(root.join("config/beds.toml"), dir.join("beds.toml")).unwrap();
+        std::fs::write(
+            dir.join("env_dev.toml"),
+            "[amqp]\npass = \"x\"\n[databases.primary]\npass = \"x\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&dir, Env::Dev);
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = std::fs::read_to_string(root.join("templates/usr.toml")).unwrap();
+        compile(&text, &config.unwrap()).unwrap()
     }
 
     #[test]

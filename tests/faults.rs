@@ -587,3 +587,53 @@ async fn replayed_parked_batch_keeps_its_verified_caller() {
     );
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_leaves_no_dead_connection_in_use() {
+    // The retry tier is longer than the call timeout: a request that hit a
+    // dead pooled connection and had to be retried would not be answered.
+    let proxy = Proxy::start(3306).await;
+    let env = TestEnv::start(Opts {
+        db_port: proxy.port,
+        retry_tiers_ms: vec![60_000],
+        ..Default::default()
+    })
+    .await;
+    let opts = CallOptions {
+        timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let client = env.client();
+    let list = json!({"template": "usr", "op": "list"});
+    // Several pooled connections, then all of them killed: a restart.
+    let warm =
+        futures::future::join_all((0..8).map(|_| client.call("rBroker", &list, &opts))).await;
+    assert!(warm.iter().all(|r| r.as_ref().is_ok_and(|r| r.is_ok())));
+    proxy.set_down(true).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.set_down(false).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    let create = |i: usize| json!({"template": "usr", "op": "create", "data": {"name": "R", "email": format!("r{i}@restart.example")}});
+    let atomic = json!({"atomic": true, "batch": [create(100), create(101)]});
+    let batch = json!({"batch": [create(200), create(201)]});
+    // First alone: a transaction starts on whatever the pool hands out.
+    let a = client.call("wBroker", &atomic, &opts).await;
+    let creates: Vec<_> = (0..4).map(create).collect();
+    let (reads, writes, b) = tokio::join!(
+        futures::future::join_all((0..8).map(|_| client.call("rBroker", &list, &opts))),
+        futures::future::join_all(creates.iter().map(|p| client.call("wBroker", p, &opts))),
+        client.call("wBroker", &batch, &opts),
+    );
+    for r in [a, b].into_iter().chain(reads).chain(writes) {
+        let r = r.expect("answered without a retry");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    assert_eq!(env.sql("SELECT COUNT(*) FROM usr").trim(), "8");
+    assert_eq!(
+        env.queue_len(&env.dlq("wBroker")).await,
+        0,
+        "nothing parked"
+    );
+    env.finish().await;
+}

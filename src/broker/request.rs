@@ -3,7 +3,6 @@
 //! batches), and the retry-or-park decision. Nothing here publishes; the
 //! result is an `Action` that `outcome::finish` carries out.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -191,30 +190,31 @@ pub(crate) async fn execute(
 }
 
 /// [`execute`] for a batch entry, on the batch's session for its database.
+/// One session at a time: an entry on another database ends the current one
+/// first, so a batch never holds one pool's connection while it waits for
+/// another's.
 async fn execute_in<'s>(
     shared: &'s Shared,
     broker: &BrokerSpec,
     user: Option<&str>,
     p: &BrokerPayload,
-    sessions: &mut HashMap<&'s str, Box<dyn Session + 's>>,
+    session: &mut Option<(&'s str, Box<dyn Session + 's>)>,
 ) -> Result<Outcome, Failure> {
     let (template_db, op, params) = resolve(shared, broker, user, p)?;
-    let session = match sessions.entry(template_db) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(v) => {
-            let adapter = shared.adapters.get(template_db).ok_or_else(|| {
-                Failure::new(
-                    ErrorCode::Internal,
-                    format!("no adapter for database {template_db}"),
-                )
-            })?;
-            v.insert(adapter.session())
-        }
-    };
-    session
-        .call(op, &params)
-        .await
-        .map_err(|e| Failure::from(&e))
+    if session.as_ref().is_none_or(|(db, _)| *db != template_db) {
+        *session = None;
+        let adapter = shared.adapters.get(template_db).ok_or_else(|| {
+            Failure::new(
+                ErrorCode::Internal,
+                format!("no adapter for database {template_db}"),
+            )
+        })?;
+        *session = Some((template_db, adapter.session()));
+    }
+    let (_, s) = session
+        .as_mut()
+        .ok_or_else(|| Failure::new(ErrorCode::Internal, "no database session"))?;
+    s.call(op, &params).await.map_err(|e| Failure::from(&e))
 }
 
 /// Template → op → broker check → access check → typed params.
@@ -276,16 +276,15 @@ pub(crate) async fn batch(
     // by the parked copy, for a person or a replay.
     let mut must_park: Vec<usize> = Vec::new();
     let mut first_park: Option<Failure> = None;
-    // One session per database the entries use: a connection per batch,
-    // not per entry.
-    let mut sessions: HashMap<&str, Box<dyn Session + '_>> = HashMap::new();
+    // Entries run on a session: a connection per batch, not per entry.
+    let mut session = None;
     for (i, entry) in entries.iter().enumerate().skip(results.len()) {
         let entry_id = format!("{event_id}.{i}");
         let t0 = Instant::now();
         let r = match (entry, payload::check_deadline(deadline)) {
             (_, Err(late)) => Err(Failure::from(&late)),
             (Err(e), _) => Err(Failure::from(e)),
-            (Ok(p), _) => execute_in(shared, broker, meta.user.as_deref(), p, &mut sessions).await,
+            (Ok(p), _) => execute_in(shared, broker, meta.user.as_deref(), p, &mut session).await,
         };
         match r {
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),

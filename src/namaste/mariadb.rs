@@ -16,6 +16,10 @@ use super::{shape, AdapterError, Health, NamasteCore, Outcome, Session};
 use crate::config::{Access, DatabaseConfig};
 use crate::registry::{Op, Param};
 
+/// A pooled connection idle this long is pinged before use: under load none
+/// are, after an outage or a quiet spell all of them.
+const IDLE_CHECK: Duration = Duration::from_millis(250);
+
 pub struct MariaDb {
     /// The `[databases]` entry name, for logs.
     name: String,
@@ -40,9 +44,20 @@ impl MariaDb {
             MySqlPoolOptions::new()
                 .max_connections(max)
                 .acquire_timeout(Duration::from_millis(cfg.acquire_timeout_ms))
-                // Pinging every connection taken costs a round trip per
-                // request; writes check theirs (`acquire_live`), reads retry.
+                // sqlx already pings every connection when it is released.
+                // Pinging again when one is taken would cost a round trip
+                // per request; only connections that sat idle (and may have
+                // died with a server restart) are checked. Writes check
+                // theirs anyway (`acquire_live`).
                 .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= IDLE_CHECK {
+                            conn.ping().await?;
+                        }
+                        Ok(true)
+                    })
+                })
         };
         let primary_opts = connect_options(cfg);
         let replica = cfg.replica.as_ref().map(|r| {
@@ -107,47 +122,48 @@ impl MariaDb {
 }
 
 impl MariaDb {
-    /// A primary connection that just answered a ping: a connection that
-    /// died while idle (server restart, network cut) is replaced here,
-    /// before a write is sent on it.
     async fn acquire_live(&self) -> Result<PoolConnection<MySql>, AdapterError> {
-        let mut last = None;
-        for _ in 0..=self.primary.options().get_max_connections() {
-            let mut conn = self
-                .primary
-                .acquire()
-                .await
-                .map_err(|e| classify_in(&self.primary, e))?;
-            match conn.ping().await {
-                Ok(()) => return Ok(conn),
-                Err(e) => {
-                    drop(conn.detach());
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last
-            .map(classify)
-            .unwrap_or_else(|| AdapterError::Unreachable("no live database connection".into())))
+        acquire_live(&self.primary).await
     }
 }
 
-/// A read on `pool`. A pooled connection may have died while idle: the
-/// read runs once more on another connection before the error counts.
-async fn read(pool: &MySqlPool, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
-    let mut attempt = 0;
-    loop {
+/// A connection that just answered a ping: one that died while idle (server
+/// restart, network cut) is replaced here, before a write is sent on it.
+/// The ping is bounded like the acquire, so a silent network is an outage,
+/// not a hang.
+async fn acquire_live(pool: &MySqlPool) -> Result<PoolConnection<MySql>, AdapterError> {
+    let limit = pool.options().get_acquire_timeout();
+    let mut last = AdapterError::Unreachable("no live database connection".into());
+    for _ in 0..=pool.options().get_max_connections() {
         let mut conn = pool.acquire().await.map_err(|e| classify_in(pool, e))?;
-        match run(&mut *conn, pool, op, params).await {
-            Err(AdapterError::Unreachable(m)) => {
-                drop(conn.detach());
-                attempt += 1;
-                if attempt == 2 {
-                    return Err(AdapterError::Unreachable(m));
-                }
+        match tokio::time::timeout(limit, conn.ping()).await {
+            Ok(Ok(())) => return Ok(conn),
+            Ok(Err(e)) => last = classify(e),
+            Err(_) => {
+                last = AdapterError::Unreachable(format!("no answer to a ping within {limit:?}"))
             }
-            other => return other,
         }
+        drop(conn.detach());
+    }
+    Err(last)
+}
+
+/// A read on `pool`. A pooled connection may have died moments ago (a
+/// server restart): the read then runs once more, on a connection that has
+/// just answered a ping, before the error counts.
+async fn read(pool: &MySqlPool, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+    let mut conn = pool.acquire().await.map_err(|e| classify_in(pool, e))?;
+    match run(&mut *conn, pool, op, params).await {
+        Err(AdapterError::Unreachable(_)) => {
+            drop(conn.detach());
+            let mut conn = acquire_live(pool).await?;
+            let out = run(&mut *conn, pool, op, params).await;
+            if matches!(out, Err(AdapterError::Unreachable(_))) {
+                drop(conn.detach());
+            }
+            out
+        }
+        other => other,
     }
 }
 
@@ -327,8 +343,11 @@ struct MariaSession<'a> {
 impl Session for MariaSession<'_> {
     async fn call(&mut self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
         let db = self.db;
-        // Reads with a replica keep its routing and fallback.
+        // Reads with a replica keep its routing and fallback. The held
+        // primary connection goes back first: holding it while waiting for
+        // another could starve the pool.
         if op.access == Access::Read && db.replica.is_some() {
+            self.conn = None;
             return db.call(op, params).await;
         }
         let mut conn = match self.conn.take() {
@@ -345,9 +364,17 @@ impl Session for MariaSession<'_> {
             Err(AdapterError::Unreachable(m)) => {
                 drop(conn.detach());
                 if op.access == Access::Read {
-                    // As outside a batch: once more on another connection.
-                    return read(&db.primary, op, params)
+                    // As outside a batch: once more on a live connection.
+                    let mut conn = acquire_live(&db.primary)
                         .await
+                        .inspect_err(|e| db.note_unreachable(e))?;
+                    let out = run(&mut *conn, &db.primary, op, params).await;
+                    if matches!(out, Err(AdapterError::Unreachable(_))) {
+                        drop(conn.detach());
+                    } else {
+                        self.conn = Some(conn);
+                    }
+                    return out
                         .inspect_err(|e| db.note_unreachable(e))
                         .and_then(|o| shape(op, o));
                 }

@@ -137,10 +137,13 @@ pub async fn run(dir: &std::path::Path, args: BenchArgs) -> ExitCode {
             } else if reports.len() > 1 {
                 report::print_comparison(&reports);
             }
-            if reports.iter().any(|r| r.ok_ops > 0) {
+            let failed: u64 = reports.iter().map(|r| r.ops - r.ok_ops).sum();
+            if failed == 0 {
                 ExitCode::SUCCESS
             } else {
-                eprintln!("beds bench: no operation succeeded");
+                // Rates count successes only, but a run with failures is not
+                // a measurement of the path it meant to measure.
+                eprintln!("beds bench: {failed} operation(s) failed (see errors)");
                 ExitCode::from(1)
             }
         }
@@ -171,6 +174,19 @@ async fn bench(
     }
     if args.count == Some(0) {
         return Err(usage("--count must be at least 1".into()));
+    }
+    let day = Duration::from_secs(86_400);
+    if args.duration.is_some_and(|d| d.is_zero() || d > day)
+        || args.warmup > day
+        || args.timeout.is_zero()
+        || args.timeout > day
+    {
+        return Err(usage(
+            "--duration and --timeout must be above 0, and they and --warmup at most 24 h".into(),
+        ));
+    }
+    if !(1..=1_000_000).contains(&args.seed) {
+        return Err(usage("--seed must be 1 to 1000000".into()));
     }
     let registry = Registry::load_dir(&config.node.templates, config)
         .map_err(|e| usage(format!("templates: {}", e.join("; "))))?;
@@ -533,8 +549,8 @@ impl Run {
             ops: tally.ops,
             ok_ops: tally.ok_ops,
             elapsed_s: elapsed,
-            requests_per_s: tally.requests as f64 / elapsed,
-            ops_per_s: tally.ops as f64 / elapsed,
+            requests_per_s: tally.ok_requests as f64 / elapsed,
+            ops_per_s: tally.ok_ops as f64 / elapsed,
             latency_us: report::latency(&tally.hist),
             errors: tally.errors,
             server,
@@ -724,18 +740,24 @@ async fn drive(
                 let started = Instant::now();
                 let out = target.run(&wl, &job, w, false).await;
                 let us = started.elapsed().as_micros().max(1) as u64;
-                t.hist.saturating_record(us);
                 t.requests += 1;
                 t.ops += job.entries.len() as u64;
                 t.ok_ops += out.ok as u64;
                 if out.failed.is_empty() {
+                    // Latency of answered requests only: a fast failure
+                    // would flatter the percentiles.
+                    t.hist.saturating_record(us);
                     t.ok_requests += 1;
                 }
+                let lost = out.failed.iter().any(|c| c == target::CLIENT);
                 for code in out.failed {
                     *t.errors.entry(code).or_default() += 1;
                 }
                 if let Some(d) = &done {
                     d.fetch_add(1, Ordering::Relaxed);
+                }
+                if lost {
+                    break; // the connection is gone: this worker cannot send
                 }
             }
             t
@@ -743,8 +765,11 @@ async fn drive(
     }
     let mut total = Tally::default();
     while let Some(r) = tasks.join_next().await {
-        if let Ok(t) = r {
-            total.merge(t);
+        match r {
+            Ok(t) => total.merge(t),
+            // A bug in the bench: say so rather than report a short count.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {}
         }
     }
     total

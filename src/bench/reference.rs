@@ -16,6 +16,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::{json, Value};
@@ -206,7 +207,11 @@ pub async fn start(
                         )
                         .await
                     {
-                        Ok(confirm) => confirm.await.is_ok(),
+                        // A nack is not a confirm.
+                        Ok(confirm) => matches!(
+                            confirm.await,
+                            Ok(Confirmation::Ack(None) | Confirmation::NotRequested)
+                        ),
                         Err(_) => false,
                     };
                     if !sent {

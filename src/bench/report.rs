@@ -118,7 +118,7 @@ pub fn find_node() -> Option<u32> {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         let one_shot = args
             .iter()
-            .any(|a| matches!(*a, b"bench" | b"call" | b"check"));
+            .any(|a| matches!(*a, b"bench" | b"bench-serve" | b"call" | b"check"));
         if !one_shot {
             found.push(pid);
         }
@@ -170,15 +170,17 @@ pub struct Report {
     /// Requests sent before measuring: finding or creating keys, warm-up.
     pub seed_requests: u64,
     pub warmup_requests: u64,
-    /// The measured run.
+    /// The measured run: requests sent, and those every operation of which
+    /// succeeded.
     pub requests: u64,
     pub ok_requests: u64,
     pub ops: u64,
     pub ok_ops: u64,
     pub elapsed_s: f64,
+    /// Successful requests and operations per second.
     pub requests_per_s: f64,
     pub ops_per_s: f64,
-    /// Round trip per request, µs.
+    /// Round trip of each successful request, µs.
     pub latency_us: Latency,
     /// Failed operations by code.
     pub errors: BTreeMap<String, u64>,
@@ -239,8 +241,9 @@ impl Report {
             self.connections
         );
         println!(
-            "  requests  {} in {:.1} s = {} req/s   ops {} = {} ops/s   (warm-up {}, seeding {})",
+            "  requests  {} ({} ok) in {:.1} s = {} req/s   ops {} = {} ops/s   (warm-up {}, seeding {})",
             thousands(self.requests),
+            thousands(self.ok_requests),
             dur.as_secs_f64(),
             thousands(self.requests_per_s.round() as u64),
             thousands(self.ops),

@@ -11,8 +11,15 @@ use sqlx::mysql::{MySqlPool, MySqlRow};
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 
 use super::workload::{Job, Workload};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::broker::payload::DEADLINE_HEADER;
 use crate::client::{CallOptions, Client, ClientError};
 use crate::config::Access;
+
+/// The bench's own code for a request it could not send (the connection
+/// is gone).
+pub const CLIENT: &str = "CLIENT";
 
 /// What one job came back with.
 #[derive(Debug, Default)]
@@ -120,15 +127,18 @@ impl Target {
                 };
                 let client = &clients[n % clients.len()];
                 let body = wl.body(job);
-                match client
-                    .call_raw(route, &body, (**props).clone(), *timeout)
-                    .await
-                {
+                // A request the bench has given up on must not run later.
+                let deadline = chrono::Utc::now().timestamp_millis()
+                    + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 2);
+                let mut headers = FieldTable::default();
+                headers.insert(DEADLINE_HEADER.into(), AMQPValue::LongLongInt(deadline));
+                let props = (**props).clone().with_headers(headers);
+                match client.call_raw(route, &body, props, *timeout).await {
                     Ok(d) => parse_reply(&d.data, job.entries.len(), want_rows),
                     Err(ClientError::Timeout(_)) => {
                         Outcome::all_failed(job.entries.len(), "TIMEOUT")
                     }
-                    Err(_) => Outcome::all_failed(job.entries.len(), "CLIENT"),
+                    Err(_) => Outcome::all_failed(job.entries.len(), CLIENT),
                 }
             }
             Target::Database { pool } => call_direct(pool, wl, job, want_rows).await,

@@ -48,8 +48,9 @@ pub fn parse_mix(spec: &str, template: &Template) -> Result<Vec<MixOp>, String> 
             weight,
         });
     }
-    if mix.iter().map(|m| m.weight as u64).sum::<u64>() == 0 {
-        return Err("--mix: name at least one op with a weight above 0".into());
+    let total: u64 = mix.iter().map(|m| m.weight as u64).sum();
+    if total == 0 || total > u32::MAX as u64 {
+        return Err("--mix: the weights must add up to 1 .. 4294967295".into());
     }
     Ok(mix)
 }
@@ -170,7 +171,10 @@ fn generate(
     let lo = min.unwrap_or(1.0);
     let hi = max.unwrap_or(lo + 1_000_000.0).max(lo);
     match ty {
-        FieldType::Int => Value::from(rng.gen_range(lo.ceil() as i64..=hi.floor() as i64)),
+        FieldType::Int => {
+            let (a, b) = (lo.ceil() as i64, hi.floor() as i64);
+            Value::from(if a < b { rng.gen_range(a..=b) } else { a })
+        }
         FieldType::Float => serde_json::Number::from_f64(rng.gen_range(lo..=hi))
             .map(Value::Number)
             .unwrap_or(Value::Null),
@@ -281,6 +285,7 @@ mod tests {
             .contains("no op \"reed\""));
         assert!(parse_mix("read=0", &t).is_err());
         assert!(parse_mix("read=x", &t).is_err());
+        assert!(parse_mix("read=4294967295,create=1", &t).is_err());
     }
 
     #[test]

@@ -644,7 +644,12 @@ async fn gather_keys(
                 template.name
             )));
         }
-        keys.extend(out.rows.iter().filter_map(|r| r.get(&key)).cloned());
+        keys.extend(
+            out.rows
+                .iter()
+                .filter_map(|r| r.get(&key).filter(|k| !k.is_null()))
+                .cloned(),
+        );
     }
     keys.truncate(args.seed);
     if keys.len() < args.seed {
@@ -680,7 +685,11 @@ async fn gather_keys(
             }
             while let Some(r) = tasks.join_next().await {
                 match r {
-                    Ok(Ok(rows)) => keys.extend(rows.iter().filter_map(|r| r.get(&key)).cloned()),
+                    Ok(Ok(rows)) => keys.extend(
+                        rows.iter()
+                            .filter_map(|r| r.get(&key).filter(|k| !k.is_null()))
+                            .cloned(),
+                    ),
                     Ok(Err(code)) => {
                         return Err(fail(format!(
                             "creating {} records to read failed: {code}",

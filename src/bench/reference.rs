@@ -146,7 +146,8 @@ pub async fn start(
     let conn = Connection::connect(uri, props).await?;
     let channel = conn.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    // Gone a minute after its consumer, even if the bench was killed.
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
     if queue_type == QueueType::Quorum {
         args.insert(
             "x-queue-type".into(),

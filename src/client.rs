@@ -73,8 +73,21 @@ pub struct Client {
 
 impl Client {
     /// Connects and starts listening on direct reply-to. `prefix` is the
-    /// installation's exchange name (`beds` by default).
+    /// installation's exchange name (`beds` by default). Every publish waits
+    /// for RabbitMQ's confirm.
     pub async fn connect(uri: &str, prefix: &str) -> Result<Client, ClientError> {
+        Client::connect_with(uri, prefix, true).await
+    }
+
+    /// [`Client::connect`], choosing whether publishes wait for RabbitMQ's
+    /// confirm. Without, a request lost on the way in is only noticed by
+    /// its missing reply (the call times out); `beds bench --no-confirm`
+    /// uses it to show what the confirms cost.
+    pub async fn connect_with(
+        uri: &str,
+        prefix: &str,
+        confirms: bool,
+    ) -> Result<Client, ClientError> {
         let props = ConnectionProperties::default()
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio);
@@ -86,10 +99,12 @@ impl Client {
             .create_channel()
             .await
             .map_err(|e| ClientError::Connect(e.to_string()))?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        if confirms {
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+        }
         let mut replies = channel
             .basic_consume(
                 DIRECT_REPLY_TO,

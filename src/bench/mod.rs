@@ -59,6 +59,10 @@ pub struct BenchArgs {
     /// Send requests with delivery mode 2 (persisted by RabbitMQ).
     #[arg(long)]
     pub persistent: bool,
+    /// Publish requests without waiting for RabbitMQ's confirm (the reply
+    /// still proves each arrived): shows what the client's confirms cost.
+    #[arg(long)]
+    pub no_confirm: bool,
     /// Measure a reference instead of BEDS.
     #[arg(long, value_enum)]
     pub reference: Option<Reference>,
@@ -321,7 +325,7 @@ impl Run {
                 let mut clients = Vec::with_capacity(args.connections);
                 for _ in 0..args.connections {
                     clients.push(
-                        Client::connect(&uri, &exchange)
+                        Client::connect_with(&uri, &exchange, !args.no_confirm)
                             .await
                             .map_err(|e| unavailable(e.to_string()))?,
                     );
@@ -538,6 +542,7 @@ impl Run {
             concurrency: args.concurrency,
             batch: wl.batch,
             persistent: args.persistent,
+            no_confirm: args.no_confirm,
             connections: match self.mode {
                 Mode::Ref(Reference::Database) => 0,
                 _ => args.connections,

@@ -166,6 +166,8 @@ pub struct Report {
     pub concurrency: usize,
     pub batch: usize,
     pub persistent: bool,
+    /// Requests published without waiting for RabbitMQ's confirm.
+    pub no_confirm: bool,
     pub connections: usize,
     /// Requests sent before measuring: finding or creating keys, warm-up.
     pub seed_requests: u64,
@@ -233,10 +235,11 @@ impl Report {
             self.mix,
             self.concurrency,
             self.batch,
-            if self.persistent {
-                "persistent"
-            } else {
-                "transient"
+            match (self.persistent, self.no_confirm) {
+                (true, false) => "persistent",
+                (false, false) => "transient",
+                (true, true) => "persistent, no confirms",
+                (false, true) => "transient, no confirms",
             },
             self.connections
         );

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::oneshot;
 
 use crate::broker::payload::DEADLINE_HEADER;
@@ -88,9 +88,7 @@ impl Client {
         prefix: &str,
         confirms: bool,
     ) -> Result<Client, ClientError> {
-        let props = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio);
+        let props = crate::broker::tokio_properties();
         let conn = tokio::time::timeout(Duration::from_secs(10), Connection::connect(uri, props))
             .await
             .map_err(|_| ClientError::Connect("timed out".into()))?

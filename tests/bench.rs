@@ -8,13 +8,14 @@ use lapin::options::{BasicGetOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 
-/// Runs `beds bench` against the config in `dir` and returns its JSON line.
-async fn bench(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, Value, String) {
+/// Runs `beds bench` (its arguments split on whitespace) against the config
+/// in `dir` and returns the exit code, the JSON line and stderr.
+async fn bench(dir: &std::path::Path, args: &str) -> (Option<i32>, Value, String) {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
         .arg("--config-dir")
         .arg(dir.join("config"))
         .arg("bench")
-        .args(args)
+        .args(args.split_whitespace())
         .env("BEDS_ENV", "dev")
         .output()
         .await
@@ -76,6 +77,14 @@ async fn tapped(ch: &lapin::Channel, q: &str) -> u64 {
     n
 }
 
+/// Rows in the `usr` table of database `db`.
+fn usr_rows(db: &str) -> u64 {
+    sql(Some(db), "SELECT COUNT(*) FROM usr")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 fn n(v: &Value, k: &str) -> u64 {
     v[k].as_u64()
         .unwrap_or_else(|| panic!("report has no {k}: {v}"))
@@ -92,21 +101,7 @@ async fn bench_counts_match_what_the_broker_routed_and_the_database_holds() {
     // and creates.
     let (code, r, err) = bench(
         &debris.dir,
-        &[
-            "--mix",
-            "read=70,create=30",
-            "--count",
-            "300",
-            "--concurrency",
-            "8",
-            "--seed",
-            "40",
-            "--warmup",
-            "0s",
-            "--json",
-            "--node-pid",
-            &pid,
-        ],
+        &format!("--mix read=70,create=30 --count 300 --concurrency 8 --seed 40 --warmup 0s --json --node-pid {pid}"),
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
@@ -121,10 +116,7 @@ async fn bench_counts_match_what_the_broker_routed_and_the_database_holds() {
     assert_eq!(tapped(&ch, &q).await, 41 + 300);
     // Creates added rows, reads none (the bench does not count per op, so
     // the exact check is the creates-only batch run below).
-    let rows: u64 = sql(Some(&prefix), "SELECT COUNT(*) FROM usr")
-        .trim()
-        .parse()
-        .unwrap();
+    let rows: u64 = usr_rows(&prefix);
     let creates = rows - 40;
     assert!(creates > 0 && creates < 300, "creates {creates}");
     assert_eq!(r["server"]["pid"].as_u64(), Some(pid.parse().unwrap()));
@@ -137,21 +129,7 @@ async fn bench_counts_match_what_the_broker_routed_and_the_database_holds() {
     // the warm-up is counted apart, and the keys exist now (one list).
     let (code, r, err) = bench(
         &debris.dir,
-        &[
-            "--mix",
-            "create",
-            "--batch",
-            "25",
-            "--count",
-            "12",
-            "--concurrency",
-            "4",
-            "--warmup",
-            "0s",
-            "--json",
-            "--node-pid",
-            &pid,
-        ],
+        &format!("--mix create --batch 25 --count 12 --concurrency 4 --warmup 0s --json --node-pid {pid}"),
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
@@ -162,26 +140,13 @@ async fn bench_counts_match_what_the_broker_routed_and_the_database_holds() {
     );
     assert_eq!(n(&r, "seed_requests"), 0, "creates need no keys");
     assert_eq!(tapped(&ch, &q).await, 12);
-    let after: u64 = sql(Some(&prefix), "SELECT COUNT(*) FROM usr")
-        .trim()
-        .parse()
-        .unwrap();
+    let after: u64 = usr_rows(&prefix);
     assert_eq!(after, rows + 300);
 
     // A warm-up is reported as such and routed like the rest.
     let (code, r, err) = bench(
         &debris.dir,
-        &[
-            "--count",
-            "50",
-            "--warmup",
-            "1s",
-            "--seed",
-            "10",
-            "--json",
-            "--node-pid",
-            &pid,
-        ],
+        &format!("--count 50 --warmup 1s --seed 10 --json --node-pid {pid}"),
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
@@ -209,19 +174,9 @@ async fn references_report_their_own_counts() {
     ] {
         let (code, r, err) = bench(
             &debris.dir,
-            &[
-                "--reference",
-                reference,
-                "--batch",
-                batch,
-                "--count",
-                "40",
-                "--warmup",
-                "0s",
-                "--seed",
-                "20",
-                "--json",
-            ],
+            &format!(
+                "--reference {reference} --batch {batch} --count 40 --warmup 0s --seed 20 --concurrency 4 --json"
+            ),
         )
         .await;
         assert_eq!(code, Some(0), "{reference}: {err}");
@@ -237,31 +192,15 @@ async fn references_report_their_own_counts() {
         assert_eq!(r["server"].is_null(), reference == "database", "{r}");
     }
     // The database reference creates through the procedure: the rows exist.
-    let before: u64 = sql(Some(&prefix), "SELECT COUNT(*) FROM usr")
-        .trim()
-        .parse()
-        .unwrap();
+    let before: u64 = usr_rows(&prefix);
     let (code, r, err) = bench(
         &debris.dir,
-        &[
-            "--reference",
-            "database",
-            "--mix",
-            "create",
-            "--count",
-            "30",
-            "--warmup",
-            "0s",
-            "--json",
-        ],
+        "--reference database --mix create --count 30 --warmup 0s -c 4 --json",
     )
     .await;
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(n(&r, "ok_ops"), 30);
-    let after: u64 = sql(Some(&prefix), "SELECT COUNT(*) FROM usr")
-        .trim()
-        .parse()
-        .unwrap();
+    let after: u64 = usr_rows(&prefix);
     assert_eq!(after, before + 30);
     let _ = node.kill().await;
 }
@@ -277,19 +216,19 @@ async fn bench_refuses_what_it_cannot_measure() {
         &Opts::default(),
     );
     // No node consumes this prefix: say so instead of timing out.
-    let (code, _, err) = bench(&debris.dir, &["--count", "5", "--json"]).await;
+    let (code, _, err) = bench(&debris.dir, "--count 5 --json").await;
     assert_eq!(code, Some(69), "{err}");
     assert!(err.contains("no BEDS node"), "{err}");
     for (args, needle) in [
-        (vec!["--mix", "reed=1"], "no op \"reed\""),
-        (vec!["--template", "nope"], "nope"),
-        (vec!["--batch", "0"], "--batch"),
-        (vec!["--concurrency", "0"], "--concurrency"),
-        (vec!["--seed", "0"], "--seed"),
-        (vec!["--duration", "0s"], "--duration"),
-        (vec!["--mix", "read=4294967295,create=1"], "add up"),
+        ("--mix reed=1", "no op \"reed\""),
+        ("--template nope", "nope"),
+        ("--batch 0", "--batch"),
+        ("--concurrency 0", "--concurrency"),
+        ("--seed 0", "--seed"),
+        ("--duration 0s", "--duration"),
+        ("--mix read=4294967295,create=1", "add up"),
     ] {
-        let (code, _, err) = bench(&debris.dir, &args).await;
+        let (code, _, err) = bench(&debris.dir, args).await;
         assert_eq!(code, Some(64), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }

@@ -22,7 +22,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use rand::SeedableRng;
 use serde_json::Value;
-use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::MySqlPool;
 
 use crate::cli::{broker_for, load_quiet, parse_duration};
 use crate::client::Client;
@@ -203,13 +203,12 @@ async fn bench(
     let mut wl = Workload::new(&template, mix, args.batch);
 
     let modes: Vec<Mode> = if args.compare {
-        [Reference::Pipeline, Reference::Broker, Reference::Database]
-            .into_iter()
-            .map(Mode::Ref)
-            .fold(vec![Mode::Beds], |mut v, m| {
-                v.push(m);
-                v
-            })
+        vec![
+            Mode::Beds,
+            Mode::Ref(Reference::Pipeline),
+            Mode::Ref(Reference::Broker),
+            Mode::Ref(Reference::Database),
+        ]
     } else {
         vec![args.reference.map_or(Mode::Beds, Mode::Ref)]
     };
@@ -236,16 +235,6 @@ async fn bench(
             template.name
         )));
     }
-    let pool = |size: u32| -> Option<MySqlPool> {
-        db_cfg.map(|c| {
-            MySqlPoolOptions::new()
-                .max_connections(size)
-                .acquire_timeout(Duration::from_millis(c.acquire_timeout_ms))
-                // The thinnest path: no ping before each use.
-                .test_before_acquire(false)
-                .connect_lazy_with(crate::namaste::mariadb::connect_options(c))
-        })
-    };
 
     let mut reports = Vec::new();
     let mut seeded = false;
@@ -253,7 +242,9 @@ async fn bench(
         // The database reference gets one connection per request in flight:
         // that is its definition. The pipeline gets what BEDS gets.
         let pool = match mode {
-            Mode::Ref(Reference::Database) => pool(args.concurrency as u32),
+            Mode::Ref(Reference::Database) => {
+                db_cfg.map(|c| reference::thin_pool(c, args.concurrency as u32))
+            }
             _ => None,
         };
         // Seeding lists (a read) and creates (a write).
@@ -568,14 +559,9 @@ impl Run {
 /// Every broker queue the run will publish to exists and has a consumer:
 /// otherwise requests would only pile up, and the bench says so instead.
 async fn preflight(config: &Config, brokers: &[String]) -> Result<(), Fail> {
-    let conn = lapin::Connection::connect(
-        &config.amqp.uri(),
-        lapin::ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio),
-    )
-    .await
-    .map_err(|e| Fail(EX_UNAVAILABLE, format!("cannot connect to RabbitMQ: {e}")))?;
+    let conn = lapin::Connection::connect(&config.amqp.uri(), crate::broker::tokio_properties())
+        .await
+        .map_err(|e| Fail(EX_UNAVAILABLE, format!("cannot connect to RabbitMQ: {e}")))?;
     let mut problem = None;
     for broker in brokers {
         let queue = format!("{}.{broker}", config.amqp.prefix);

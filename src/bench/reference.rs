@@ -18,14 +18,23 @@ use lapin::options::{
 };
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Value};
 use sqlx::mysql::MySqlPool;
 use tokio::task::JoinHandle;
 
 use super::target;
-use crate::config::{Config, QueueType};
+use crate::config::{Config, DatabaseConfig, QueueType};
 use crate::registry::{Registry, Store};
+
+/// A pool for the references: the thinnest path, no ping before each use.
+pub fn thin_pool(db: &DatabaseConfig, size: u32) -> MySqlPool {
+    sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(std::time::Duration::from_millis(db.acquire_timeout_ms))
+        .test_before_acquire(false)
+        .connect_lazy_with(crate::namaste::mariadb::connect_options(db))
+}
 
 /// `beds bench-serve`: what the bench passes to its reference process.
 #[derive(Debug, clap::Args)]
@@ -49,6 +58,10 @@ pub struct ServeArgs {
 /// Runs a reference until SIGTERM/SIGINT or stdin closes (the bench died).
 /// Prints `ready` on stdout once it consumes.
 pub async fn serve(config: &Config, args: ServeArgs) -> Result<(), String> {
+    // An empty name would make RabbitMQ invent one the bench cannot reach.
+    if args.queue.is_empty() || args.queue.len() > 255 {
+        return Err("--queue must be 1 to 255 bytes".into());
+    }
     let kind = match args.kind.as_str() {
         "broker" => Kind::Echo,
         "pipeline" => {
@@ -60,13 +73,8 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<(), String> {
                 _ => None,
             }
             .ok_or_else(|| format!("{} is not a MariaDB template", t.name))?;
-            let pool = sqlx::mysql::MySqlPoolOptions::new()
-                .max_connections(args.pool.unwrap_or(db.max_connections))
-                // The thinnest path: no ping before each use.
-                .test_before_acquire(false)
-                .connect_lazy_with(crate::namaste::mariadb::connect_options(db));
             Kind::Pipeline {
-                pool,
+                pool: thin_pool(db, args.pool.unwrap_or(db.max_connections)),
                 registry: Arc::new(registry),
             }
         }
@@ -139,10 +147,8 @@ pub async fn start(
     prefetch: u16,
     kind: Kind,
 ) -> Result<Server, lapin::Error> {
-    let props = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
-        .with_connection_name("beds bench reference".into());
+    let props =
+        crate::broker::tokio_properties().with_connection_name("beds bench reference".into());
     let conn = Connection::connect(uri, props).await?;
     let channel = conn.create_channel().await?;
     let mut args = FieldTable::default();

@@ -45,10 +45,7 @@ impl AmqpLink {
     }
 
     async fn open(&self) -> Result<Connection, lapin::Error> {
-        let props = ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio)
-            .with_connection_name(self.name.clone().into());
+        let props = tokio_properties().with_connection_name(self.name.clone().into());
         match tokio::time::timeout(self.timeout, Connection::connect(&self.uri, props)).await {
             Ok(r) => r,
             Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(
@@ -87,6 +84,13 @@ impl AmqpLink {
             let _ = c.close(200, "BEDS shutting down").await;
         }
     }
+}
+
+/// Connection properties running lapin on the current Tokio runtime.
+pub fn tokio_properties() -> ConnectionProperties {
+    ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio)
 }
 
 /// Why a publish did not end with RabbitMQ responsible for the message.

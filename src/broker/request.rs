@@ -18,7 +18,7 @@ use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
-use crate::namaste::{Outcome, Session};
+use crate::namaste::{NamasteCore, Outcome, Session};
 use crate::registry::{values, Op, Param, Registry, RequestError, Store};
 
 /// Largest batch-progress header carried through a retry; beyond it the
@@ -177,16 +177,17 @@ pub(crate) async fn execute(
     p: &BrokerPayload,
 ) -> Result<Outcome, Failure> {
     let (template_db, op, params) = resolve(shared, broker, user, p)?;
-    let adapter = shared.adapters.get(template_db).ok_or_else(|| {
-        Failure::new(
-            ErrorCode::Internal,
-            format!("no adapter for database {template_db}"),
-        )
-    })?;
-    adapter
+    adapter(shared, template_db)?
         .call(op, &params)
         .await
         .map_err(|e| Failure::from(&e))
+}
+
+fn adapter<'s>(shared: &'s Shared, db: &str) -> Result<&'s Arc<dyn NamasteCore>, Failure> {
+    shared
+        .adapters
+        .get(db)
+        .ok_or_else(|| Failure::new(ErrorCode::Internal, format!("no adapter for database {db}")))
 }
 
 /// [`execute`] for a batch entry, on the batch's session for its database.
@@ -203,13 +204,7 @@ async fn execute_in<'s>(
     let (template_db, op, params) = resolve(shared, broker, user, p)?;
     if session.as_ref().is_none_or(|(db, _)| *db != template_db) {
         *session = None;
-        let adapter = shared.adapters.get(template_db).ok_or_else(|| {
-            Failure::new(
-                ErrorCode::Internal,
-                format!("no adapter for database {template_db}"),
-            )
-        })?;
-        *session = Some((template_db, adapter.session()));
+        *session = Some((template_db, adapter(shared, template_db)?.session()));
     }
     let (_, s) = session
         .as_mut()

@@ -121,12 +121,6 @@ impl MariaDb {
     }
 }
 
-impl MariaDb {
-    async fn acquire_live(&self) -> Result<PoolConnection<MySql>, AdapterError> {
-        acquire_live(&self.primary).await
-    }
-}
-
 /// A connection that just answered a ping: one that died while idle (server
 /// restart, network cut) is replaced here, before a write is sent on it.
 /// The ping is bounded like the acquire, so a silent network is an outage,
@@ -156,15 +150,27 @@ async fn read(pool: &MySqlPool, op: &Op, params: &[Param]) -> Result<Outcome, Ad
     match run(&mut *conn, pool, op, params).await {
         Err(AdapterError::Unreachable(_)) => {
             drop(conn.detach());
-            let mut conn = acquire_live(pool).await?;
-            let out = run(&mut *conn, pool, op, params).await;
-            if matches!(out, Err(AdapterError::Unreachable(_))) {
-                drop(conn.detach());
-            }
-            out
+            read_again(pool, op, params).await?.0
         }
         other => other,
     }
+}
+
+/// The second try of a read whose connection turned out dead: on a
+/// connection that has just answered a ping, returned for reuse unless it
+/// died too.
+async fn read_again(
+    pool: &MySqlPool,
+    op: &Op,
+    params: &[Param],
+) -> Result<(Result<Outcome, AdapterError>, Option<PoolConnection<MySql>>), AdapterError> {
+    let mut conn = acquire_live(pool).await?;
+    let out = run(&mut *conn, pool, op, params).await;
+    if matches!(out, Err(AdapterError::Unreachable(_))) {
+        drop(conn.detach());
+        return Ok((out, None));
+    }
+    Ok((out, Some(conn)))
 }
 
 /// Polls `pool` with `SELECT 1` (jittered exponential backoff, 100 ms to
@@ -226,8 +232,7 @@ impl NamasteCore for MariaDb {
         // one means nothing was sent, so the request is safe to retry. The
         // check costs a round trip, so only writes (whose failure after
         // sending leaves the outcome unknown) pay it.
-        let mut conn = self
-            .acquire_live()
+        let mut conn = acquire_live(&self.primary)
             .await
             .inspect_err(|e| self.note_unreachable(e))?;
         match run(&mut *conn, &self.primary, op, params).await {
@@ -357,7 +362,7 @@ impl Session for MariaSession<'_> {
                 .acquire()
                 .await
                 .map_err(|e| classify_in(&db.primary, e)),
-            None => db.acquire_live().await,
+            None => acquire_live(&db.primary).await,
         }
         .inspect_err(|e| db.note_unreachable(e))?;
         match run(&mut *conn, &db.primary, op, params).await {
@@ -365,15 +370,10 @@ impl Session for MariaSession<'_> {
                 drop(conn.detach());
                 if op.access == Access::Read {
                     // As outside a batch: once more on a live connection.
-                    let mut conn = acquire_live(&db.primary)
+                    let (out, conn) = read_again(&db.primary, op, params)
                         .await
                         .inspect_err(|e| db.note_unreachable(e))?;
-                    let out = run(&mut *conn, &db.primary, op, params).await;
-                    if matches!(out, Err(AdapterError::Unreachable(_))) {
-                        drop(conn.detach());
-                    } else {
-                        self.conn = Some(conn);
-                    }
+                    self.conn = conn;
                     return out
                         .inspect_err(|e| db.note_unreachable(e))
                         .and_then(|o| shape(op, o));

@@ -335,7 +335,9 @@ pub(crate) fn broker_for(config: &Config, access: Access) -> Option<String> {
 fn typed_value(v: &str, ty: Option<FieldType>) -> Value {
     let as_json = || serde_json::from_str::<Value>(v).unwrap_or_else(|_| Value::String(v.into()));
     match ty {
-        Some(FieldType::String) | Some(FieldType::Datetime) => Value::String(v.into()),
+        Some(FieldType::String) | Some(FieldType::Datetime) | Some(FieldType::ObjectId) => {
+            Value::String(v.into())
+        }
         Some(FieldType::Int) => v
             .parse::<i64>()
             .map(Value::from)

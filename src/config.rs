@@ -71,7 +71,7 @@ pub struct Config {
     /// Broker name → how many dispatchers and which access kinds it serves.
     pub brokers: BTreeMap<String, BrokerConfig>,
     /// Database entry name (what templates put in `database`) → connection.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "de_databases")]
     pub databases: BTreeMap<String, DatabaseConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -310,16 +310,91 @@ fn default_instances() -> usize {
     1
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DbKind {
-    Mariadb,
+/// One `[databases.<name>]` entry. `kind` picks the store, and with it which
+/// keys the entry may hold; [`crate::namaste::build`] turns it into an
+/// adapter. Deserialized by [`de_databases`], so each kind keeps
+/// `deny_unknown_fields` and environment overrides still parse numbers.
+#[derive(Debug, Clone)]
+pub enum DatabaseConfig {
+    Mariadb(MariaDbConfig),
+    Mongodb(MongoDbConfig),
 }
 
+impl DatabaseConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DatabaseConfig::Mariadb(_) => "mariadb",
+            DatabaseConfig::Mongodb(_) => "mongodb",
+        }
+    }
+
+    pub fn as_mariadb(&self) -> Option<&MariaDbConfig> {
+        match self {
+            DatabaseConfig::Mariadb(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn as_mongodb(&self) -> Option<&MongoDbConfig> {
+        match self {
+            DatabaseConfig::Mongodb(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether the secret is set (an empty one counts: no password).
+    fn has_pass(&self) -> bool {
+        match self {
+            DatabaseConfig::Mariadb(c) => c.pass.is_some(),
+            DatabaseConfig::Mongodb(c) => c.user.is_none() || c.pass.is_some(),
+        }
+    }
+}
+
+/// Reads each entry's `kind`, then the rest as that kind's struct, through
+/// the config crate's own deserializer (which turns `"3307"` from an
+/// environment variable into a port; serde's tagged enums would not).
+fn de_databases<'de, D>(d: D) -> Result<BTreeMap<String, DatabaseConfig>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let raw = BTreeMap::<String, config::Value>::deserialize(d)?;
+    let mut out = BTreeMap::new();
+    for (name, value) in raw {
+        let mut table = value
+            .into_table()
+            .map_err(|e| D::Error::custom(format!("databases.{name}: {e}")))?;
+        let kind = table
+            .remove("kind")
+            .map(|k| k.into_string())
+            .transpose()
+            .map_err(|e| D::Error::custom(format!("databases.{name}.kind: {e}")))?;
+        let rest = config::Value::new(None, config::ValueKind::Table(table));
+        let wrap = |e: config::ConfigError| D::Error::custom(format!("databases.{name}: {e}"));
+        let cfg = match kind.as_deref() {
+            Some("mariadb") => DatabaseConfig::Mariadb(rest.try_deserialize().map_err(wrap)?),
+            Some("mongodb") => DatabaseConfig::Mongodb(rest.try_deserialize().map_err(wrap)?),
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "databases.{name}.kind = {other:?}: expected \"mariadb\" or \"mongodb\""
+                )))
+            }
+            None => {
+                return Err(D::Error::custom(format!(
+                    "databases.{name}.kind is missing: \"mariadb\" or \"mongodb\""
+                )))
+            }
+        };
+        out.insert(name, cfg);
+    }
+    Ok(out)
+}
+
+/// A MariaDB database: a primary pool, and optionally a read replica.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    pub kind: DbKind,
+pub struct MariaDbConfig {
     #[serde(default = "default_host")]
     pub host: String,
     #[serde(default = "default_db_port")]
@@ -339,6 +414,81 @@ pub struct DatabaseConfig {
     /// Optional read replica: `read` ops go there when it is configured.
     #[serde(default)]
     pub replica: Option<ReplicaConfig>,
+}
+
+/// Where reads of a MongoDB database may go (MongoDB's read preference
+/// modes). Writes always go to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ReadPreference {
+    #[serde(rename = "primary")]
+    Primary,
+    #[serde(rename = "primaryPreferred")]
+    PrimaryPreferred,
+    #[serde(rename = "secondary")]
+    Secondary,
+    #[serde(rename = "secondaryPreferred")]
+    SecondaryPreferred,
+    #[serde(rename = "nearest")]
+    Nearest,
+}
+
+/// How many members must have a write before MongoDB confirms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteConcern {
+    /// `majority` when the deployment is a replica set, `acknowledged`
+    /// (w: 1) on a standalone server, decided at IPL from its `hello`.
+    Auto,
+    Majority,
+    Acknowledged,
+}
+
+/// A MongoDB database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoDbConfig {
+    /// Hosts and options without credentials, e.g.
+    /// `mongodb://db1:27017,db2:27017/?replicaSet=rs0`.
+    #[serde(default = "default_mongo_uri")]
+    pub uri: String,
+    /// Database name on the server.
+    pub name: String,
+    /// Optional login (SCRAM); `None` connects without authentication.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Secret: set it in `env_{BEDS_ENV}.toml` or `BEDS__DATABASES__<NAME>__PASS`.
+    #[serde(default)]
+    pub pass: Option<String>,
+    /// Database that holds the user (MongoDB's `authSource`).
+    #[serde(default = "default_auth_source")]
+    pub auth_source: String,
+    #[serde(default = "default_max_conn")]
+    pub max_connections: u32,
+    /// Where `read` ops go.
+    #[serde(default = "default_read_preference")]
+    pub read_preference: ReadPreference,
+    #[serde(default = "default_write_concern")]
+    pub write_concern: WriteConcern,
+    /// Bound on finding a server and on each operation: past it, a read is
+    /// retried later and a write whose outcome is unknown is parked.
+    #[serde(default = "default_mongo_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_mongo_uri() -> String {
+    "mongodb://127.0.0.1:27017".into()
+}
+fn default_auth_source() -> String {
+    "admin".into()
+}
+fn default_read_preference() -> ReadPreference {
+    ReadPreference::Primary
+}
+fn default_write_concern() -> WriteConcern {
+    WriteConcern::Auto
+}
+fn default_mongo_timeout() -> u64 {
+    5_000
 }
 
 fn default_db_port() -> u16 {
@@ -507,18 +657,45 @@ impl Config {
             p.push("dispatch.max_batch must be at least 1".into());
         }
         for (name, db) in &self.databases {
-            if db.pass.is_none() {
+            if !is_amqp_name(name) {
+                // Database names are part of hold queue names.
+                p.push(format!(
+                    "databases.{name}: name may hold only letters, digits, '_' and '-'"
+                ));
+            }
+            if !db.has_pass() {
                 p.push(format!(
                     "databases.{name}.pass is not set: put it in config/env_<BEDS_ENV>.toml or BEDS__DATABASES__{}__PASS",
                     name.to_uppercase()
                 ));
             }
-            if db.max_connections == 0 {
+            let (max_connections, schema) = match db {
+                DatabaseConfig::Mariadb(c) => (c.max_connections, &c.name),
+                DatabaseConfig::Mongodb(c) => {
+                    if !c.uri.starts_with("mongodb://") && !c.uri.starts_with("mongodb+srv://") {
+                        p.push(format!(
+                            "databases.{name}.uri must start with mongodb:// or mongodb+srv://"
+                        ));
+                    }
+                    if c.uri.split("://").nth(1).is_some_and(|rest| {
+                        rest.split(['/', '?']).next().unwrap_or("").contains('@')
+                    }) {
+                        p.push(format!(
+                            "databases.{name}.uri holds credentials: use databases.{name}.user and .pass (a secret)"
+                        ));
+                    }
+                    if c.timeout_ms == 0 {
+                        p.push(format!("databases.{name}.timeout_ms must be at least 1"));
+                    }
+                    (c.max_connections, &c.name)
+                }
+            };
+            if max_connections == 0 {
                 p.push(format!(
                     "databases.{name}.max_connections must be at least 1"
                 ));
             }
-            if db.name.is_empty() {
+            if schema.is_empty() {
                 p.push(format!("databases.{name}.name is empty"));
             }
         }

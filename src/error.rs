@@ -154,6 +154,7 @@ impl From<&AdapterError> for Failure {
             }
             AdapterError::Conflict(_) => (ErrorCode::Conflict, false, false),
             AdapterError::NotFound => (ErrorCode::NotFound, false, false),
+            AdapterError::Invalid(_) => (ErrorCode::Validation, false, false),
             AdapterError::Indeterminate(_) => (ErrorCode::Internal, false, true),
             AdapterError::Rejected(_) | AdapterError::Internal(_) => {
                 (ErrorCode::Internal, false, false)

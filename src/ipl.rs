@@ -15,10 +15,10 @@ use crate::broker::dedup::Dedup;
 use crate::broker::dispatcher::{BrokerSpec, Dispatcher, Shared};
 use crate::broker::topology::{self, Names, TopologySpec};
 use crate::broker::AmqpLink;
+use crate::config::DatabaseConfig;
 use crate::config::{Config, ConfigError, Env};
-use crate::namaste::mariadb::MariaDb;
-use crate::namaste::{Adapters, NamasteCore};
-use crate::registry::Registry;
+use crate::namaste::{self, Adapters};
+use crate::registry::{Registry, Template};
 use crate::shutdown::Shutdown;
 
 /// Exit codes (sysexits.h), so init systems and scripts can tell a bad
@@ -84,7 +84,7 @@ pub struct Node {
     /// Closes when every dispatcher has ended.
     done: mpsc::Receiver<()>,
     link: Arc<AmqpLink>,
-    pools: Vec<Arc<MariaDb>>,
+    adapters: Adapters,
     pub registry: Arc<Registry>,
 }
 
@@ -99,28 +99,55 @@ async fn reachability(config: &Config) -> Vec<(bool, IplError)> {
         false,
     )];
     for (name, db) in &config.databases {
-        targets.push((
-            format!("MariaDB {name} primary"),
-            format!("{}:{}", db.host, db.port),
-            format!("databases.{name}.host, databases.{name}.port"),
-            false,
-        ));
-        if let Some(r) = &db.replica {
-            targets.push((
-                format!("MariaDB {name} replica"),
-                format!("{}:{}", r.host, r.port),
-                format!("databases.{name}.replica"),
-                true,
-            ));
+        match db {
+            DatabaseConfig::Mariadb(db) => {
+                targets.push((
+                    format!("MariaDB {name} primary"),
+                    format!("{}:{}", db.host, db.port),
+                    format!("databases.{name}.host, databases.{name}.port"),
+                    false,
+                ));
+                if let Some(r) = &db.replica {
+                    targets.push((
+                        format!("MariaDB {name} replica"),
+                        format!("{}:{}", r.host, r.port),
+                        format!("databases.{name}.replica"),
+                        true,
+                    ));
+                }
+            }
+            // A replica set answers when any of its seeds does; the driver
+            // finds the rest. mongodb+srv seeds come from DNS: the open step
+            // checks those.
+            DatabaseConfig::Mongodb(db) => {
+                let seeds = mongo_seeds(&db.uri);
+                if !seeds.is_empty() {
+                    targets.push((
+                        format!("MongoDB {name}"),
+                        seeds.join(","),
+                        format!("databases.{name}.uri"),
+                        false,
+                    ));
+                }
+            }
         }
     }
     let mut out = Vec::new();
     for (service, addr, key, optional) in targets {
-        let reason = match tokio::time::timeout(t, TcpStream::connect(&addr)).await {
-            Ok(Ok(_)) => continue,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {t:?}"),
-        };
+        let mut reason = String::new();
+        for one in addr.split(',') {
+            match tokio::time::timeout(t, TcpStream::connect(one)).await {
+                Ok(Ok(_)) => {
+                    reason.clear();
+                    break;
+                }
+                Ok(Err(e)) => reason = e.to_string(),
+                Err(_) => reason = format!("no answer within {t:?}"),
+            }
+        }
+        if reason.is_empty() {
+            continue;
+        }
         out.push((
             optional,
             IplError::Unreachable {
@@ -138,12 +165,10 @@ impl Node {
     /// Runs IPL steps 3-9 (config and logging are steps 1-2, done by the
     /// caller) and returns once every dispatcher is consuming.
     pub async fn start(config: &Config) -> Result<Node, IplError> {
-        let mut drop_replicas = Vec::new();
         step(3, "service reachability", async {
             for (optional, err) in reachability(config).await {
                 if optional && config.env == Env::Dev {
                     tracing::warn!("{err}; continuing without it (dev)");
-                    drop_replicas.push(());
                 } else {
                     return Err(err);
                 }
@@ -178,11 +203,13 @@ impl Node {
                 .await
                 .map_err(|e| IplError::Topology(e.to_string()))?;
             let broker_names: Vec<String> = brokers.iter().map(|(n, _)| n.clone()).collect();
+            let databases: Vec<String> = config.databases.keys().cloned().collect();
             topology::declare(
                 &ch,
                 &TopologySpec {
                     names: &names,
                     brokers: &broker_names,
+                    databases: &databases,
                     retry_tiers_ms: &config.dispatch.retry_tiers_ms,
                     queue_type: config.amqp.queue_type,
                     delivery_limit: config.amqp.delivery_limit,
@@ -195,56 +222,39 @@ impl Node {
         })
         .await?;
 
-        let mut pools = BTreeMap::new();
-        for (name, db) in &config.databases {
-            let mut m = MariaDb::new(name, db);
-            if db.replica.is_some() && !drop_replicas.is_empty() {
-                if let Some(Err(_)) = m.ping_replica().await {
-                    m.drop_replica();
-                }
+        let adapters = step(6, "open databases", async {
+            let mut adapters = Adapters::default();
+            for (name, db) in &config.databases {
+                let fail = |e: namaste::AdapterError| IplError::Database {
+                    name: name.clone(),
+                    reason: e.to_string(),
+                };
+                let adapter = namaste::build(name, db).await.map_err(fail)?;
+                adapter.open(config.env == Env::Dev).await.map_err(fail)?;
+                adapters.insert(name.clone(), adapter);
             }
-            pools.insert(name.clone(), Arc::new(m));
-        }
-
-        let registry = step(6, "load templates and check procedures", async {
-            let reg =
-                Registry::load_dir(&config.node.templates, config).map_err(IplError::Templates)?;
-            let problems = check_procedures(&reg, &pools).await?;
-            if !problems.is_empty() {
-                return Err(IplError::Templates(problems));
-            }
-            tracing::info!(templates = reg.len(), "template registry loaded");
-            Ok(Arc::new(reg))
+            Ok(adapters)
         })
         .await?;
 
-        step(7, "open database pools", async {
-            for (name, pool) in &pools {
-                pool.ping().await.map_err(|e| IplError::Database {
-                    name: name.clone(),
-                    reason: e.to_string(),
-                })?;
-                if let Some(Err(e)) = pool.ping_replica().await {
-                    if config.env == Env::Dev {
-                        tracing::warn!(database = %name, error = %e, "replica unreachable; reads use the primary");
-                    } else {
-                        return Err(IplError::Database {
-                            name: name.clone(),
-                            reason: format!("replica: {e}"),
-                        });
-                    }
+        let registry = step(
+            7,
+            "load templates and check their database objects",
+            async {
+                let reg = Registry::load_dir(&config.node.templates, config)
+                    .map_err(IplError::Templates)?;
+                let problems = check_objects(&reg, &adapters).await?;
+                if !problems.is_empty() {
+                    return Err(IplError::Templates(problems));
                 }
-            }
-            Ok(())
-        })
+                tracing::info!(templates = reg.len(), "template registry loaded");
+                Ok(Arc::new(reg))
+            },
+        )
         .await?;
 
         let (shutdown, _) = broadcast::channel(1);
         let (done_tx, done) = mpsc::channel(1);
-        let mut adapters = Adapters::default();
-        for (name, pool) in &pools {
-            adapters.insert(name.clone(), pool.clone() as Arc<dyn NamasteCore>);
-        }
         let retry_key = match &config.dispatch.retry_key {
             Some(k) => k.as_bytes().to_vec(),
             // Only in dev (config requires the key elsewhere): retried
@@ -257,7 +267,7 @@ impl Node {
         };
         let shared = Arc::new(Shared {
             registry: registry.clone(),
-            adapters,
+            adapters: adapters.clone(),
             dedup: Dedup::new(
                 Duration::from_millis(config.dispatch.dedup_window_ms),
                 config.dispatch.dedup_max_entries,
@@ -273,22 +283,36 @@ impl Node {
             strikes: Default::default(),
         });
         step(8, "spawn dispatcher pools", async {
+            let spawn = |spec: &Arc<BrokerSpec>, id: usize| {
+                let d = Dispatcher {
+                    shared: shared.clone(),
+                    broker: spec.clone(),
+                    link: link.clone(),
+                    id,
+                    shutdown: Shutdown::new(shutdown.subscribe()),
+                    _done: done_tx.clone(),
+                };
+                tokio::spawn(d.run());
+            };
             for (name, b) in &brokers {
                 let spec = Arc::new(BrokerSpec {
                     name: name.clone(),
                     serves: b.serves.clone(),
                     queue: names.work(name),
+                    gate: None,
                 });
                 for id in 0..b.instances {
-                    let d = Dispatcher {
-                        shared: shared.clone(),
-                        broker: spec.clone(),
-                        link: link.clone(),
-                        id,
-                        shutdown: Shutdown::new(shutdown.subscribe()),
-                        _done: done_tx.clone(),
-                    };
-                    tokio::spawn(d.run());
+                    spawn(&spec, id);
+                }
+                // One consumer per hold queue, running while its database
+                // answers (requests held during an outage flow back).
+                for db in adapters.names() {
+                    let held = Arc::new(BrokerSpec {
+                        queue: names.hold(name, db),
+                        gate: Some(db.clone()),
+                        ..(*spec).clone()
+                    });
+                    spawn(&held, 0);
                 }
                 tracing::info!(broker = %name, instances = b.instances, queue = %spec.queue, "dispatcher pool started");
             }
@@ -303,7 +327,7 @@ impl Node {
             shutdown,
             done,
             link,
-            pools: pools.into_values().collect(),
+            adapters,
             registry,
         })
     }
@@ -314,43 +338,63 @@ impl Node {
         tracing::info!("draining: no new requests, finishing in-flight ones");
         let _ = self.shutdown.send(());
         while self.done.recv().await.is_some() {}
-        for p in &self.pools {
-            p.close().await;
-        }
+        self.adapters.close().await;
         self.link.close().await;
         tracing::info!("stopped");
     }
 }
 
-/// Every procedure named by a template exists with the right arity.
-async fn check_procedures(
-    reg: &Registry,
-    pools: &BTreeMap<String, Arc<MariaDb>>,
-) -> Result<Vec<String>, IplError> {
-    let mut wanted: BTreeMap<&str, Vec<(String, usize)>> = BTreeMap::new();
+/// What each database's templates rely on exists there (procedures with
+/// their arity; collections with their indexes).
+async fn check_objects(reg: &Registry, adapters: &Adapters) -> Result<Vec<String>, IplError> {
+    let mut by_db: BTreeMap<&str, Vec<&Template>> = BTreeMap::new();
     for t in reg.templates() {
-        for op in t.ops.values() {
-            wanted
-                .entry(t.database.as_str())
-                .or_default()
-                .push((op.procedure.clone(), op.params.len()));
-        }
+        by_db.entry(t.database.as_str()).or_default().push(t);
     }
     let mut problems = Vec::new();
-    for (db, procs) in wanted {
-        let Some(pool) = pools.get(db) else { continue };
-        let missing = pool
-            .missing_procedures(&procs)
-            .await
-            .map_err(|e| IplError::Database {
-                name: db.to_string(),
-                reason: e.to_string(),
-            })?;
+    for (db, templates) in by_db {
+        let Some(adapter) = adapters.get(db) else {
+            continue;
+        };
+        let missing =
+            adapter
+                .missing_objects(&templates)
+                .await
+                .map_err(|e| IplError::Database {
+                    name: db.to_string(),
+                    reason: e.to_string(),
+                })?;
         problems.extend(missing);
     }
     problems.sort();
     problems.dedup();
     Ok(problems)
+}
+
+/// `host:port` seeds of a `mongodb://` URI (none for `mongodb+srv://`).
+fn mongo_seeds(uri: &str) -> Vec<String> {
+    let Some(rest) = uri.strip_prefix("mongodb://") else {
+        return Vec::new();
+    };
+    let hosts = rest.split(['/', '?']).next().unwrap_or("");
+    let hosts = hosts.rsplit('@').next().unwrap_or(hosts);
+    hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| {
+            if h.starts_with('[') {
+                if h.contains("]:") {
+                    h.to_string()
+                } else {
+                    format!("{h}:27017")
+                }
+            } else if h.contains(':') {
+                h.to_string()
+            } else {
+                format!("{h}:27017")
+            }
+        })
+        .collect()
 }
 
 /// `beds check`: every problem with config and templates, and with
@@ -387,18 +431,18 @@ pub async fn check(config: &Config, online: bool) -> Vec<String> {
         }
     }
     if let Some(reg) = registry {
-        let pools: BTreeMap<String, Arc<MariaDb>> = config
-            .databases
-            .iter()
-            .map(|(n, d)| (n.clone(), Arc::new(MariaDb::new(n, d))))
-            .collect();
-        match check_procedures(&reg, &pools).await {
+        let mut adapters = Adapters::default();
+        for (name, db) in &config.databases {
+            match namaste::build(name, db).await {
+                Ok(a) => adapters.insert(name.clone(), a),
+                Err(e) => problems.push(format!("database {name}: {e}")),
+            }
+        }
+        match check_objects(&reg, &adapters).await {
             Ok(p) => problems.extend(p),
             Err(e) => problems.push(e.to_string()),
         }
-        for p in pools.values() {
-            p.close().await;
-        }
+        adapters.close().await;
     }
     problems
 }

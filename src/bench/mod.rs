@@ -226,7 +226,10 @@ async fn bench(
         .iter()
         .any(|m| matches!(m, Mode::Ref(Reference::Database | Reference::Pipeline)));
     let db_cfg = match template.store {
-        Store::Mariadb => config.databases.get(&template.database),
+        Store::Mariadb => config
+            .databases
+            .get(&template.database)
+            .and_then(|d| d.as_mariadb()),
         _ => None,
     };
     if needs_db && db_cfg.is_none() {

@@ -24,11 +24,11 @@ use sqlx::mysql::MySqlPool;
 use tokio::task::JoinHandle;
 
 use super::target;
-use crate::config::{Config, DatabaseConfig, QueueType};
+use crate::config::{Config, MariaDbConfig, QueueType};
 use crate::registry::{Registry, Store};
 
 /// A pool for the references: the thinnest path, no ping before each use.
-pub fn thin_pool(db: &DatabaseConfig, size: u32) -> MySqlPool {
+pub fn thin_pool(db: &MariaDbConfig, size: u32) -> MySqlPool {
     sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(size)
         .acquire_timeout(std::time::Duration::from_millis(db.acquire_timeout_ms))
@@ -69,7 +69,10 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<(), String> {
                 .map_err(|e| format!("templates: {}", e.join("; ")))?;
             let t = registry.get(&args.template).map_err(|e| e.to_string())?;
             let db = match t.store {
-                Store::Mariadb => config.databases.get(&t.database),
+                Store::Mariadb => config
+                    .databases
+                    .get(&t.database)
+                    .and_then(|d| d.as_mariadb()),
                 _ => None,
             }
             .ok_or_else(|| format!("{} is not a MariaDB template", t.name))?;
@@ -265,13 +268,15 @@ async fn pipeline(pool: &MySqlPool, registry: &Registry, body: &[u8]) -> Vec<u8>
             .iter()
             .map(|(n, _)| e["data"].get(n).unwrap_or(&Value::Null))
             .collect();
-        replies.push(match target::call(&mut conn, &op.call_sql, &args).await {
-            Ok(rows) => {
-                let data: Vec<Value> = rows.iter().map(target::row_json).collect();
-                json!({"status": "ok", "data": data, "affected": 0})
-            }
-            Err(code) => json!({"status": "error", "error": {"code": code}}),
-        });
+        replies.push(
+            match target::call(&mut conn, op.call_sql().unwrap_or_default(), &args).await {
+                Ok(rows) => {
+                    let data: Vec<Value> = rows.iter().map(target::row_json).collect();
+                    json!({"status": "ok", "data": data, "affected": 0})
+                }
+                Err(code) => json!({"status": "error", "error": {"code": code}}),
+            },
+        );
     }
     let reply = if req.get("batch").is_some() {
         json!({"status": "ok", "results": replies})

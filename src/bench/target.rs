@@ -220,7 +220,7 @@ async fn call_direct(pool: &MySqlPool, wl: &Workload, job: &Job, want_rows: bool
             .iter()
             .map(|(n, _)| data.get(n).unwrap_or(&Value::Null))
             .collect();
-        match call(&mut conn, &op.call_sql, &args).await {
+        match call(&mut conn, op.call_sql().unwrap_or_default(), &args).await {
             Ok(rows) => {
                 out.ok += 1;
                 if want_rows {

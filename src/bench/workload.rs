@@ -186,6 +186,7 @@ fn generate(
         }
         FieldType::Datetime => Value::String(chrono::Utc::now().to_rfc3339()),
         FieldType::Json => serde_json::json!({ "bench": rng.gen::<u32>() }),
+        FieldType::ObjectId => Value::String(format!("{:024x}", rng.gen::<u128>() >> 32)),
     }
 }
 

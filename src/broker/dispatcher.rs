@@ -1,5 +1,6 @@
-//! One dispatcher: a task consuming `<prefix>.<broker>` on its own channel,
-//! pausing while a database is down and draining on shutdown. Every delivery
+//! One dispatcher: a task consuming `<prefix>.<broker>` (or one of its hold
+//! queues, `<prefix>.<broker>.hold.<database>`, only while that database
+//! answers) on its own channel, draining on shutdown. Every delivery
 //! runs as its own task (at most `prefetch` at once) in `handle`:
 //!
 //! 1. `request::decide`: envelope check → parse → dedup → template, op,
@@ -35,7 +36,7 @@ use super::topology::Names;
 use super::{AmqpLink, Backoff};
 use crate::config::Access;
 use crate::error::{ErrorCode, Failure};
-use crate::namaste::Adapters;
+use crate::namaste::{Adapters, Health};
 use crate::registry::Registry;
 use crate::shutdown::Shutdown;
 
@@ -50,7 +51,8 @@ const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 pub struct Shared {
     /// The immutable template snapshot.
     pub registry: Arc<Registry>,
-    /// NamasteCore adapters by database name; their health pauses us.
+    /// NamasteCore adapters by database name; a hold queue's consumer
+    /// follows its database's health.
     pub adapters: Adapters,
     /// Write dedup memory by `message_id`.
     pub dedup: Arc<Dedup>,
@@ -75,7 +77,11 @@ pub struct Shared {
 pub struct BrokerSpec {
     pub name: String,
     pub serves: Vec<Access>,
+    /// The queue consumed: the broker's work queue or one of its hold queues.
     pub queue: String,
+    /// Hold queues: the database whose requests wait there. Consuming
+    /// pauses while it is down.
+    pub gate: Option<String>,
 }
 
 pub struct Dispatcher {
@@ -94,13 +100,16 @@ impl Dispatcher {
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::default();
         while !self.shutdown.is_shutdown() {
-            if !self.shared.adapters.all_up() {
-                tracing::info!(broker = %self.broker.name, id = self.id, "paused while a database is down");
-                tokio::select! {
-                    _ = self.shutdown.recv() => break,
-                    _ = self.shared.adapters.wait_all_up() => {}
+            if let Some(health) = gate_health(&self.shared, &self.broker) {
+                if !health.is_up() {
+                    tracing::info!(queue = %self.broker.queue, "held requests wait until their database answers");
+                    let mut rx = health.subscribe();
+                    tokio::select! {
+                        _ = self.shutdown.recv() => break,
+                        _ = rx.wait_for(|up| *up) => {}
+                    }
+                    tracing::info!(queue = %self.broker.queue, "database answers: running held requests");
                 }
-                tracing::info!(broker = %self.broker.name, id = self.id, "resumed");
             }
             // Opening may hang on a partitioned network: shutdown wins.
             let opened = tokio::select! {
@@ -136,7 +145,7 @@ impl Dispatcher {
         tag: String,
         mut consumer: lapin::Consumer,
     ) -> Result<(), lapin::Error> {
-        let down = any_down(&self.shared.adapters);
+        let down = gate_down(&self.shared, &self.broker);
         tokio::pin!(down);
         let result = loop {
             tokio::select! {
@@ -198,23 +207,22 @@ async fn open(
     Ok((ch, tag, consumer))
 }
 
-/// Resolves when any database goes down (never, when there are none).
-async fn any_down(adapters: &Adapters) {
-    let waits: Vec<_> = adapters
-        .iter()
-        .map(|(_, a)| {
-            let mut rx = a.health().subscribe();
-            Box::pin(async move {
-                if rx.wait_for(|up| !*up).await.is_err() {
-                    futures::future::pending::<()>().await;
-                }
-            })
-        })
-        .collect();
-    if waits.is_empty() {
+/// The health of the database a hold-queue dispatcher waits for.
+fn gate_health<'s>(shared: &'s Shared, broker: &BrokerSpec) -> Option<&'s Health> {
+    let db = broker.gate.as_deref()?;
+    Some(shared.adapters.get(db)?.health())
+}
+
+/// Resolves when the gate's database goes down (never for work queues: a
+/// request for a database that is down is moved to its hold queue).
+async fn gate_down(shared: &Shared, broker: &BrokerSpec) {
+    let Some(health) = gate_health(shared, broker) else {
+        return futures::future::pending().await;
+    };
+    let mut rx = health.subscribe();
+    if rx.wait_for(|up| !*up).await.is_err() {
         futures::future::pending::<()>().await;
     }
-    futures::future::select_all(waits).await;
 }
 
 async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, delivery: Delivery) {

@@ -86,6 +86,24 @@ pub(crate) async fn finish(
 ) -> Result<(), PublishError> {
     let props = &delivery.properties;
     match action {
+        Action::Hold {
+            database,
+            batch_done,
+            expires_in_ms,
+        } => {
+            let extra = batch_done
+                .as_deref()
+                .map(|done| (BATCH_DONE_HEADER, text(done)))
+                .into_iter()
+                .collect();
+            let mut p = republish_props(shared, props, &delivery.data, &delivery.data, extra);
+            if let Some(ms) = expires_in_ms {
+                p = p.with_expiration(ms.to_string().into());
+            }
+            tracing::info!(database = %database, "database down: request held until it answers");
+            let queue = shared.names.hold(&broker.name, &database);
+            publish_confirmed(ch, "", &queue, &delivery.data, p, true).await
+        }
         Action::Retry {
             tier,
             failure,

@@ -18,8 +18,8 @@ use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
-use crate::namaste::{NamasteCore, Outcome, Session};
-use crate::registry::{values, Op, Param, Registry, RequestError, Store};
+use crate::namaste::{Adapter, Outcome, Session};
+use crate::registry::{values, Op, Param, Registry, RequestError};
 
 /// Largest batch-progress header carried through a retry; beyond it the
 /// batch is answered at once instead (headers must fit one AMQP frame).
@@ -35,6 +35,16 @@ pub(crate) enum Action {
         /// Batches: the entries the parked copy keeps (those a replay
         /// should run), so a replay never re-runs finished entries.
         parked_entries: Option<Vec<usize>>,
+    },
+    /// Move to the hold queue of `database`, which is down: the request
+    /// waits there (not failed, not parked) until it answers again.
+    Hold {
+        database: String,
+        /// Batches: the results of entries already run, kept with the copy.
+        batch_done: Option<String>,
+        /// Until the request's deadline; a held copy past it goes back to
+        /// the work queue and is answered EXPIRED.
+        expires_in_ms: Option<i64>,
     },
     /// Republish to retry tier `tier` (1-based).
     Retry {
@@ -121,6 +131,11 @@ pub(crate) async fn decide(
         return fail(Failure::from(&e));
     }
 
+    let hold = |database: &str, batch_done: Option<String>| Action::Hold {
+        database: database.to_string(),
+        batch_done,
+        expires_in_ms: deadline.map(|d| (d - chrono::Utc::now().timestamp_millis()).max(1)),
+    };
     let action = match req {
         Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
             Ok(out) => {
@@ -131,9 +146,16 @@ pub(crate) async fn decide(
                     None,
                 )
             }
-            Err(f) if f.retryable => retry_or_give_up(shared, &meta, event_id, f),
-            Err(f) => fail(f),
+            Err(Stop::Down(db)) => hold(db, None),
+            Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, &meta, event_id, f),
+            Err(Stop::Failed(f)) => fail(f),
         },
+        Request::Batch { entries, .. } if first_down(shared, &entries).is_some() => {
+            let db = first_down(shared, &entries).unwrap_or_default();
+            let done = (!meta.batch_done.is_empty())
+                .then(|| serde_json::to_string(&meta.batch_done).unwrap_or_default());
+            hold(&db, done)
+        }
         Request::Batch {
             entries, atomic, ..
         } => {
@@ -169,21 +191,57 @@ pub(crate) async fn decide(
     action
 }
 
-/// Resolves, checks and executes one payload.
-pub(crate) async fn execute(
-    shared: &Shared,
+/// Why [`execute`] did not produce an outcome.
+pub(crate) enum Stop<'s> {
+    /// This database is down: the request should wait for it.
+    Down(&'s str),
+    Failed(Failure),
+}
+
+impl From<Failure> for Stop<'_> {
+    fn from(f: Failure) -> Self {
+        Stop::Failed(f)
+    }
+}
+
+/// Resolves, checks and executes one payload. A request for a database
+/// that is down (before or because of this call) stops with `Down`.
+pub(crate) async fn execute<'s>(
+    shared: &'s Shared,
     broker: &BrokerSpec,
     user: Option<&str>,
     p: &BrokerPayload,
-) -> Result<Outcome, Failure> {
+) -> Result<Outcome, Stop<'s>> {
     let (template_db, op, params) = resolve(shared, broker, user, p)?;
-    adapter(shared, template_db)?
-        .call(op, &params)
-        .await
-        .map_err(|e| Failure::from(&e))
+    let adapter = adapter(shared, template_db)?;
+    if !adapter.health().is_up() {
+        return Err(Stop::Down(template_db));
+    }
+    match adapter.call(op, &params).await {
+        Ok(out) => Ok(out),
+        Err(e) => {
+            let f = Failure::from(&e);
+            if f.retryable && !adapter.health().is_up() {
+                return Err(Stop::Down(template_db));
+            }
+            Err(Stop::Failed(f))
+        }
+    }
 }
 
-fn adapter<'s>(shared: &'s Shared, db: &str) -> Result<&'s Arc<dyn NamasteCore>, Failure> {
+/// The database of the first entry whose database is down.
+fn first_down(
+    shared: &Shared,
+    entries: &[Result<BrokerPayload, payload::PayloadError>],
+) -> Option<String> {
+    entries.iter().flatten().find_map(|p| {
+        let db = &shared.registry.get(&p.template).ok()?.database;
+        let up = shared.adapters.get(db)?.health().is_up();
+        (!up).then(|| db.clone())
+    })
+}
+
+fn adapter<'s>(shared: &'s Shared, db: &str) -> Result<&'s Arc<dyn Adapter>, Failure> {
     shared
         .adapters
         .get(db)
@@ -285,6 +343,18 @@ pub(crate) async fn batch(
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
             Err(f) if f.retryable => {
                 let done = serde_json::to_string(&results).unwrap_or_default();
+                let down = first_down(shared, &entries[i..=i]);
+                if let (Some(db), None, true) =
+                    (down, &first_park, done.len() <= MAX_BATCH_DONE_BYTES)
+                {
+                    // Its database went down under it: the rest waits for it.
+                    return Action::Hold {
+                        database: db,
+                        batch_done: Some(done),
+                        expires_in_ms: deadline
+                            .map(|d| (d - chrono::Utc::now().timestamp_millis()).max(1)),
+                    };
+                }
                 // A batch already holding an unknown outcome goes to a person
                 // now rather than through the tiers.
                 if meta.attempt < shared.retry_tiers
@@ -382,15 +452,20 @@ pub(crate) async fn atomic_batch(
             Ok(r) => r,
             Err(f) => return atomic_failed(meta, event_id, entries.len(), i, f),
         };
-        let store = shared
-            .registry
-            .get(&entries[i].as_ref().unwrap().template)
-            .map(|t| t.store);
-        if store.ok() != Some(Store::Mariadb) || database.is_some_and(|d| d != db) {
+        if database.is_some_and(|d| d != db) {
             let f = Failure::from(&RequestError::AtomicBatch(
-                "every entry must use the same MariaDB database".into(),
+                "every entry must use the same database".into(),
             ));
             return atomic_failed(meta, event_id, entries.len(), i, f);
+        }
+        if let Err(why) = adapter(shared, db).and_then(|a| {
+            a.atomic_support().map_err(|why| {
+                Failure::from(&RequestError::AtomicBatch(format!(
+                    "database {db} cannot run transactions: {why}"
+                )))
+            })
+        }) {
+            return atomic_failed(meta, event_id, entries.len(), i, why);
         }
         database = Some(db);
         calls.push((op, params));

@@ -27,11 +27,17 @@ impl Names {
     pub fn dlq(&self, broker: &str) -> String {
         format!("{}.{broker}.dlq", self.prefix)
     }
+    /// Where this broker's requests for `database` wait while it is down.
+    pub fn hold(&self, broker: &str, database: &str) -> String {
+        format!("{}.{broker}.hold.{database}", self.prefix)
+    }
 }
 
 pub struct TopologySpec<'a> {
     pub names: &'a Names,
     pub brokers: &'a [String],
+    /// Database entry names: each broker gets a hold queue per database.
+    pub databases: &'a [String],
     pub retry_tiers_ms: &'a [u64],
     pub queue_type: QueueType,
     pub delivery_limit: u32,
@@ -108,6 +114,18 @@ pub async fn declare(ch: &Channel, spec: &TopologySpec<'_>) -> Result<(), String
             let mut args = FieldTable::default();
             typed(&mut args);
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(*ttl as i64));
+            args.insert("x-dead-letter-exchange".into(), text(ex));
+            args.insert("x-dead-letter-routing-key".into(), text(broker));
+            declare_queue(ch, &name, durable, args).await?;
+        }
+
+        // Requests wait here while their database is down; a held copy
+        // whose deadline passes (its per-message TTL) goes back to the work
+        // queue, where it is answered EXPIRED.
+        for db in spec.databases {
+            let name = spec.names.hold(broker, db);
+            let mut args = FieldTable::default();
+            typed(&mut args);
             args.insert("x-dead-letter-exchange".into(), text(ex));
             args.insert("x-dead-letter-routing-key".into(), text(broker));
             declare_queue(ch, &name, durable, args).await?;

@@ -6,15 +6,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::TryStreamExt;
-use rand::Rng;
 use serde_json::{Number, Value};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, Connection, Either, Executor, MySql, Row, TypeInfo, ValueRef};
 
-use super::{shape, AdapterError, Health, NamasteCore, Outcome, Session};
-use crate::config::{Access, DatabaseConfig};
-use crate::registry::{Op, Param};
+use super::{probe, shape, AdapterError, Health, Lifecycle, NamasteCore, Outcome, Session};
+use crate::config::{Access, MariaDbConfig};
+use crate::registry::{Op, Param, Target, Template};
 
 /// A pooled connection idle this long is pinged before use: under load none
 /// are, after an outage or a quiet spell all of them.
@@ -39,7 +38,7 @@ pub struct MariaDb {
 impl MariaDb {
     /// Builds the pools lazily: nothing connects until the first use, so IPL
     /// can report reachability per step.
-    pub fn new(name: &str, cfg: &DatabaseConfig) -> MariaDb {
+    pub fn new(name: &str, cfg: &MariaDbConfig) -> MariaDb {
         let pool_opts = |max: u32| {
             MySqlPoolOptions::new()
                 .max_connections(max)
@@ -81,8 +80,8 @@ impl MariaDb {
         }
     }
 
-    /// Checks the replica answers; IPL uses it to decide whether to keep it.
-    pub async fn ping_replica(&self) -> Option<Result<(), AdapterError>> {
+    /// Checks the replica answers, if there is one.
+    async fn ping_replica(&self) -> Option<Result<(), AdapterError>> {
         let replica = self.replica.as_ref()?;
         Some(
             replica
@@ -93,31 +92,34 @@ impl MariaDb {
         )
     }
 
-    /// Stops using the replica (IPL in dev, when it is unreachable).
-    pub fn drop_replica(&mut self) {
-        self.replica = None;
-    }
-
-    pub async fn close(&self) {
-        self.primary.close().await;
-        if let Some(r) = &self.replica {
-            r.close().await;
+    /// Marks `health` down and, on that transition, starts the probe that
+    /// marks it up again once `pool` answers.
+    fn start_probe(&self, pool: &MySqlPool, health: &Arc<Health>, role: &'static str) -> bool {
+        if !health.mark_down() {
+            return false;
         }
+        let (alive, ping) = (pool.clone(), pool.clone());
+        probe(
+            health.clone(),
+            self.name.clone(),
+            role,
+            move || !alive.is_closed(),
+            move || {
+                let pool = ping.clone();
+                async move { pool.execute("SELECT 1").await.map(|_| ()).map_err(classify) }
+            },
+        );
+        true
     }
 
     /// Marks the database down and, on the transition, starts one probe that
     /// marks it up again when it answers (jittered exponential backoff).
     fn note_unreachable(&self, err: &AdapterError) {
-        if !matches!(err, AdapterError::Unreachable(_)) || !self.health.mark_down() {
-            return;
+        if matches!(err, AdapterError::Unreachable(_))
+            && self.start_probe(&self.primary, &self.health, "primary")
+        {
+            tracing::warn!(database = %self.name, error = %err, "database down: its requests wait until it answers");
         }
-        tracing::warn!(database = %self.name, error = %err, "database down: pausing dispatchers until it answers");
-        probe(
-            self.primary.clone(),
-            self.health.clone(),
-            self.name.clone(),
-            "primary",
-        );
     }
 }
 
@@ -173,30 +175,6 @@ async fn read_again(
     Ok((out, Some(conn)))
 }
 
-/// Polls `pool` with `SELECT 1` (jittered exponential backoff, 100 ms to
-/// 5 s) until it answers, then marks `health` up.
-fn probe(pool: MySqlPool, health: Arc<Health>, name: String, role: &'static str) {
-    tokio::spawn(async move {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let jitter = rand::thread_rng().gen_range(0.5..1.5);
-            tokio::time::sleep(delay.mul_f64(jitter)).await;
-            if pool.is_closed() {
-                return;
-            }
-            match pool.execute("SELECT 1").await {
-                Ok(_) => {
-                    tracing::info!(database = %name, role, "database answers again");
-                    health.mark_up();
-                    return;
-                }
-                Err(e) => tracing::debug!(database = %name, role, error = %e, "probe failed"),
-            }
-            delay = (delay * 2).min(Duration::from_secs(5));
-        }
-    });
-}
-
 #[async_trait]
 impl NamasteCore for MariaDb {
     async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
@@ -210,14 +188,8 @@ impl NamasteCore for MariaDb {
             {
                 match read(replica, op, params).await {
                     Err(AdapterError::Unreachable(e)) => {
-                        if self.replica_health.mark_down() {
+                        if self.start_probe(replica, &self.replica_health, "replica") {
                             tracing::warn!(database = %self.name, error = %e, "replica unreachable: reading from the primary until it answers");
-                            probe(
-                                replica.clone(),
-                                self.replica_health.clone(),
-                                self.name.clone(),
-                                "replica",
-                            );
                         }
                     }
                     other => return other.and_then(|o| shape(op, o)),
@@ -244,6 +216,10 @@ impl NamasteCore for MariaDb {
             }
             other => other.and_then(|o| shape(op, o)),
         }
+    }
+
+    fn atomic_support(&self) -> Result<(), String> {
+        Ok(())
     }
 
     async fn call_atomic(
@@ -283,6 +259,33 @@ impl NamasteCore for MariaDb {
         Ok(outs)
     }
 
+    fn session(&self) -> Box<dyn Session + '_> {
+        Box::new(MariaSession {
+            db: self,
+            conn: None,
+        })
+    }
+}
+
+#[async_trait]
+impl Lifecycle for MariaDb {
+    async fn open(&self, tolerate_optional: bool) -> Result<(), AdapterError> {
+        self.ping().await?;
+        match self.ping_replica().await {
+            Some(Err(e)) if tolerate_optional => {
+                tracing::warn!(database = %self.name, error = %e, "replica unreachable; reads use the primary until it answers");
+                self.start_probe(
+                    self.replica.as_ref().expect("a replica answered the ping"),
+                    &self.replica_health,
+                    "replica",
+                );
+                Ok(())
+            }
+            Some(Err(e)) => Err(AdapterError::Unreachable(format!("replica: {e}"))),
+            _ => Ok(()),
+        }
+    }
+
     async fn ping(&self) -> Result<(), AdapterError> {
         self.primary
             .execute("SELECT 1")
@@ -291,9 +294,36 @@ impl NamasteCore for MariaDb {
             .map_err(classify)
     }
 
+    async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError> {
+        let procs: Vec<(&str, usize)> = templates
+            .iter()
+            .flat_map(|t| t.ops.values())
+            .filter_map(|op| match &op.target {
+                Target::Procedure { name, .. } => Some((name.as_str(), op.params.len())),
+                Target::Mongo(_) => None,
+            })
+            .collect();
+        self.missing_procedures(&procs).await
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    async fn close(&self) {
+        self.primary.close().await;
+        if let Some(r) = &self.replica {
+            r.close().await;
+        }
+    }
+}
+
+impl MariaDb {
+    /// Which of these procedures (name, parameter count) do not exist as
+    /// written.
     async fn missing_procedures(
         &self,
-        procs: &[(String, usize)],
+        procs: &[(&str, usize)],
     ) -> Result<Vec<String>, AdapterError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT r.ROUTINE_NAME, \
@@ -322,17 +352,6 @@ impl NamasteCore for MariaDb {
             }
         }
         Ok(missing)
-    }
-
-    fn health(&self) -> &Health {
-        &self.health
-    }
-
-    fn session(&self) -> Box<dyn Session + '_> {
-        Box::new(MariaSession {
-            db: self,
-            conn: None,
-        })
     }
 }
 
@@ -391,7 +410,7 @@ impl Session for MariaSession<'_> {
 
 /// How to reach the primary of `cfg` (also used by `beds bench`'s
 /// database references).
-pub fn connect_options(cfg: &DatabaseConfig) -> MySqlConnectOptions {
+pub fn connect_options(cfg: &MariaDbConfig) -> MySqlConnectOptions {
     with_password(
         MySqlConnectOptions::new()
             .host(&cfg.host)
@@ -422,7 +441,13 @@ async fn run<'e, E>(
 where
     E: Executor<'e, Database = MySql>,
 {
-    let mut q = sqlx::query(&op.call_sql);
+    let Some(call_sql) = op.call_sql() else {
+        return Err(AdapterError::Internal(format!(
+            "{} is not a MariaDB op",
+            op.qualified
+        )));
+    };
+    let mut q = sqlx::query(call_sql);
     for p in params {
         q = match p {
             Param::Null => q.bind(None::<String>),
@@ -431,7 +456,8 @@ where
             Param::Bool(b) => q.bind(*b),
             Param::Str(s) => q.bind(s.as_str()),
             Param::DateTime(dt) => q.bind(*dt),
-            Param::Json(s) => q.bind(s.as_str()),
+            Param::Json(v) => q.bind(v.to_string()),
+            Param::ObjectId(b) => q.bind(hex::encode(b)),
         };
     }
     let mut out = Outcome::default();

@@ -1,8 +1,15 @@
 //! NamasteCore: the one interface every database adapter implements. The
 //! dispatcher hands it a compiled op and validated params; it never sees SQL
 //! or a driver type.
+//!
+//! An adapter has two sides: [`NamasteCore`] runs requests (dispatchers
+//! use it), [`Lifecycle`] opens, checks, watches and closes the store (IPL,
+//! `beds check --online` and shutdown use it). [`build`] is the one place
+//! that turns a `[databases.*]` entry into an adapter: adding a store is a
+//! new file here plus one arm there.
 
 pub mod mariadb;
+pub mod mongo;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,7 +18,8 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use crate::registry::{Op, Param, Returns};
+use crate::config::DatabaseConfig;
+use crate::registry::{Op, Param, Returns, Template};
 
 /// A row as the client sees it: column name → JSON value.
 pub type Row = Map<String, Value>;
@@ -45,6 +53,10 @@ pub enum AdapterError {
     /// may or may not have been applied, so it must not be retried blindly.
     #[error("the database connection was lost while the write ran; it may or may not have been applied ({0})")]
     Indeterminate(String),
+    /// The request cannot run on this store as asked (a param a filter
+    /// needs is missing; a transaction the server cannot run).
+    #[error("{0}")]
+    Invalid(String),
     /// The procedure itself signalled an error (SQLSTATE 45000): its message
     /// is the DBA's, meant for the caller.
     #[error("{0}")]
@@ -53,11 +65,52 @@ pub enum AdapterError {
     Internal(String),
 }
 
-/// The unified CRUD interface of a database behind BEDS.
+/// Builds the adapter for one `[databases.*]` entry. Nothing connects yet:
+/// [`Lifecycle::open`] does, so IPL can report each step.
+pub async fn build(name: &str, cfg: &DatabaseConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
+    Ok(match cfg {
+        DatabaseConfig::Mariadb(c) => Arc::new(mariadb::MariaDb::new(name, c)),
+        DatabaseConfig::Mongodb(c) => Arc::new(mongo::MongoDb::new(name, c).await?),
+    })
+}
+
+/// Both sides of an adapter; what a node holds.
+pub trait Adapter: NamasteCore + Lifecycle {}
+
+impl<T: NamasteCore + Lifecycle> Adapter for T {}
+
+/// The store side of an adapter: what IPL, checks and shutdown need.
+#[async_trait]
+pub trait Lifecycle: Send + Sync {
+    /// Connects and checks what must answer. `tolerate_optional` (dev):
+    /// an optional part that does not answer (a read replica) is set aside
+    /// with a warning instead of failing.
+    async fn open(&self, tolerate_optional: bool) -> Result<(), AdapterError>;
+
+    /// Checks the database answers (recovery probes).
+    async fn ping(&self) -> Result<(), AdapterError>;
+
+    /// IPL check: what these templates rely on (procedures and their arity;
+    /// collections and their indexes) that the database lacks. Each entry
+    /// is a readable problem; empty means all there.
+    async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError>;
+
+    /// Up/down state of this database: requests for it wait while it is
+    /// down.
+    fn health(&self) -> &Health;
+
+    async fn close(&self);
+}
+
+/// The request side: the unified CRUD interface of a database behind BEDS.
 #[async_trait]
 pub trait NamasteCore: Send + Sync {
-    /// Runs one op. Read ops may go to a replica.
+    /// Runs one op. Read ops may go to a replica or secondary.
     async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError>;
+
+    /// Whether [`NamasteCore::call_atomic`] can run here; the error says why
+    /// not, for the client.
+    fn atomic_support(&self) -> Result<(), String>;
 
     /// Runs ops in order on one transaction, all or nothing. On failure,
     /// returns the index of the op that failed.
@@ -65,19 +118,6 @@ pub trait NamasteCore: Send + Sync {
         &self,
         calls: &[(&Op, &[Param])],
     ) -> Result<Vec<Outcome>, (usize, AdapterError)>;
-
-    /// Checks the database answers (IPL and recovery probes).
-    async fn ping(&self) -> Result<(), AdapterError>;
-
-    /// IPL check: which of these procedures (name, parameter count) do not
-    /// exist as written. Each entry of the result is a readable problem.
-    async fn missing_procedures(
-        &self,
-        procs: &[(String, usize)],
-    ) -> Result<Vec<String>, AdapterError>;
-
-    /// Up/down state of this database, for dispatchers to pause on.
-    fn health(&self) -> &Health;
 
     /// A session for the entries of a non-atomic batch: ops run one after
     /// another, each on its own (no transaction), and the adapter may keep
@@ -108,9 +148,9 @@ pub fn shape(op: &Op, mut out: Outcome) -> Result<Outcome, AdapterError> {
 }
 
 /// Whether a database answers. An adapter marks itself down when it cannot
-/// reach its database and up again once a probe succeeds; dispatchers stop
-/// taking deliveries while any database is down, so an outage does not turn
-/// into a flood of retries and DLQ entries.
+/// reach its database and up again once a probe succeeds. While it is down,
+/// requests for it wait in its hold queues (other stores' requests flow),
+/// so an outage does not turn into a flood of retries and DLQ entries.
 #[derive(Debug)]
 pub struct Health {
     up: watch::Sender<bool>,
@@ -147,32 +187,64 @@ impl Health {
 /// The adapters of a node, by database entry name.
 #[derive(Clone, Default)]
 pub struct Adapters {
-    by_name: HashMap<String, Arc<dyn NamasteCore>>,
+    by_name: HashMap<String, Arc<dyn Adapter>>,
 }
 
 impl Adapters {
-    pub fn insert(&mut self, name: String, adapter: Arc<dyn NamasteCore>) {
+    pub fn insert(&mut self, name: String, adapter: Arc<dyn Adapter>) {
         self.by_name.insert(name, adapter);
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<dyn NamasteCore>> {
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Adapter>> {
         self.by_name.get(name)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<dyn NamasteCore>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &Arc<dyn Adapter>)> {
         self.by_name.iter()
     }
 
-    pub fn all_up(&self) -> bool {
-        self.by_name.values().all(|a| a.health().is_up())
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.by_name.keys()
     }
 
-    /// Resolves once every database is up.
-    pub async fn wait_all_up(&self) {
+    pub async fn close(&self) {
         for a in self.by_name.values() {
-            let mut rx = a.health().subscribe();
-            // An Err means the adapter was dropped: nothing left to wait for.
-            let _ = rx.wait_for(|up| *up).await;
+            a.close().await;
         }
     }
+}
+
+/// Polls `ping` (jittered exponential backoff, 100 ms to 5 s) until it
+/// answers, then marks `health` up. `alive` ends the probe early (the
+/// adapter was closed).
+pub fn probe<F, Fut>(
+    health: Arc<Health>,
+    name: String,
+    role: &'static str,
+    alive: impl Fn() -> bool + Send + 'static,
+    ping: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), AdapterError>> + Send,
+{
+    use rand::Rng;
+    tokio::spawn(async move {
+        let mut delay = std::time::Duration::from_millis(100);
+        loop {
+            let jitter = rand::thread_rng().gen_range(0.5..1.5);
+            tokio::time::sleep(delay.mul_f64(jitter)).await;
+            if !alive() {
+                return;
+            }
+            match ping().await {
+                Ok(()) => {
+                    tracing::info!(database = %name, role, "database answers again");
+                    health.mark_up();
+                    return;
+                }
+                Err(e) => tracing::debug!(database = %name, role, error = %e, "probe failed"),
+            }
+            delay = (delay * 2).min(std::time::Duration::from_secs(5));
+        }
+    });
 }

@@ -3,6 +3,7 @@
 //! an `Arc`. Resolving a request (template → op → broker check → access
 //! check → typed params) happens here; executing it does not.
 
+pub mod mongo;
 pub mod template;
 pub mod values;
 
@@ -11,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{Access, Config};
+pub use mongo::{Index, MongoOp};
 pub use template::{FieldSpec, FieldType, Returns, Store, TemplateFile};
 pub use values::Param;
 
@@ -45,15 +47,46 @@ pub enum RequestError {
 pub struct Op {
     /// `template.op`, for messages and logs.
     pub qualified: String,
-    pub procedure: String,
     /// Param names with their field specs, in call order.
     pub params: Vec<(String, FieldSpec)>,
     /// Parallel to `params`: must the client send it?
     pub required: Vec<bool>,
+    /// Parallel to `params`: the value used when the client leaves it out.
+    pub defaults: Vec<Option<Param>>,
     pub returns: Returns,
     pub access: Access,
-    /// `CALL proc(?, ?, …)`, built once so no request formats SQL.
-    pub call_sql: String,
+    /// What runs, in the terms of the template's store.
+    pub target: Target,
+}
+
+/// What an op runs, compiled once at load, per store.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// MariaDB: a DBA-owned stored procedure.
+    Procedure {
+        name: String,
+        /// `CALL proc(?, ?, …)`, built once so no request formats SQL.
+        call_sql: String,
+    },
+    /// MongoDB: an action on a collection with template-written documents.
+    Mongo(Box<MongoOp>),
+}
+
+impl Op {
+    /// The procedure's `CALL` statement, for MariaDB ops.
+    pub fn call_sql(&self) -> Option<&str> {
+        match &self.target {
+            Target::Procedure { call_sql, .. } => Some(call_sql),
+            Target::Mongo(_) => None,
+        }
+    }
+
+    pub fn mongo(&self) -> Option<&MongoOp> {
+        match &self.target {
+            Target::Mongo(m) => Some(m),
+            Target::Procedure { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +98,10 @@ pub struct Template {
     /// `None` = everyone; otherwise the AMQP user ids allowed.
     pub allow: Option<Vec<String>>,
     pub ops: BTreeMap<String, Op>,
+    /// MongoDB: the collection and the indexes the DBA script creates,
+    /// checked at IPL.
+    pub collection: Option<String>,
+    pub indexes: Vec<Index>,
 }
 
 impl Template {
@@ -187,14 +224,34 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
     if file.kind != "rec" {
         p.push(format!("kind {:?}: only \"rec\" is supported", file.kind));
     }
-    if file.store == Store::Mongodb {
-        p.push("store = \"mongodb\": this version of BEDS has no MongoDB adapter yet".into());
+    match (file.store, &file.collection) {
+        (Store::Mariadb, Some(_)) => {
+            p.push("collection is a MongoDB key, not valid with store = \"mariadb\"".into())
+        }
+        (Store::Mariadb, None) if !file.indexes.is_empty() => {
+            p.push("indexes is a MongoDB key, not valid with store = \"mariadb\"".into())
+        }
+        (Store::Mongodb, None) => p.push("collection is required for store = \"mongodb\"".into()),
+        (Store::Mongodb, Some(c)) if !is_collection_name(c) => p.push(format!(
+            "collection {c:?}: 1-120 characters, no '$', no NUL, not starting with \"system.\""
+        )),
+        _ => {}
     }
-    if file.store == Store::Mariadb && file.collection.is_some() {
-        p.push("collection is a MongoDB key, not valid with store = \"mariadb\"".into());
-    }
-    if !config.databases.contains_key(&file.database) {
-        p.push(format!(
+    let indexes: Vec<Index> = file
+        .indexes
+        .iter()
+        .filter_map(|i| mongo::compile_index(i).map_err(|e| p.push(e)).ok())
+        .collect();
+    match config.databases.get(&file.database) {
+        Some(db) if db.kind() != store_kind(file.store) => p.push(format!(
+            "database {:?} is a {} database; store = \"{}\" needs a {} one",
+            file.database,
+            db.kind(),
+            store_kind(file.store),
+            store_kind(file.store)
+        )),
+        Some(_) => {}
+        None => p.push(format!(
             "database {:?} is not a [databases] entry of the node config (known: {})",
             file.database,
             config
@@ -203,7 +260,7 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )),
     }
     if let Some(allow) = &file.allow {
         if allow.is_empty() {
@@ -214,14 +271,29 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
         if !is_identifier(name) {
             p.push(format!("fields.{name}: not a valid field name"));
         }
-        if f.max_len.is_some() && f.ty != FieldType::String {
+        if f.max_len.is_some() && f.ty != FieldType::String && f.ty != FieldType::Json {
             p.push(format!("fields.{name}: max_len applies only to strings"));
         }
         if f.min.is_some_and(f64::is_nan) || f.max.is_some_and(f64::is_nan) {
             p.push(format!("fields.{name}: min/max must be numbers"));
         }
+        let element = f.items.unwrap_or(f.ty);
+        if f.items.is_some() && f.ty != FieldType::Json {
+            p.push(format!("fields.{name}: items applies only to json fields"));
+        }
+        if f.items == Some(FieldType::Json) {
+            p.push(format!(
+                "fields.{name}: items = \"json\" says nothing; omit it"
+            ));
+        }
+        if f.ty == FieldType::ObjectId && file.store != Store::Mongodb {
+            p.push(format!("fields.{name}: object_id is a MongoDB type"));
+        }
+        if f.max_len.is_some() && element != FieldType::String && f.ty == FieldType::Json {
+            p.push(format!("fields.{name}: max_len applies only to strings"));
+        }
         if (f.min.is_some() || f.max.is_some())
-            && !matches!(f.ty, FieldType::Int | FieldType::Float)
+            && !matches!(element, FieldType::Int | FieldType::Float)
         {
             p.push(format!(
                 "fields.{name}: min/max apply only to int and float"
@@ -234,29 +306,23 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
     let mut ops = BTreeMap::new();
     for (op_name, spec) in &file.ops {
         let at = format!("ops.{op_name}");
-        let procedure = match &spec.procedure {
-            Some(proc_name) if is_identifier(proc_name) => proc_name.clone(),
-            Some(proc_name) => {
-                p.push(format!(
-                    "{at}.procedure {proc_name:?}: must be a plain identifier [A-Za-z_][A-Za-z0-9_]*"
-                ));
-                continue;
-            }
-            None => {
-                p.push(format!(
-                    "{at}: procedure is required for store = \"mariadb\""
-                ));
-                continue;
-            }
-        };
-        if spec.action.is_some()
+        let uses_mongo_keys = spec.action.is_some()
             || spec.filter.is_some()
+            || spec.document.is_some()
             || spec.update.is_some()
-            || spec.pipeline.is_some()
-        {
-            p.push(format!(
-                "{at}: action/filter/update/pipeline are MongoDB keys, not valid with store = \"mariadb\""
-            ));
+            || spec.sort.is_some()
+            || spec.projection.is_some()
+            || spec.limit.is_some()
+            || spec.skip.is_some()
+            || spec.pipeline.is_some();
+        match file.store {
+            Store::Mariadb if uses_mongo_keys => p.push(format!(
+                "{at}: action/filter/document/update/sort/projection/limit/skip/pipeline are MongoDB keys, not valid with store = \"mariadb\""
+            )),
+            Store::Mongodb if spec.procedure.is_some() => p.push(format!(
+                "{at}.procedure: a MariaDB key, not valid with store = \"mongodb\""
+            )),
+            _ => {}
         }
         let mut params = Vec::new();
         for name in &spec.params {
@@ -279,17 +345,62 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
                 params.iter().map(|(n, _)| req.contains(n)).collect()
             }
         };
-        let placeholders = vec!["?"; params.len()].join(", ");
+        let mut defaults = vec![None; params.len()];
+        for (name, value) in &spec.defaults {
+            let Some(i) = params.iter().position(|(n, _)| n == name) else {
+                p.push(format!("{at}.defaults: {name:?} is not one of its params"));
+                continue;
+            };
+            if required[i] {
+                p.push(format!(
+                    "{at}.defaults: {name:?} is required, so its default would never apply"
+                ));
+            }
+            let json = serde_json::to_value(value).unwrap_or(serde_json::Value::Null);
+            match values::check(name, &params[i].1, &json, file.store) {
+                Ok(v) => defaults[i] = Some(v),
+                Err(e) => p.push(format!("{at}.defaults: {e}")),
+            }
+        }
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let target = match (file.store, &spec.procedure, &file.collection) {
+            (Store::Mariadb, Some(proc_name), _) if is_identifier(proc_name) => {
+                let placeholders = vec!["?"; params.len()].join(", ");
+                Target::Procedure {
+                    call_sql: format!("CALL {proc_name}({placeholders})"),
+                    name: proc_name.clone(),
+                }
+            }
+            (Store::Mariadb, Some(proc_name), _) => {
+                p.push(format!(
+                    "{at}.procedure {proc_name:?}: must be a plain identifier [A-Za-z_][A-Za-z0-9_]*"
+                ));
+                continue;
+            }
+            (Store::Mariadb, None, _) => {
+                p.push(format!(
+                    "{at}: procedure is required for store = \"mariadb\""
+                ));
+                continue;
+            }
+            (Store::Mongodb, _, collection) => {
+                let collection = collection.as_deref().unwrap_or_default();
+                match mongo::compile(spec, collection, &names, &at, &mut p) {
+                    Some(m) => Target::Mongo(Box::new(m)),
+                    None => continue,
+                }
+            }
+        };
         ops.insert(
             op_name.clone(),
             Op {
                 qualified: format!("{}.{op_name}", file.name),
-                call_sql: format!("CALL {procedure}({placeholders})"),
-                procedure,
                 params,
                 required,
+                defaults,
                 returns: spec.returns,
                 access: spec.access,
+                target,
             },
         );
         if !is_identifier(op_name) {
@@ -309,7 +420,21 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
         database: file.database,
         allow,
         ops,
+        collection: file.collection,
+        indexes,
     })
+}
+
+fn store_kind(store: Store) -> &'static str {
+    match store {
+        Store::Mariadb => "mariadb",
+        Store::Mongodb => "mongodb",
+    }
+}
+
+/// MongoDB's rules for collection names, kept strict.
+fn is_collection_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 120 && !s.contains(['$', '\0']) && !s.starts_with("system.")
 }
 
 fn is_template_name(s: &str) -> bool {

@@ -27,6 +27,10 @@ pub struct TemplateFile {
     /// MongoDB templates only: the collection the ops work on.
     #[serde(default)]
     pub collection: Option<String>,
+    /// MongoDB templates only: the indexes the DBA's script creates. BEDS
+    /// checks they exist (IPL, `beds check --online`); it never creates them.
+    #[serde(default)]
+    pub indexes: Vec<IndexSpec>,
     /// The typed values a client may send.
     #[serde(default)]
     pub fields: BTreeMap<String, FieldSpec>,
@@ -49,6 +53,9 @@ pub enum FieldType {
     String,
     Datetime,
     Json,
+    /// MongoDB ObjectId: 24 lowercase hex characters on the wire.
+    #[serde(rename = "object_id")]
+    ObjectId,
 }
 
 impl FieldType {
@@ -60,6 +67,7 @@ impl FieldType {
             FieldType::String => "string",
             FieldType::Datetime => "datetime",
             FieldType::Json => "json",
+            FieldType::ObjectId => "object_id (24 lowercase hex characters)",
         }
     }
 }
@@ -81,8 +89,22 @@ pub struct FieldSpec {
     pub min: Option<f64>,
     #[serde(default)]
     pub max: Option<f64>,
+    /// Json fields: the value must be an array whose elements have this
+    /// type (with this field's `max_len`, `min` and `max` applied to each).
+    #[serde(default)]
+    pub items: Option<FieldType>,
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// An index a MongoDB template relies on, as the DBA script creates it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexSpec {
+    /// Key fields in order; `-name` is descending (`["user_id", "-created"]`).
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub unique: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -110,13 +132,35 @@ pub struct OpSpec {
     pub access: Access,
     #[serde(default)]
     pub description: Option<String>,
-    /// MongoDB ops (reserved; the MongoDB adapter is not built yet).
+    /// Values used for params the request leaves out (`{ limit = 100 }`).
+    #[serde(default)]
+    pub defaults: BTreeMap<String, toml::Value>,
+    /// MongoDB: what the op does (`find_one`, `find`, `insert_one`,
+    /// `update_one`, `find_one_and_update`, `delete_one`, `aggregate`).
     #[serde(default)]
     pub action: Option<String>,
+    /// MongoDB: the query selecting documents.
     #[serde(default)]
     pub filter: Option<toml::Value>,
+    /// MongoDB `insert_one`: the document stored.
+    #[serde(default)]
+    pub document: Option<toml::Value>,
+    /// MongoDB `update_one` / `find_one_and_update`: the update operators.
     #[serde(default)]
     pub update: Option<toml::Value>,
+    /// MongoDB `find` / `find_one` / `find_one_and_update`: result order.
+    #[serde(default)]
+    pub sort: Option<toml::Value>,
+    /// MongoDB: which fields rows carry.
+    #[serde(default)]
+    pub projection: Option<toml::Value>,
+    /// MongoDB `find`: most documents returned, a number or `"$param:<field>"`.
+    #[serde(default)]
+    pub limit: Option<toml::Value>,
+    /// MongoDB `find`: documents skipped first.
+    #[serde(default)]
+    pub skip: Option<toml::Value>,
+    /// MongoDB `aggregate`: the stages.
     #[serde(default)]
     pub pipeline: Option<toml::Value>,
 }

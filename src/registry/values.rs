@@ -5,8 +5,8 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
-use super::template::{FieldSpec, FieldType};
-use super::Op;
+use super::template::{FieldSpec, FieldType, Store};
+use super::{Op, Target};
 
 /// One validated, typed procedure argument.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,8 +18,11 @@ pub enum Param {
     Str(String),
     /// Normalised to UTC; the database session runs in UTC too.
     DateTime(NaiveDateTime),
-    /// Serialized JSON text.
-    Json(String),
+    /// A JSON value (MariaDB gets its text; MongoDB the same structure as
+    /// BSON).
+    Json(Value),
+    /// A MongoDB ObjectId (24 hex characters on the wire).
+    ObjectId([u8; 12]),
 }
 
 /// Checks `data` (the request's `data`, absent = empty object) against the
@@ -50,6 +53,10 @@ pub fn validate(op: &Op, data: Option<&Value>) -> Result<Vec<Param>, String> {
             });
         }
     }
+    let store = match op.target {
+        Target::Procedure { .. } => Store::Mariadb,
+        Target::Mongo(_) => Store::Mongodb,
+    };
     let mut out = Vec::with_capacity(op.params.len());
     for (i, (name, spec)) in op.params.iter().enumerate() {
         match data.get(name) {
@@ -57,15 +64,66 @@ pub fn validate(op: &Op, data: Option<&Value>) -> Result<Vec<Param>, String> {
                 if op.required[i] {
                     return Err(format!("data.{name}: required"));
                 }
-                out.push(Param::Null);
+                out.push(op.defaults[i].clone().unwrap_or(Param::Null));
             }
-            Some(v) => out.push(check(name, spec, v)?),
+            Some(v) => out.push(check(name, spec, v, store)?),
         }
     }
     Ok(out)
 }
 
-fn check(name: &str, spec: &FieldSpec, v: &Value) -> Result<Param, String> {
+/// Checks one value against its field (also used for template defaults).
+pub fn check(name: &str, spec: &FieldSpec, v: &Value, store: Store) -> Result<Param, String> {
+    if spec.ty == FieldType::Json {
+        if store == Store::Mongodb {
+            if let Some(path) = operator_key(v, &format!("data.{name}")) {
+                return Err(format!(
+                    "{path}: object keys may not start with '$' or contain '.' (a value is only ever a value)"
+                ));
+            }
+        }
+        if let Some(item) = spec.items {
+            let Value::Array(items) = v else {
+                return Err(format!(
+                    "data.{name}: expected an array of {}, got {}",
+                    item.as_str(),
+                    kind(v)
+                ));
+            };
+            let elem = FieldSpec {
+                ty: item,
+                items: None,
+                ..spec.clone()
+            };
+            for (i, x) in items.iter().enumerate() {
+                check(&format!("{name}[{i}]"), &elem, x, store)?;
+            }
+        }
+        return Ok(Param::Json(v.clone()));
+    }
+    scalar(name, spec, v)
+}
+
+/// The path of the first object key that MongoDB would read as an operator
+/// or a nested path.
+fn operator_key(v: &Value, at: &str) -> Option<String> {
+    match v {
+        Value::Object(m) => m.iter().find_map(|(k, x)| {
+            if k.starts_with('$') || k.contains('.') {
+                Some(format!("{at}.{k}"))
+            } else {
+                operator_key(x, &format!("{at}.{k}"))
+            }
+        }),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| operator_key(x, &format!("{at}[{i}]"))),
+        _ => None,
+    }
+}
+
+fn scalar(name: &str, spec: &FieldSpec, v: &Value) -> Result<Param, String> {
     let wrong = || {
         format!(
             "data.{name}: expected {}, got {}",
@@ -105,7 +163,21 @@ fn check(name: &str, spec: &FieldSpec, v: &Value) -> Result<Param, String> {
             })?;
             Param::DateTime(dt.with_timezone(&Utc).naive_utc())
         }
-        FieldType::Json => Param::Json(v.to_string()),
+        FieldType::ObjectId => {
+            let s = v.as_str().ok_or_else(wrong)?;
+            let mut bytes = [0u8; 12];
+            let lower_hex = s.len() == 24
+                && s.bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+            if !lower_hex || hex::decode_to_slice(s, &mut bytes).is_err() {
+                return Err(format!(
+                    "data.{name}: expected an object_id (24 lowercase hex characters), got {:?}",
+                    crate::error::clip(s.to_string(), 64)
+                ));
+            }
+            Param::ObjectId(bytes)
+        }
+        FieldType::Json => Param::Json(v.clone()),
     };
     let (below, above) = match &param {
         Param::Int(i) => (
@@ -160,8 +232,68 @@ fn kind(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::cmp_int;
+    use super::*;
     use std::cmp::Ordering::*;
+
+    fn field(ty: FieldType, items: Option<FieldType>) -> FieldSpec {
+        FieldSpec {
+            ty,
+            key: false,
+            max_len: Some(5),
+            min: None,
+            max: None,
+            items,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn object_ids_are_24_lowercase_hex() {
+        let f = field(FieldType::ObjectId, None);
+        let ok = serde_json::json!("0123456789abcdef01234567");
+        assert!(matches!(
+            check("id", &f, &ok, Store::Mongodb),
+            Ok(Param::ObjectId(_))
+        ));
+        for bad in [
+            serde_json::json!("0123456789ABCDEF01234567"),
+            serde_json::json!("0123456789abcdef0123456"),
+            serde_json::json!("xyz"),
+            serde_json::json!({"$ne": null}),
+            serde_json::json!(12),
+        ] {
+            assert!(check("id", &f, &bad, Store::Mongodb).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_values_with_operator_keys_are_refused_on_mongodb() {
+        let f = field(FieldType::Json, None);
+        for bad in [
+            serde_json::json!({"$gt": 1}),
+            serde_json::json!([{"a": {"b.c": 1}}]),
+            serde_json::json!({"a": [{"$where": "1"}]}),
+        ] {
+            let e = check("tags", &f, &bad, Store::Mongodb).unwrap_err();
+            assert!(e.contains("may not start with '$'"), "{e}");
+            // MariaDB stores JSON as text: nothing there reads keys.
+            assert!(check("tags", &f, &bad, Store::Mariadb).is_ok());
+        }
+        // Strings that look like operators are plain values.
+        assert!(check("tags", &f, &serde_json::json!(["$gt"]), Store::Mongodb).is_ok());
+    }
+
+    #[test]
+    fn json_items_are_checked_one_by_one() {
+        let f = field(FieldType::Json, Some(FieldType::String));
+        assert!(check("tags", &f, &serde_json::json!(["a", "b"]), Store::Mongodb).is_ok());
+        let e = check("tags", &f, &serde_json::json!(["a", 1]), Store::Mongodb).unwrap_err();
+        assert!(e.contains("data.tags[1]: expected string"), "{e}");
+        let e = check("tags", &f, &serde_json::json!(["toolong"]), Store::Mongodb).unwrap_err();
+        assert!(e.contains("too long"), "{e}");
+        let e = check("tags", &f, &serde_json::json!("a"), Store::Mongodb).unwrap_err();
+        assert!(e.contains("expected an array of string"), "{e}");
+    }
 
     #[test]
     fn integer_bounds_are_exact_beyond_f64_precision() {

@@ -410,7 +410,12 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
     {
         if let Ok(ch) = conn.create_channel().await {
             for b in BROKERS {
-                let mut names = vec![format!("{prefix}.{b}"), format!("{prefix}.{b}.dlq")];
+                let mut names = vec![
+                    format!("{prefix}.{b}"),
+                    format!("{prefix}.{b}.dlq"),
+                    format!("{prefix}.{b}.hold.primary"),
+                    format!("{prefix}.{b}.hold.docs"),
+                ];
                 names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
                 for q in names {
                     let _ = ch.queue_delete(&q, Default::default()).await;

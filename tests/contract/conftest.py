@@ -187,3 +187,28 @@ def call(beds):
     """``call(broker, body, content_type=..., headers=None, message_id=None,
     expiration=None) -> (reply_json, properties)``"""
     return beds.call
+
+
+# -- note domain switch (test_note.py) -----------------------------------------
+
+NOTE_SKIP_REASON = "note domain not served: set BEDS_NOTE=1"
+
+
+def _skip_reason(report):
+    longrepr = getattr(report, "longrepr", None)
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr or "")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say loudly when the note-domain tests did not run (BEDS_NOTE unset):
+    they are skipped, never passed, and this line makes that hard to miss."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    count = sum(1 for rep in skipped if NOTE_SKIP_REASON in _skip_reason(rep))
+    if count:
+        terminalreporter.section("BEDS note domain NOT TESTED", sep="!", red=True, bold=True)
+        terminalreporter.line(
+            "%d note-domain test(s) SKIPPED: %s" % (count, NOTE_SKIP_REASON),
+            red=True, bold=True,
+        )

@@ -1,0 +1,699 @@
+//! The MongoDB NamasteCore adapter, on the official `mongodb` driver. A
+//! template's op is a compiled [`MongoOp`]: its filter, document, update,
+//! sort and pipeline shapes are filled with the request's typed values as
+//! BSON, run, and the documents come back as JSON rows (CONTRACT §4).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use mongodb::bson::{self, doc, Bson, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{
+    ClientOptions, Credential, ReadPreference as DriverReadPreference, ReturnDocument,
+    SelectionCriteria, WriteConcern as DriverWriteConcern,
+};
+use mongodb::{ClientSession, Collection};
+use serde_json::{Map, Number, Value};
+
+use super::{probe, shape, AdapterError, Health, Lifecycle, NamasteCore, Outcome, Row, Session};
+use crate::config::{Access, MongoDbConfig, ReadPreference, WriteConcern};
+use crate::registry::mongo::{render, Absent, Action, Shape};
+use crate::registry::{Index, MongoOp, Op, Param, Template};
+
+/// What the server said about itself at `open`.
+#[derive(Debug, Clone)]
+struct Deployment {
+    /// The write concern writes use (`auto` resolved).
+    write_concern: DriverWriteConcern,
+    /// Why multi-document transactions cannot run here, if they cannot.
+    no_transactions: Option<String>,
+}
+
+pub struct MongoDb {
+    /// The `[databases]` entry name, for logs.
+    name: String,
+    client: mongodb::Client,
+    db: mongodb::Database,
+    /// Where read ops go (config `read_preference`).
+    reads: SelectionCriteria,
+    /// Config `write_concern` before `auto` is resolved.
+    write_concern: WriteConcern,
+    /// Learned at `open` from the server's `hello`.
+    deployment: OnceLock<Deployment>,
+    /// Bound on each operation (the driver's own server selection and
+    /// connect timeouts use it too).
+    timeout: Duration,
+    /// Down while the server does not answer: requests for it wait.
+    health: Arc<Health>,
+    /// Set by `close`, so a running probe stops.
+    closed: Arc<AtomicBool>,
+}
+
+impl MongoDb {
+    /// Builds the client; nothing connects until the first operation.
+    pub async fn new(name: &str, cfg: &MongoDbConfig) -> Result<MongoDb, AdapterError> {
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        // Async only for mongodb+srv URIs (a DNS lookup).
+        let mut opts = ClientOptions::parse(&cfg.uri)
+            .await
+            .map_err(|e| AdapterError::Internal(format!("databases.{name}.uri: {e}")))?;
+        opts.app_name = Some("beds".into());
+        opts.max_pool_size = Some(cfg.max_connections);
+        opts.server_selection_timeout = Some(timeout);
+        opts.connect_timeout = Some(timeout);
+        if let Some(user) = &cfg.user {
+            opts.credential = Some(
+                Credential::builder()
+                    .username(user.clone())
+                    .password(cfg.pass.clone().filter(|p| !p.is_empty()))
+                    .source(cfg.auth_source.clone())
+                    .build(),
+            );
+        }
+        let client = mongodb::Client::with_options(opts)
+            .map_err(|e| AdapterError::Internal(format!("databases.{name}: {e}")))?;
+        let reads = SelectionCriteria::ReadPreference(match cfg.read_preference {
+            ReadPreference::Primary => DriverReadPreference::Primary,
+            ReadPreference::PrimaryPreferred => {
+                DriverReadPreference::PrimaryPreferred { options: None }
+            }
+            ReadPreference::Secondary => DriverReadPreference::Secondary { options: None },
+            ReadPreference::SecondaryPreferred => {
+                DriverReadPreference::SecondaryPreferred { options: None }
+            }
+            ReadPreference::Nearest => DriverReadPreference::Nearest { options: None },
+        });
+        Ok(MongoDb {
+            name: name.to_string(),
+            db: client.database(&cfg.name),
+            client,
+            reads,
+            write_concern: cfg.write_concern,
+            deployment: OnceLock::new(),
+            timeout,
+            health: Arc::new(Health::default()),
+            closed: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn collection(&self, op: &MongoOp) -> Collection<Document> {
+        self.db.collection(&op.collection)
+    }
+
+    fn write_concern(&self) -> DriverWriteConcern {
+        match self.deployment.get() {
+            Some(d) => d.write_concern.clone(),
+            None => resolve_write_concern(self.write_concern, false),
+        }
+    }
+
+    /// Marks the database down and, on that transition, starts the probe
+    /// that marks it up again.
+    fn note_unreachable(&self, err: &AdapterError) {
+        if !matches!(err, AdapterError::Unreachable(_)) || !self.health.mark_down() {
+            return;
+        }
+        tracing::warn!(database = %self.name, error = %err, "database down: its requests wait until it answers");
+        let closed = self.closed.clone();
+        let db = self.db.clone();
+        probe(
+            self.health.clone(),
+            self.name.clone(),
+            "mongodb",
+            move || !closed.load(Ordering::Relaxed),
+            move || {
+                let db = db.clone();
+                async move { ping(&db).await }
+            },
+        );
+    }
+
+    /// One op, on `session` when given (a transaction). Bounded by the
+    /// timeout: past it a read counts as unreachable, a write as unknown.
+    async fn run(
+        &self,
+        op: &Op,
+        params: &[Param],
+        session: Option<&mut ClientSession>,
+    ) -> Result<Outcome, AdapterError> {
+        let Some(m) = op.mongo() else {
+            return Err(AdapterError::Internal(format!(
+                "{} is not a MongoDB op",
+                op.qualified
+            )));
+        };
+        let write = op.access != Access::Read;
+        let limit = self.timeout * 2;
+        let out =
+            match tokio::time::timeout(limit, self.run_unbounded(op, m, params, session)).await {
+                Ok(r) => r,
+                Err(_) if write => Err(AdapterError::Indeterminate(format!(
+                    "no answer within {limit:?}"
+                ))),
+                Err(_) => Err(AdapterError::Unreachable(format!(
+                    "no answer within {limit:?}"
+                ))),
+            };
+        out.inspect_err(|e| self.note_unreachable(e))
+            .and_then(|o| shape(op, o))
+    }
+
+    async fn run_unbounded(
+        &self,
+        op: &Op,
+        m: &MongoOp,
+        params: &[Param],
+        session: Option<&mut ClientSession>,
+    ) -> Result<Outcome, AdapterError> {
+        let names: Vec<String> = op.params.iter().map(|(n, _)| n.clone()).collect();
+        let now = bson::DateTime::now();
+        let fill = |s: &Option<Shape>, absent: Absent| -> Result<Option<Bson>, AdapterError> {
+            match s {
+                None => Ok(None),
+                Some(s) => render(s, params, &names, now, absent).map_err(|field| {
+                    AdapterError::Invalid(format!("data.{field}: required by {}", op.qualified))
+                }),
+            }
+        };
+        let doc_of = |b: Option<Bson>| match b {
+            Some(Bson::Document(d)) => d,
+            _ => Document::new(),
+        };
+        let write = op.access != Access::Read;
+        let classify = |e: mongodb::error::Error| classify(e, write);
+        let coll = self.collection(m);
+        let reads = (op.access == Access::Read).then(|| self.reads.clone());
+        let wc = self.write_concern();
+        // The session is taken by whichever builder runs; each arm runs one.
+        macro_rules! exec {
+            ($action:expr) => {
+                match session {
+                    Some(s) => $action.session(s).await,
+                    None => $action.await,
+                }
+            };
+        }
+        let filter = doc_of(fill(&m.filter, Absent::Refuse)?);
+        let sort = fill(&m.sort, Absent::Refuse)?.and_then(as_doc);
+        let projection = fill(&m.projection, Absent::Refuse)?.and_then(as_doc);
+        let mut out = Outcome::default();
+        match m.action {
+            Action::FindOne => {
+                let found = exec!(coll
+                    .find_one(filter)
+                    .optional(sort, |a, s| a.sort(s))
+                    .optional(projection, |a, p| a.projection(p))
+                    .optional(reads, |a, r| a.selection_criteria(r)))
+                .map_err(classify)?;
+                out.rows.extend(found.map(row));
+            }
+            Action::Find => {
+                let limit = fill(&m.limit, Absent::Refuse)?.and_then(as_i64);
+                let skip = fill(&m.skip, Absent::Refuse)?
+                    .and_then(as_i64)
+                    .map(|s| s.max(0) as u64);
+                let find = coll
+                    .find(filter)
+                    .optional(sort, |a, s| a.sort(s))
+                    .optional(projection, |a, p| a.projection(p))
+                    .optional(limit, |a, l| a.limit(l))
+                    .optional(skip, |a, s| a.skip(s))
+                    .optional(reads, |a, r| a.selection_criteria(r));
+                out.rows = match session {
+                    Some(s) => {
+                        let mut cursor = find.session(&mut *s).await.map_err(classify)?;
+                        let docs: Vec<Document> =
+                            cursor.stream(s).try_collect().await.map_err(classify)?;
+                        docs.into_iter().map(row).collect()
+                    }
+                    None => {
+                        let cursor = find.await.map_err(classify)?;
+                        let docs: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
+                        docs.into_iter().map(row).collect()
+                    }
+                };
+            }
+            Action::Aggregate => {
+                let stages: Vec<Document> = match fill(&m.pipeline, Absent::Refuse)? {
+                    Some(Bson::Array(a)) => a.into_iter().filter_map(as_doc).collect(),
+                    _ => Vec::new(),
+                };
+                let agg = coll
+                    .aggregate(stages)
+                    .optional(reads, |a, r| a.selection_criteria(r));
+                out.rows = match session {
+                    Some(s) => {
+                        let mut cursor = agg.session(&mut *s).await.map_err(classify)?;
+                        let docs: Vec<Document> =
+                            cursor.stream(s).try_collect().await.map_err(classify)?;
+                        docs.into_iter().map(row).collect()
+                    }
+                    None => {
+                        let cursor = agg.await.map_err(classify)?;
+                        let docs: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
+                        docs.into_iter().map(row).collect()
+                    }
+                };
+            }
+            Action::InsertOne => {
+                let mut document = doc_of(fill(&m.document, Absent::Omit)?);
+                if !document.contains_key("_id") {
+                    // Ours, so the stored document can be returned as is.
+                    let mut with_id = doc! { "_id": bson::oid::ObjectId::new() };
+                    with_id.extend(document);
+                    document = with_id;
+                }
+                let insert = coll.insert_one(&document).write_concern(wc);
+                exec!(insert).map_err(classify)?;
+                out.affected = 1;
+                out.rows.push(row(document));
+            }
+            Action::UpdateOne => {
+                match update_doc(fill(&m.update, Absent::Omit)?) {
+                    Some(update) => {
+                        let r = exec!(coll.update_one(filter, update).write_concern(wc))
+                            .map_err(classify)?;
+                        out.affected = r.modified_count;
+                    }
+                    // Nothing to change: report whether it exists.
+                    None => {
+                        let found = exec!(coll.find_one(filter)).map_err(classify)?;
+                        out.rows.extend(found.map(row));
+                    }
+                }
+            }
+            Action::FindOneAndUpdate => match update_doc(fill(&m.update, Absent::Omit)?) {
+                Some(update) => {
+                    let found = exec!(coll
+                        .find_one_and_update(filter, update)
+                        .return_document(ReturnDocument::After)
+                        .write_concern(wc)
+                        .optional(sort, |a, s| a.sort(s))
+                        .optional(projection, |a, p| a.projection(p)))
+                    .map_err(classify)?;
+                    out.affected = u64::from(found.is_some());
+                    out.rows.extend(found.map(row));
+                }
+                None => {
+                    let found = exec!(coll
+                        .find_one(filter)
+                        .optional(sort, |a, s| a.sort(s))
+                        .optional(projection, |a, p| a.projection(p)))
+                    .map_err(classify)?;
+                    out.rows.extend(found.map(row));
+                }
+            },
+            Action::DeleteOne => {
+                let r = exec!(coll.delete_one(filter).write_concern(wc)).map_err(classify)?;
+                out.affected = r.deleted_count;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Applies a setter only when there is a value (the driver's builders take
+/// values, not options).
+trait Optional: Sized {
+    fn optional<V>(self, v: Option<V>, set: impl FnOnce(Self, V) -> Self) -> Self {
+        match v {
+            Some(v) => set(self, v),
+            None => self,
+        }
+    }
+}
+
+impl<T> Optional for T {}
+
+fn as_doc(b: Bson) -> Option<Document> {
+    match b {
+        Bson::Document(d) => Some(d),
+        _ => None,
+    }
+}
+
+fn as_i64(b: Bson) -> Option<i64> {
+    match b {
+        Bson::Int64(i) => Some(i),
+        Bson::Int32(i) => Some(i as i64),
+        _ => None,
+    }
+}
+
+/// An update with the operators whose every field was left out removed;
+/// `None` when nothing is left to change.
+fn update_doc(b: Option<Bson>) -> Option<Document> {
+    let d: Document = as_doc(b?)?
+        .into_iter()
+        .filter(|(_, v)| !matches!(v, Bson::Document(inner) if inner.is_empty()))
+        .collect();
+    (!d.is_empty()).then_some(d)
+}
+
+async fn ping(db: &mongodb::Database) -> Result<(), AdapterError> {
+    db.run_command(doc! { "ping": 1 })
+        .await
+        .map(|_| ())
+        .map_err(|e| classify(e, false))
+}
+
+fn resolve_write_concern(wc: WriteConcern, replica_set: bool) -> DriverWriteConcern {
+    match wc {
+        WriteConcern::Majority => DriverWriteConcern::majority(),
+        WriteConcern::Acknowledged => DriverWriteConcern::nodes(1),
+        WriteConcern::Auto if replica_set => DriverWriteConcern::majority(),
+        WriteConcern::Auto => DriverWriteConcern::nodes(1),
+    }
+}
+
+#[async_trait]
+impl NamasteCore for MongoDb {
+    async fn call(&self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+        self.run(op, params, None).await
+    }
+
+    fn atomic_support(&self) -> Result<(), String> {
+        match self.deployment.get().map(|d| &d.no_transactions) {
+            Some(None) => Ok(()),
+            Some(Some(why)) => Err(why.clone()),
+            None => Err(format!("database {} has not been opened", self.name)),
+        }
+    }
+
+    async fn call_atomic(
+        &self,
+        calls: &[(&Op, &[Param])],
+    ) -> Result<Vec<Outcome>, (usize, AdapterError)> {
+        if let Err(why) = self.atomic_support() {
+            return Err((0, AdapterError::Invalid(why)));
+        }
+        let mut session = self
+            .client
+            .start_session()
+            .await
+            .map_err(|e| (0, classify(e, false)))
+            .inspect_err(|(_, e)| self.note_unreachable(e))?;
+        session
+            .start_transaction()
+            .write_concern(self.write_concern())
+            .await
+            .map_err(|e| (0, classify(e, false)))?;
+        let mut outs = Vec::with_capacity(calls.len());
+        for (i, (op, params)) in calls.iter().enumerate() {
+            match self.run(op, params, Some(&mut session)).await {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    let _ = session.abort_transaction().await;
+                    // Nothing of an aborted transaction was applied.
+                    let e = match e {
+                        AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
+                        other => other,
+                    };
+                    return Err((i, e));
+                }
+            }
+        }
+        session.commit_transaction().await.map_err(|e| {
+            let last = calls.len().saturating_sub(1);
+            if e.contains_label("UnknownTransactionCommitResult") {
+                (last, AdapterError::Indeterminate(e.to_string()))
+            } else {
+                (last, classify(e, true))
+            }
+        })?;
+        Ok(outs)
+    }
+
+    fn session(&self) -> Box<dyn Session + '_> {
+        // The driver pools connections per server itself; entries run one
+        // by one, each with its own retry and timeout.
+        Box::new(MongoSession { db: self })
+    }
+}
+
+struct MongoSession<'a> {
+    db: &'a MongoDb,
+}
+
+#[async_trait]
+impl Session for MongoSession<'_> {
+    async fn call(&mut self, op: &Op, params: &[Param]) -> Result<Outcome, AdapterError> {
+        self.db.call(op, params).await
+    }
+}
+
+#[async_trait]
+impl Lifecycle for MongoDb {
+    async fn open(&self, _tolerate_optional: bool) -> Result<(), AdapterError> {
+        let hello = self
+            .db
+            .run_command(doc! { "hello": 1 })
+            .await
+            .map_err(|e| classify(e, false))?;
+        let replica_set = hello.contains_key("setName");
+        let mongos = hello.get_str("msg").is_ok_and(|m| m == "isdbgrid");
+        let wire = hello
+            .get("maxWireVersion")
+            .and_then(|v| v.as_i32().or(v.as_i64().map(|i| i as i32)))
+            .unwrap_or(0);
+        let sessions = hello.contains_key("logicalSessionTimeoutMinutes");
+        // Transactions: replica sets from MongoDB 4.0 (wire 7), sharded
+        // clusters from 4.2 (wire 8); both need sessions.
+        let no_transactions = if !sessions {
+            Some("the server does not support sessions".to_string())
+        } else if replica_set && wire >= 7 || mongos && wire >= 8 {
+            None
+        } else if replica_set || mongos {
+            Some(format!(
+                "the server is too old for transactions (wire version {wire})"
+            ))
+        } else {
+            Some(
+                "transactions need a replica set or a sharded cluster; this server is standalone"
+                    .to_string(),
+            )
+        };
+        let d = Deployment {
+            write_concern: resolve_write_concern(self.write_concern, replica_set || mongos),
+            no_transactions,
+        };
+        tracing::info!(database = %self.name, replica_set, mongos, wire,
+            write_concern = ?d.write_concern.w, transactions = d.no_transactions.is_none(), "MongoDB deployment");
+        let _ = self.deployment.set(d);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), AdapterError> {
+        ping(&self.db).await
+    }
+
+    async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError> {
+        let present = self
+            .db
+            .list_collection_names()
+            .await
+            .map_err(|e| classify(e, false))?;
+        let mut problems = Vec::new();
+        for t in templates {
+            let Some(coll) = &t.collection else { continue };
+            if !present.contains(coll) {
+                problems.push(format!(
+                    "template {}: collection {coll} does not exist in {}.{} (run the DBA script that creates it and its indexes)",
+                    t.name,
+                    self.name,
+                    self.db.name()
+                ));
+                continue;
+            }
+            let cursor = self
+                .db
+                .collection::<Document>(coll)
+                .list_indexes()
+                .await
+                .map_err(|e| classify(e, false))?;
+            let models: Vec<mongodb::IndexModel> =
+                cursor.try_collect().await.map_err(|e| classify(e, false))?;
+            let have: Vec<Index> = models
+                .iter()
+                .map(|m| Index {
+                    keys: m
+                        .keys
+                        .iter()
+                        .map(|(k, v)| (k.clone(), direction(v)))
+                        .collect(),
+                    unique: m.options.as_ref().and_then(|o| o.unique).unwrap_or(false),
+                })
+                .collect();
+            for want in &t.indexes {
+                let found = have
+                    .iter()
+                    .any(|h| h.keys == want.keys && (h.unique || !want.unique));
+                if !found {
+                    problems.push(format!(
+                        "template {}: collection {coll} lacks the index {} (the DBA script creates it)",
+                        t.name,
+                        want.describe()
+                    ));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    fn health(&self) -> &Health {
+        &self.health
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.client.clone().shutdown().await;
+    }
+}
+
+/// An index key's direction as 1 / -1 (servers may answer 1, 1.0 or 1_i64);
+/// other kinds ("text", "2dsphere") as 0, which no template key matches.
+fn direction(v: &Bson) -> i32 {
+    match v {
+        Bson::Int32(i) => i.signum(),
+        Bson::Int64(i) => i.signum() as i32,
+        Bson::Double(f) if *f > 0.0 => 1,
+        Bson::Double(f) if *f < 0.0 => -1,
+        _ => 0,
+    }
+}
+
+/// A document as a row: `_id` first, as `id`.
+fn row(mut d: Document) -> Row {
+    let mut r = Map::with_capacity(d.len());
+    if let Some(id) = d.remove("_id") {
+        r.insert("id".into(), to_json(id));
+    }
+    for (k, v) in d {
+        r.insert(k, to_json(v));
+    }
+    r
+}
+
+/// CONTRACT §4: ObjectId as its hex string, dates as RFC 3339 UTC,
+/// Decimal128 as a string, integers as numbers.
+fn to_json(b: Bson) -> Value {
+    match b {
+        Bson::Null | Bson::Undefined => Value::Null,
+        Bson::Boolean(b) => Value::Bool(b),
+        Bson::Int32(i) => Value::from(i),
+        Bson::Int64(i) => Value::from(i),
+        Bson::Double(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
+        Bson::String(s) | Bson::Symbol(s) | Bson::JavaScriptCode(s) => Value::String(s),
+        Bson::ObjectId(o) => Value::String(o.to_hex()),
+        Bson::DateTime(d) => match chrono::DateTime::from_timestamp_millis(d.timestamp_millis()) {
+            Some(t) => Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            None => Value::Null,
+        },
+        Bson::Decimal128(d) => Value::String(d.to_string()),
+        Bson::Array(a) => Value::Array(a.into_iter().map(to_json).collect()),
+        Bson::Document(d) => Value::Object(d.into_iter().map(|(k, v)| (k, to_json(v))).collect()),
+        Bson::Binary(b) => Value::String(hex::encode(b.bytes)),
+        Bson::Timestamp(t) => Value::from((u64::from(t.time) << 32) | u64::from(t.increment)),
+        other => Value::String(other.to_string()),
+    }
+}
+
+/// Sorts a driver error into what the dispatcher must do about it. `write`:
+/// the operation may change data, so a connection lost after sending it
+/// leaves its outcome unknown.
+fn classify(e: mongodb::error::Error, write: bool) -> AdapterError {
+    if e.contains_label("TransientTransactionError") {
+        return AdapterError::Transient(e.to_string());
+    }
+    let lost = |m: String| {
+        if write {
+            AdapterError::Indeterminate(m)
+        } else {
+            AdapterError::Unreachable(m)
+        }
+    };
+    match e.kind.as_ref() {
+        // No server was found: nothing was sent.
+        ErrorKind::ServerSelection { .. } | ErrorKind::DnsResolve { .. } => {
+            AdapterError::Unreachable(e.to_string())
+        }
+        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => lost(e.to_string()),
+        ErrorKind::Write(WriteFailure::WriteError(we)) => code_error(we.code, &we.message, write),
+        // Applied on the primary, not confirmed by enough members.
+        ErrorKind::Write(WriteFailure::WriteConcernError(wce)) => {
+            AdapterError::Indeterminate(wce.message.clone())
+        }
+        ErrorKind::Command(ce) => code_error(ce.code, &ce.message, write),
+        ErrorKind::Authentication { message, .. } => {
+            AdapterError::Internal(format!("authentication failed: {message}"))
+        }
+        _ => AdapterError::Internal(e.to_string()),
+    }
+}
+
+fn code_error(code: i32, message: &str, write: bool) -> AdapterError {
+    let m = message.to_string();
+    match code {
+        11000 | 11001 | 12582 => AdapterError::Conflict(m),
+        // WriteConflict, LockTimeout, ExceededTimeLimit, MaxTimeMSExpired.
+        112 | 24 | 262 | 50 => AdapterError::Transient(m),
+        // Not primary / node recovering / shutting down: the command was
+        // refused before it ran.
+        10107 | 13435 | 13436 | 11600 | 11602 | 91 | 189 | 10058 => AdapterError::Unreachable(m),
+        // HostUnreachable, HostNotFound, NetworkTimeout, SocketException.
+        6 | 7 | 89 | 9001 if write => AdapterError::Indeterminate(m),
+        6 | 7 | 89 | 9001 => AdapterError::Unreachable(m),
+        _ => AdapterError::Internal(format!("{code}: {m}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_become_rows_with_id_first() {
+        let oid = bson::oid::ObjectId::parse_str("0123456789abcdef01234567").unwrap();
+        let d = doc! {
+            "title": "t",
+            "_id": oid,
+            "created": bson::DateTime::from_millis(1_700_000_000_123),
+            "big": 9_007_199_254_740_993_i64,
+            "tags": ["a"],
+        };
+        let r = row(d);
+        let keys: Vec<&str> = r.keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["id", "title", "created", "big", "tags"]);
+        assert_eq!(r["id"], "0123456789abcdef01234567");
+        assert_eq!(r["created"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(r["big"], serde_json::json!(9_007_199_254_740_993_i64));
+    }
+
+    #[test]
+    fn empty_updates_are_nothing_to_change() {
+        assert_eq!(update_doc(Some(Bson::Document(doc! {"$set": {}}))), None);
+        assert_eq!(
+            update_doc(Some(Bson::Document(doc! {"$set": {"a": 1}, "$unset": {}}))),
+            Some(doc! {"$set": {"a": 1}})
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_conflicts_and_not_primary_is_unreachable() {
+        assert!(matches!(
+            code_error(11000, "E11000", true),
+            AdapterError::Conflict(_)
+        ));
+        assert!(matches!(
+            code_error(10107, "not primary", true),
+            AdapterError::Unreachable(_)
+        ));
+        assert!(matches!(
+            code_error(9001, "socket", true),
+            AdapterError::Indeterminate(_)
+        ));
+    }
+}

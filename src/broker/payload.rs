@@ -165,8 +165,9 @@ pub fn amqp_int(v: &AMQPValue) -> Option<i64> {
 
 /// Parses a body already known to be within the size limit.
 pub fn parse(body: &[u8], max_batch: usize) -> Result<Request, PayloadError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| PayloadError::NotJson(e.to_string()))?;
+    let value = serde_json::from_slice::<Strict>(body)
+        .map_err(|e| PayloadError::NotJson(e.to_string()))?
+        .0;
     let Value::Object(obj) = &value else {
         return Err(PayloadError::NotObject);
     };
@@ -193,6 +194,72 @@ pub fn parse(body: &[u8], max_batch: usize) -> Result<Request, PayloadError> {
         })
     } else {
         entry(value).map(Request::Single)
+    }
+}
+
+/// A JSON value parsed like `serde_json::Value`, except that a key repeated
+/// in one object is an error (CONTRACT §2): parsers disagree on which copy
+/// wins, so BEDS must not act on a reading a proxy or logger did not see.
+struct Strict(Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+        while let Some(Strict(v)) = seq.next_element()? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {:?}",
+                    crate::error::clip(key, 64)
+                )));
+            }
+            let Strict(v) = map.next_value()?;
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
     }
 }
 
@@ -231,6 +298,33 @@ mod tests {
             Request::Batch { entries, .. } => assert!(entries[0].is_err()),
             _ => panic!("expected batch"),
         }
+    }
+
+    #[test]
+    fn rejects_duplicate_keys_at_any_depth() {
+        for body in [
+            r#"{"template":"usr","template":"x","op":"read"}"#,
+            r#"{"template":"usr","op":"read","data":{"id":1,"id":2}}"#,
+            r#"{"template":"usr","op":"read","data":{"j":[{"a":1,"\u0061":2}]}}"#,
+            r#"{"batch":[{"template":"usr","op":"read","op":"list"}]}"#,
+        ] {
+            let r = parse(body.as_bytes(), 10);
+            let e = match r {
+                Err(e) => e.to_string(),
+                Ok(Request::Batch { entries, .. }) => match &entries[0] {
+                    Err(e) => e.to_string(),
+                    Ok(_) => String::new(),
+                },
+                Ok(_) => String::new(),
+            };
+            assert!(e.contains("duplicate key"), "{body}: {e}");
+        }
+        // The same key in two objects is fine.
+        assert!(parse(
+            br#"{"batch":[{"template":"a","op":"b"},{"template":"a","op":"b"}]}"#,
+            10
+        )
+        .is_ok());
     }
 
     #[test]

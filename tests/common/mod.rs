@@ -93,6 +93,8 @@ pub struct Opts {
     pub db_login: Option<(String, String)>,
     /// Configure a read replica on this port (the same server, via a proxy).
     pub replica_port: Option<u16>,
+    /// Point the node's MongoDB entry at this port (an outage proxy).
+    pub mongo_port: u16,
 }
 
 impl Default for Opts {
@@ -108,6 +110,7 @@ impl Default for Opts {
             queue_type: "classic",
             db_login: None,
             replica_port: None,
+            mongo_port: mongo_port(),
         }
     }
 }
@@ -171,7 +174,15 @@ pass = "{pass}"
 name = "{db}"
 max_connections = 8
 acquire_timeout_ms = {acquire}
+
+[databases.docs]
+kind = "mongodb"
+uri = "mongodb://127.0.0.1:{mongo_port}/?directConnection=true"
+name = "{db}"
+max_connections = 8
+timeout_ms = 2000
 "#,
+        mongo_port = o.mongo_port,
         templates = dir.join("templates").display(),
         prefetch = o.prefetch,
         tiers = o.retry_tiers_ms,
@@ -201,6 +212,7 @@ acquire_timeout_ms = {acquire}
     let t = dir.join("templates");
     std::fs::create_dir_all(&t).unwrap();
     std::fs::copy(root().join("templates/usr.toml"), t.join("usr.toml")).unwrap();
+    std::fs::copy(root().join("templates/note.toml"), t.join("note.toml")).unwrap();
     for f in std::fs::read_dir(root().join("tests/fixtures/templates")).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, t.join(f.file_name().unwrap())).unwrap();
@@ -216,6 +228,65 @@ pub fn create_db(db: &str) {
     let schema = std::fs::read_to_string(root().join("utilities/sql/usr.sql")).unwrap();
     let tst = std::fs::read_to_string(root().join("tests/fixtures/tst.sql")).unwrap();
     sql(Some(db), &format!("{schema}\n{tst}"));
+    let script = root().join("utilities/mongo/note.json");
+    let db = db.to_string();
+    on_own_runtime(async move { mongo_script(&db, &script).await });
+}
+
+/// The MongoDB-compatible server the tests use (`BEDS_TEST_MONGO_PORT`,
+/// default 27017; `utilities/dev test` starts one when none answers).
+pub fn mongo_port() -> u16 {
+    std::env::var("BEDS_TEST_MONGO_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(27017)
+}
+
+/// A driver client for the test's own checks and setup.
+pub async fn mongo() -> mongodb::Client {
+    mongodb::Client::with_uri_str(format!(
+        "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=5000",
+        mongo_port()
+    ))
+    .await
+    .unwrap()
+}
+
+/// Runs a DBA command script (`utilities/mongo/*.json`) on database `db`.
+pub async fn mongo_script(db: &str, script: &Path) {
+    let text = std::fs::read_to_string(script).unwrap();
+    let commands: Vec<serde_json::Map<String, Value>> = serde_json::from_str(&text).unwrap();
+    let client = mongo().await;
+    for c in commands {
+        let cmd = mongodb::bson::to_document(&c).unwrap();
+        if let Err(e) = client.database(db).run_command(cmd.clone()).await {
+            assert!(
+                e.to_string().contains("NamespaceExists") || e.to_string().contains("already exists"),
+                "MongoDB script {} failed on {cmd}: {e} (is a MongoDB-compatible server on port {}? utilities/dev setup starts one)",
+                script.display(),
+                mongo_port()
+            );
+        }
+    }
+}
+
+/// Runs a future to completion on a fresh runtime in its own thread (for
+/// sync setup and drops inside async tests).
+pub fn on_own_runtime<F>(f: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let r = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+    .join();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
 }
 
 impl TestEnv {
@@ -429,6 +500,9 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
         let _ = conn.close(200, "").await;
     }
     let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
+    if let Ok(client) = tokio::time::timeout(Duration::from_secs(5), mongo()).await {
+        let _ = tokio::time::timeout(Duration::from_secs(5), client.database(db).drop()).await;
+    }
 }
 
 /// A TCP proxy in front of MariaDB that a test can take down (dropping every

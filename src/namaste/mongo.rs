@@ -186,7 +186,8 @@ impl MongoDb {
         let classify = |e: mongodb::error::Error| classify(e, write);
         let coll = self.collection(m);
         let reads = (op.access == Access::Read).then(|| self.reads.clone());
-        let wc = self.write_concern();
+        // Inside a transaction the transaction's write concern applies.
+        let wc = session.is_none().then(|| self.write_concern());
         // The session is taken by whichever builder runs; each arm runs one.
         macro_rules! exec {
             ($action:expr) => {
@@ -266,7 +267,9 @@ impl MongoDb {
                     with_id.extend(document);
                     document = with_id;
                 }
-                let insert = coll.insert_one(&document).write_concern(wc);
+                let insert = coll
+                    .insert_one(&document)
+                    .optional(wc, |a, w| a.write_concern(w));
                 exec!(insert).map_err(classify)?;
                 out.affected = 1;
                 out.rows.push(row(document));
@@ -274,8 +277,10 @@ impl MongoDb {
             Action::UpdateOne => {
                 match update_doc(fill(&m.update, Absent::Omit)?) {
                     Some(update) => {
-                        let r = exec!(coll.update_one(filter, update).write_concern(wc))
-                            .map_err(classify)?;
+                        let r = exec!(coll
+                            .update_one(filter, update)
+                            .optional(wc, |a, w| a.write_concern(w)))
+                        .map_err(classify)?;
                         out.affected = r.modified_count;
                     }
                     // Nothing to change: report whether it exists.
@@ -290,7 +295,7 @@ impl MongoDb {
                     let found = exec!(coll
                         .find_one_and_update(filter, update)
                         .return_document(ReturnDocument::After)
-                        .write_concern(wc)
+                        .optional(wc, |a, w| a.write_concern(w))
                         .optional(sort, |a, s| a.sort(s))
                         .optional(projection, |a, p| a.projection(p)))
                     .map_err(classify)?;
@@ -307,7 +312,10 @@ impl MongoDb {
                 }
             },
             Action::DeleteOne => {
-                let r = exec!(coll.delete_one(filter).write_concern(wc)).map_err(classify)?;
+                let r = exec!(coll
+                    .delete_one(filter)
+                    .optional(wc, |a, w| a.write_concern(w)))
+                .map_err(classify)?;
                 out.affected = r.deleted_count;
             }
         }

@@ -262,6 +262,39 @@ async fn beds_check_exit_codes_and_problem_lists() {
     let tst = std::fs::read_to_string(common::root().join("tests/fixtures/tst.sql")).unwrap();
     common::sql(Some(&prefix), &tst);
     let (code, out) = beds(&["check", "--online"], &cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("collection notes does not exist"),
+        "MongoDB collections are checked: {out}"
+    );
+
+    // The collection with only one of its two indexes: the other is named.
+    let db = prefix.clone();
+    common::on_own_runtime(async move {
+        let cmd = mongodb::bson::doc! {"createIndexes": "notes", "indexes": [
+            {"name": "user_created", "key": {"user_id": 1, "created": -1}}
+        ]};
+        common::mongo()
+            .await
+            .database(&db)
+            .run_command(cmd)
+            .await
+            .unwrap();
+    });
+    let (code, out) = beds(&["check", "--online"], &cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("lacks the index {user_id: 1, title: 1} unique"),
+        "{out}"
+    );
+    assert!(!out.contains("created: -1"), "existing indexes pass: {out}");
+
+    let (db, script) = (
+        prefix.clone(),
+        common::root().join("utilities/mongo/note.json"),
+    );
+    common::on_own_runtime(async move { common::mongo_script(&db, &script).await });
+    let (code, out) = beds(&["check", "--online"], &cfg);
     assert_eq!(code, 0, "{out}");
 
     // A broken template and a config typo: both reported, exit 64.

@@ -220,6 +220,72 @@ async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
     env.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_outage_holds_its_requests_while_mariadb_flows() {
+    let proxy = Proxy::start(common::mongo_port()).await;
+    let env = TestEnv::start(Opts {
+        mongo_port: proxy.port,
+        retry_tiers_ms: vec![100, 100],
+        ..Default::default()
+    })
+    .await;
+    let note = |i: usize| json!({"template": "note", "op": "create", "data": {"user_id": 1, "title": format!("t{i}")}});
+    assert!(env.call("wBroker", note(0)).await.is_ok());
+
+    proxy.set_down(true).await;
+    // Let the driver see the outage (its monitor's connection dropped), so
+    // no write is sent on a connection that is already dead.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let opts = CallOptions {
+        timeout: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = env.client();
+    let writes: Vec<_> = (1..=10).map(note).collect();
+    let read = json!({"template": "note", "op": "by_user", "data": {"user_id": 1}});
+    let held = futures::future::join_all(
+        writes
+            .iter()
+            .map(|p| client.call("wBroker", p, &opts))
+            .chain(std::iter::once(client.call("rBroker", &read, &opts))),
+    );
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // MariaDB requests flow while MongoDB is down.
+        for i in 0..5 {
+            let r = env
+                .call(
+                    "wBroker",
+                    json!({"template": "usr", "op": "create", "data": {"name": "M", "email": format!("m{i}@flows.example")}}),
+                )
+                .await;
+            assert!(r.is_ok(), "MariaDB unaffected: {r:?}");
+        }
+        let waiting = env
+            .queue_len(&format!("{}.wBroker.hold.docs", env.prefix))
+            .await
+            + env
+                .queue_len(&format!("{}.rBroker.hold.docs", env.prefix))
+                .await;
+        assert!(waiting >= 1, "MongoDB requests wait in their hold queues");
+        for b in ["rBroker", "wBroker"] {
+            assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+        }
+        proxy.set_down(false).await;
+    };
+    let (replies, ()) = tokio::join!(held, meanwhile);
+    for r in replies {
+        let r = r.expect("every request answered after the outage");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let r = env.call("rBroker", read).await;
+    assert_eq!(r.data.map(|d| d.len()), Some(11), "every note stored once");
+    for b in ["rBroker", "wBroker"] {
+        assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+    }
+    env.finish().await;
+}
+
 fn signal(child: &tokio::process::Child, sig: &str) {
     std::process::Command::new("kill")
         .args([sig, &child.id().unwrap().to_string()])

@@ -208,7 +208,7 @@ async fn run(c: &Client, url: &str) -> Res<()> {
         )?;
         println!(
             "note create    -> ok, id={note_id} created={}",
-            note["created"]
+            note["created"].as_str().unwrap_or("?")
         );
         let read = req("note", "read", json!({ "id": note_id }));
         let r = ok(c, READ, &read, &opts(None)).await?;

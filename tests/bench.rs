@@ -233,3 +233,63 @@ async fn bench_refuses_what_it_cannot_measure() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// Notes in the `notes` collection of MongoDB database `db`.
+async fn note_docs(db: &str) -> u64 {
+    mongo()
+        .await
+        .database(db)
+        .collection::<mongodb::bson::Document>("notes")
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_on_mongodb_note_and_its_references() {
+    let (mut node, debris, prefix, _log) = spawn_node("benchnote", &[]).await;
+    let conn = amqp().await;
+    let (ch, q) = tap(&conn, &prefix).await;
+    // `note` has no op that lists without a key: the bench creates its
+    // 20 keys, then reads them.
+    let (code, r, err) = bench(
+        &debris.dir,
+        "--template note --mix read=80,create=20 --count 200 -c 4 --seed 20 --warmup 0s --json",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!((n(&r, "requests"), n(&r, "ok_ops")), (200, 200), "{r}");
+    assert_eq!(n(&r, "seed_requests"), 20, "20 creates, no list");
+    assert_eq!(tapped(&ch, &q).await, 220);
+    let docs = note_docs(&prefix).await;
+    assert!(docs > 20 && docs < 220, "seeds plus the creates: {docs}");
+
+    // The MongoDB forms of the references: the driver's own calls, straight
+    // (database) and behind the thinnest lapin pipeline.
+    for (reference, batch) in [("database", "1"), ("pipeline", "1"), ("pipeline", "5")] {
+        let (code, r, err) = bench(
+            &debris.dir,
+            &format!("--template note --reference {reference} --batch {batch} --count 40 --warmup 0s --seed 20 -c 4 --json"),
+        )
+        .await;
+        assert_eq!(code, Some(0), "{reference}: {err}");
+        let b: u64 = batch.parse().unwrap();
+        assert_eq!(
+            (n(&r, "requests"), n(&r, "ok_ops")),
+            (40, 40 * b),
+            "{reference}: {r}"
+        );
+    }
+    // The database reference's creates reach the collection.
+    let before = note_docs(&prefix).await;
+    let (code, r, err) = bench(
+        &debris.dir,
+        "--template note --reference database --mix create --count 30 --warmup 0s -c 4 --json",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(n(&r, "ok_ops"), 30);
+    assert_eq!(note_docs(&prefix).await, before + 30);
+    let _ = conn.close(200, "").await;
+    let _ = node.kill().await;
+}

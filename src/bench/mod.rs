@@ -6,6 +6,7 @@
 //! (workers each keep one request in flight; /proc samples of the node) →
 //! report.
 
+pub mod direct;
 pub mod reference;
 pub mod report;
 pub mod target;
@@ -22,13 +23,13 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use rand::SeedableRng;
 use serde_json::Value;
-use sqlx::mysql::MySqlPool;
 
 use crate::cli::{broker_for, load_quiet, parse_duration};
 use crate::client::Client;
 use crate::config::{Access, Config};
 use crate::ipl::{EX_UNAVAILABLE, EX_USAGE};
-use crate::registry::{Registry, Store, Template};
+use crate::registry::{Registry, Template};
+use direct::Direct;
 use report::{ProcSample, Report, Tally};
 use target::Target;
 use workload::{Job, MixOp, Workload};
@@ -225,17 +226,10 @@ async fn bench(
     let needs_db = modes
         .iter()
         .any(|m| matches!(m, Mode::Ref(Reference::Database | Reference::Pipeline)));
-    let db_cfg = match template.store {
-        Store::Mariadb => config
-            .databases
-            .get(&template.database)
-            .and_then(|d| d.as_mariadb()),
-        _ => None,
-    };
-    if needs_db && db_cfg.is_none() {
+    if needs_db && !config.databases.contains_key(&template.database) {
         return Err(usage(format!(
-            "the database and pipeline references need a MariaDB template; {} is not one",
-            template.name
+            "the database and pipeline references need template {}'s database {}",
+            template.name, template.database
         )));
     }
 
@@ -244,10 +238,12 @@ async fn bench(
     for mode in modes {
         // The database reference gets one connection per request in flight:
         // that is its definition. The pipeline gets what BEDS gets.
-        let pool = match mode {
-            Mode::Ref(Reference::Database) => {
-                db_cfg.map(|c| reference::thin_pool(c, args.concurrency as u32))
-            }
+        let db = match mode {
+            Mode::Ref(Reference::Database) => Some(
+                Direct::open(config, &template, Some(args.concurrency as u32))
+                    .await
+                    .map_err(|e| Fail(EX_UNAVAILABLE, e))?,
+            ),
             _ => None,
         };
         // Seeding lists (a read) and creates (a write).
@@ -255,7 +251,7 @@ async fn bench(
         if wl.needs_keys() {
             accesses.extend([Access::Read, Access::Write]);
         }
-        let mut run = Run::start(dir, config, args, mode, pool, &accesses).await?;
+        let mut run = Run::start(dir, config, args, mode, db, &accesses).await?;
         let mut seed_requests = 0;
         if !seeded && wl.needs_keys() {
             seed_requests = if mode == Mode::Ref(Reference::Broker) {
@@ -308,7 +304,7 @@ impl Run {
         config: &Config,
         args: &BenchArgs,
         mode: Mode,
-        pool: Option<MySqlPool>,
+        db: Option<Direct>,
         accesses: &[Access],
     ) -> Result<Run, Fail> {
         let unavailable = |m: String| Fail(EX_UNAVAILABLE, m);
@@ -365,7 +361,7 @@ impl Run {
             }
             Mode::Ref(Reference::Database) => (
                 Target::Database {
-                    pool: pool.ok_or_else(|| unavailable("no database pool".into()))?,
+                    db: db.ok_or_else(|| unavailable("no database".into()))?,
                 },
                 None,
             ),

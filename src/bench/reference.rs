@@ -5,7 +5,8 @@
 //! - `broker`: an echo consumer answering every request with a fixed `ok`
 //!   reply: the RabbitMQ round trip with no database.
 //! - `pipeline`: the thinnest correct Rust data path: lapin consumer →
-//!   sqlx `CALL` → reply published with a publisher confirm → ack. What is
+//!   sqlx `CALL` (MariaDB) or the driver's own call (MongoDB) → reply
+//!   published with a publisher confirm → ack. What is
 //!   left out is everything BEDS adds: validation, dedup, deadlines,
 //!   retries, typed values, access rules, events.
 
@@ -20,21 +21,11 @@ use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Value};
-use sqlx::mysql::MySqlPool;
 use tokio::task::JoinHandle;
 
-use super::target;
-use crate::config::{Config, MariaDbConfig, QueueType};
-use crate::registry::{Registry, Store};
-
-/// A pool for the references: the thinnest path, no ping before each use.
-pub fn thin_pool(db: &MariaDbConfig, size: u32) -> MySqlPool {
-    sqlx::mysql::MySqlPoolOptions::new()
-        .max_connections(size)
-        .acquire_timeout(std::time::Duration::from_millis(db.acquire_timeout_ms))
-        .test_before_acquire(false)
-        .connect_lazy_with(crate::namaste::mariadb::connect_options(db))
-}
+use super::direct::Direct;
+use crate::config::{Config, QueueType};
+use crate::registry::Registry;
 
 /// `beds bench-serve`: what the bench passes to its reference process.
 #[derive(Debug, clap::Args)]
@@ -68,16 +59,8 @@ pub async fn serve(config: &Config, args: ServeArgs) -> Result<(), String> {
             let registry = Registry::load_dir(&config.node.templates, config)
                 .map_err(|e| format!("templates: {}", e.join("; ")))?;
             let t = registry.get(&args.template).map_err(|e| e.to_string())?;
-            let db = match t.store {
-                Store::Mariadb => config
-                    .databases
-                    .get(&t.database)
-                    .and_then(|d| d.as_mariadb()),
-                _ => None,
-            }
-            .ok_or_else(|| format!("{} is not a MariaDB template", t.name))?;
             Kind::Pipeline {
-                pool: thin_pool(db, args.pool.unwrap_or(db.max_connections)),
+                db: Direct::open(config, t, args.pool).await?,
                 registry: Arc::new(registry),
             }
         }
@@ -135,10 +118,7 @@ impl Server {
 #[derive(Clone)]
 pub enum Kind {
     Echo,
-    Pipeline {
-        pool: MySqlPool,
-        registry: Arc<Registry>,
-    },
+    Pipeline { db: Direct, registry: Arc<Registry> },
 }
 
 /// Declares a private queue like the BEDS work queues (durable, the same
@@ -199,7 +179,7 @@ pub async fn start(
                     Kind::Echo => {
                         br#"{"status":"ok","event_id":"","data":[],"affected":0}"#.to_vec()
                     }
-                    Kind::Pipeline { pool, registry } => pipeline(pool, registry, &d.data).await,
+                    Kind::Pipeline { db, registry } => pipeline(db, registry, &d.data).await,
                 };
                 if let (Some(to), Some(cid)) =
                     (d.properties.reply_to(), d.properties.correlation_id())
@@ -240,19 +220,18 @@ pub async fn start(
     })
 }
 
-/// Runs a BrokerPayload or a batch: look up the op's procedure, bind `data`
-/// in param order, `CALL`, rows to JSON. No validation and no retries.
-async fn pipeline(pool: &MySqlPool, registry: &Registry, body: &[u8]) -> Vec<u8> {
+/// Runs a BrokerPayload or a batch: look up the op, run `data` straight on
+/// the database (a `CALL`, or the MongoDB driver's call), rows to JSON. No
+/// validation and no retries.
+async fn pipeline(db: &Direct, registry: &Registry, body: &[u8]) -> Vec<u8> {
     let Ok(req) = serde_json::from_slice::<Value>(body) else {
         return error("BAD_PAYLOAD");
-    };
-    let Ok(mut conn) = pool.acquire().await else {
-        return error("UNAVAILABLE");
     };
     let entries = match req.get("batch").and_then(Value::as_array) {
         Some(b) => b.iter().collect(),
         None => vec![&req],
     };
+    let empty = serde_json::Map::new();
     let mut replies = Vec::with_capacity(entries.len());
     for e in &entries {
         let op = registry
@@ -263,20 +242,13 @@ async fn pipeline(pool: &MySqlPool, registry: &Registry, body: &[u8]) -> Vec<u8>
             replies.push(json!({"status": "error", "error": {"code": "UNKNOWN_OPERATION"}}));
             continue;
         };
-        let args: Vec<&Value> = op
-            .params
-            .iter()
-            .map(|(n, _)| e["data"].get(n).unwrap_or(&Value::Null))
-            .collect();
-        replies.push(
-            match target::call(&mut conn, op.call_sql().unwrap_or_default(), &args).await {
-                Ok(rows) => {
-                    let data: Vec<Value> = rows.iter().map(target::row_json).collect();
-                    json!({"status": "ok", "data": data, "affected": 0})
-                }
-                Err(code) => json!({"status": "error", "error": {"code": code}}),
-            },
-        );
+        let data = e["data"].as_object().unwrap_or(&empty);
+        let r = db.run(op, &[data]).await.pop();
+        replies.push(match r {
+            Some(Ok(data)) => json!({"status": "ok", "data": data, "affected": 0}),
+            Some(Err(code)) => json!({"status": "error", "error": {"code": code}}),
+            None => json!({"status": "error", "error": {"code": "INTERNAL"}}),
+        });
     }
     let reply = if req.get("batch").is_some() {
         json!({"status": "ok", "results": replies})

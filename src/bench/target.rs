@@ -7,9 +7,10 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::Value;
-use sqlx::mysql::{MySqlPool, MySqlRow};
+use sqlx::mysql::MySqlRow;
 use sqlx::{Column, Row, TypeInfo, ValueRef};
 
+use super::direct::Direct;
 use super::workload::{Job, Workload};
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -78,8 +79,9 @@ pub enum Target {
         props: Box<BasicProperties>,
         timeout: Duration,
     },
-    /// `CALL`s straight through a pool: no RabbitMQ, no BEDS.
-    Database { pool: MySqlPool },
+    /// Straight to the database (a procedure `CALL`, or the MongoDB
+    /// driver's own call): no RabbitMQ, no BEDS.
+    Database { db: Direct },
 }
 
 impl Target {
@@ -109,7 +111,7 @@ impl Target {
                     c.close().await;
                 }
             }
-            Target::Database { pool } => pool.close().await,
+            Target::Database { db } => db.close().await,
         }
     }
 
@@ -141,7 +143,7 @@ impl Target {
                     Err(_) => Outcome::all_failed(job.entries.len(), CLIENT),
                 }
             }
-            Target::Database { pool } => call_direct(pool, wl, job, want_rows).await,
+            Target::Database { db } => call_direct(db, wl, job, want_rows).await,
         }
     }
 }
@@ -205,26 +207,18 @@ fn parse_reply(body: &[u8], ops: usize, want_rows: bool) -> Outcome {
     out
 }
 
-/// The database reference: each entry of the job is one `CALL` on one
-/// pooled connection, no transaction.
-async fn call_direct(pool: &MySqlPool, wl: &Workload, job: &Job, want_rows: bool) -> Outcome {
+/// The database reference: each entry of the job run on its own (MariaDB:
+/// one `CALL` each on one pooled connection), no transaction.
+async fn call_direct(db: &Direct, wl: &Workload, job: &Job, want_rows: bool) -> Outcome {
     let op = &wl.mix[job.op].op;
+    let entries: Vec<&serde_json::Map<String, Value>> = job.entries.iter().collect();
     let mut out = Outcome::default();
-    let mut conn = match pool.acquire().await {
-        Ok(c) => c,
-        Err(_) => return Outcome::all_failed(job.entries.len(), "UNAVAILABLE"),
-    };
-    for data in &job.entries {
-        let args: Vec<&Value> = op
-            .params
-            .iter()
-            .map(|(n, _)| data.get(n).unwrap_or(&Value::Null))
-            .collect();
-        match call(&mut conn, op.call_sql().unwrap_or_default(), &args).await {
+    for r in db.run(op, &entries).await {
+        match r {
             Ok(rows) => {
                 out.ok += 1;
                 if want_rows {
-                    out.rows.extend(rows.iter().map(row_json));
+                    out.rows.extend(rows);
                 }
             }
             Err(code) => out.failed.push(code),

@@ -5,7 +5,7 @@
 use rand::Rng;
 use serde_json::{Map, Value};
 
-use crate::registry::{FieldType, Op, Returns, Template};
+use crate::registry::{FieldSpec, FieldType, Op, Returns, Template};
 
 /// One op of the mix.
 #[derive(Debug, Clone)]
@@ -136,7 +136,7 @@ impl Workload {
             let v = if self.key_field.as_deref() == Some(name) && !self.keys.is_empty() {
                 self.keys[rng.gen_range(0..self.keys.len())].clone()
             } else {
-                generate(spec.ty, spec.min, spec.max, spec.max_len, rng)
+                generate(spec, rng)
             };
             data.insert(name.clone(), v);
         }
@@ -161,13 +161,16 @@ impl Workload {
 
 /// A value of the field's type within its bounds. Strings are random hex,
 /// so fields with unique constraints (emails) do not collide.
-fn generate(
-    ty: FieldType,
-    min: Option<f64>,
-    max: Option<f64>,
-    max_len: Option<usize>,
-    rng: &mut impl Rng,
-) -> Value {
+fn generate(spec: &FieldSpec, rng: &mut impl Rng) -> Value {
+    if let (FieldType::Json, Some(item)) = (spec.ty, spec.items) {
+        let one = FieldSpec {
+            ty: item,
+            items: None,
+            ..spec.clone()
+        };
+        return Value::Array(vec![generate(&one, rng)]);
+    }
+    let (ty, min, max, max_len) = (spec.ty, spec.min, spec.max, spec.max_len);
     let lo = min.unwrap_or(1.0);
     let hi = max.unwrap_or(lo + 1_000_000.0).max(lo);
     match ty {

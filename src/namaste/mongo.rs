@@ -574,7 +574,7 @@ fn direction(v: &Bson) -> i32 {
 }
 
 /// A document as a row: `_id` first, as `id`.
-fn row(mut d: Document) -> Row {
+pub(crate) fn row(mut d: Document) -> Row {
     let mut r = Map::with_capacity(d.len());
     if let Some(id) = d.remove("_id") {
         r.insert("id".into(), to_json(id));

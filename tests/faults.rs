@@ -171,7 +171,7 @@ async fn shutdown_with_requests_in_flight_loses_none() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
+async fn database_outage_holds_requests_instead_of_flooding_the_dlq() {
     let proxy = Proxy::start(3306).await;
     let env = TestEnv::start(Opts {
         db_port: proxy.port,
@@ -187,7 +187,7 @@ async fn database_outage_pauses_consumers_instead_of_flooding_the_dlq() {
 
     proxy.set_down(true).await;
     // The first request to hit the outage takes the database down; it goes
-    // to a retry tier, and the dispatchers pause.
+    // to a retry tier; the rest wait in the hold queue until it is back.
     let opts = CallOptions {
         timeout: Duration::from_secs(60),
         ..Default::default()

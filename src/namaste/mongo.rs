@@ -157,8 +157,14 @@ impl MongoDb {
                     "no answer within {limit:?}"
                 ))),
             };
-        out.inspect_err(|e| self.note_unreachable(e))
-            .and_then(|o| shape(op, o))
+        out.inspect_err(|e| match e {
+            // The connection broke under a write: the server may be gone.
+            AdapterError::Indeterminate(m) => {
+                self.note_unreachable(&AdapterError::Unreachable(m.clone()))
+            }
+            e => self.note_unreachable(e),
+        })
+        .and_then(|o| shape(op, o))
     }
 
     async fn run_unbounded(

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::{Map, Value};
 
 use crate::client::{CallOptions, Client};
-use crate::config::{Access, Config, Env, LoggingConfig};
+use crate::cmdline::{load_config, load_quiet, parse_duration};
 use crate::ipl::{self, Node, EX_SOFTWARE, EX_UNAVAILABLE, EX_USAGE};
 use crate::registry::{FieldType, Registry};
 
@@ -71,25 +71,6 @@ pub struct CallArgs {
     pub message_id: Option<String>,
 }
 
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("bad duration {s:?} (e.g. 5s, 500ms)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("duration {s:?} is too long")),
-        _ => Err(format!("bad duration unit in {s:?} (ms, s or m)")),
-    }
-}
-
 pub fn run(cli: Cli) -> ExitCode {
     // Worker threads keep the deep default stack of main.rs: dropping a
     // delivery frees its header tables recursively on them.
@@ -124,32 +105,6 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     })
-}
-
-/// IPL step 1: config. Errors are printed plainly (logging is not up yet).
-fn load_config(dir: &std::path::Path) -> Result<Config, ExitCode> {
-    let env = Env::from_env().map_err(|e| {
-        eprintln!("beds: {e}");
-        ExitCode::from(EX_USAGE)
-    })?;
-    Config::load(dir, env).map_err(|e| {
-        eprintln!(
-            "beds: config ({}/beds.toml, env {}): {e}",
-            dir.display(),
-            env.as_str()
-        );
-        ExitCode::from(EX_USAGE)
-    })
-}
-
-/// Config for the one-shot commands, which log only warnings.
-pub(crate) fn load_quiet(dir: &std::path::Path) -> Result<Config, ExitCode> {
-    let config = load_config(dir)?;
-    crate::logging::init(&LoggingConfig {
-        level: "warn".into(),
-        journald: false,
-    });
-    Ok(config)
 }
 
 async fn run_node(dir: &std::path::Path) -> ExitCode {
@@ -262,7 +217,7 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
 
     let broker = match (&args.broker, op) {
         (Some(b), _) => b.clone(),
-        (None, Some(op)) => match broker_for(&config, op.access) {
+        (None, Some(op)) => match config.broker_for(op.access) {
             Some(b) => b,
             None => {
                 eprintln!(
@@ -313,21 +268,6 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
             ExitCode::from(EX_TEMPFAIL)
         }
     }
-}
-
-/// The broker serving `access`, preferring the node's own role.
-pub(crate) fn broker_for(config: &Config, access: Access) -> Option<String> {
-    let own = config.node_brokers();
-    own.iter()
-        .find(|(_, b)| b.serves.contains(&access))
-        .map(|(n, _)| n.clone())
-        .or_else(|| {
-            config
-                .brokers
-                .iter()
-                .find(|(_, b)| b.serves.contains(&access))
-                .map(|(n, _)| n.clone())
-        })
 }
 
 /// Converts a command-line value by the field's type; unknown fields are

@@ -702,6 +702,21 @@ impl Config {
         p
     }
 
+    /// The broker serving `access`, preferring the node's own role (where
+    /// `beds call` and `beds bench` send an op).
+    pub fn broker_for(&self, access: Access) -> Option<String> {
+        let own = self.node_brokers();
+        own.iter()
+            .find(|(_, b)| b.serves.contains(&access))
+            .map(|(n, _)| n.clone())
+            .or_else(|| {
+                self.brokers
+                    .iter()
+                    .find(|(_, b)| b.serves.contains(&access))
+                    .map(|(n, _)| n.clone())
+            })
+    }
+
     /// The brokers this node runs, from its role.
     pub fn node_brokers(&self) -> Vec<(String, BrokerConfig)> {
         self.roles

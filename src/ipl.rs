@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::broker::dedup::Dedup;
-use crate::broker::dispatcher::{BrokerSpec, Dispatcher, Shared};
+use crate::broker::dispatcher::Dispatcher;
+use crate::broker::shared::{BrokerSpec, Limits, Shared};
 use crate::broker::topology::{self, Names, TopologySpec};
 use crate::broker::AmqpLink;
 use crate::config::DatabaseConfig;
@@ -273,11 +274,13 @@ impl Node {
                 config.dispatch.dedup_max_entries,
             ),
             names: names.clone(),
-            retry_tiers: config.dispatch.retry_tiers_ms.len(),
-            max_payload: config.dispatch.max_payload_bytes,
-            max_batch: config.dispatch.max_batch,
-            prefetch: config.dispatch.prefetch,
-            drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
+            limits: Limits {
+                retry_tiers: config.dispatch.retry_tiers_ms.len(),
+                max_payload: config.dispatch.max_payload_bytes,
+                max_batch: config.dispatch.max_batch,
+                prefetch: config.dispatch.prefetch,
+                drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
+            },
             retry_key,
             node: config.node.name.clone(),
             strikes: Default::default(),

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;
+pub mod cmdline;
 pub mod config;
 pub mod error;
 pub mod ipl;

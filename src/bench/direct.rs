@@ -131,11 +131,10 @@ async fn mongo(
             _ => op.defaults[i].clone().unwrap_or(Param::Null),
         })
         .collect();
-    let names: Vec<String> = op.params.iter().map(|(n, _)| n.clone()).collect();
     let now = bson::DateTime::now();
     let doc = |s: &Option<crate::registry::mongo::Shape>, absent| match s
         .as_ref()
-        .and_then(|s| render(s, &params, &names, now, absent).ok().flatten())
+        .and_then(|s| render(s, &params, now, absent).ok().flatten())
     {
         Some(Bson::Document(d)) => Some(d),
         _ => None,
@@ -170,7 +169,7 @@ async fn mongo(
             if let Some(Ok(Some(Bson::Int64(l)))) = m
                 .limit
                 .as_ref()
-                .map(|s| render(s, &params, &names, now, Absent::Refuse))
+                .map(|s| render(s, &params, now, Absent::Refuse))
             {
                 find = find.limit(l);
             }
@@ -181,11 +180,11 @@ async fn mongo(
                 .map_err(code)?
         }
         Action::Aggregate => {
-            let stages: Vec<Document> = match m.pipeline.as_ref().and_then(|s| {
-                render(s, &params, &names, now, Absent::Refuse)
-                    .ok()
-                    .flatten()
-            }) {
+            let stages: Vec<Document> = match m
+                .pipeline
+                .as_ref()
+                .and_then(|s| render(s, &params, now, Absent::Refuse).ok().flatten())
+            {
                 Some(Bson::Array(a)) => a
                     .into_iter()
                     .filter_map(|b| b.as_document().cloned())

@@ -24,8 +24,8 @@ use lapin::types::FieldTable;
 use rand::SeedableRng;
 use serde_json::Value;
 
-use crate::cli::{broker_for, load_quiet, parse_duration};
 use crate::client::Client;
+use crate::cmdline::{load_quiet, parse_duration};
 use crate::config::{Access, Config};
 use crate::ipl::{EX_UNAVAILABLE, EX_USAGE};
 use crate::registry::{Registry, Template};
@@ -337,7 +337,7 @@ impl Run {
                 let mut routes = Vec::new();
                 let mut used = Vec::new();
                 for access in [Access::Read, Access::Write, Access::Meta] {
-                    let broker = broker_for(config, access);
+                    let broker = config.broker_for(access);
                     if accesses.contains(&access) {
                         match &broker {
                             Some(b) => used.push(b.clone()),

@@ -9,11 +9,9 @@
 //! 2. `outcome::finish`: publish it, each message with a publisher confirm;
 //! 3. ack. If step 2 fails, the delivery goes back to its queue instead.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -28,16 +26,13 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::dedup::Dedup;
 use super::outcome::{finish, quarantine};
 use super::reply::Reply;
 use super::request::{answer, decide};
-use super::topology::Names;
+use super::shared::{BrokerSpec, Shared};
 use super::{AmqpLink, Backoff};
-use crate::config::Access;
 use crate::error::{ErrorCode, Failure};
-use crate::namaste::{Adapters, Health};
-use crate::registry::Registry;
+use crate::namaste::Health;
 use crate::shutdown::Shutdown;
 
 /// Failed attempts (outcome not published, or ack failed) after which a
@@ -46,43 +41,6 @@ const MAX_STRIKES: u8 = 2;
 
 /// Wait before returning a request whose outcome could not be published.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
-
-/// What every dispatcher of the node shares, read-only.
-pub struct Shared {
-    /// The immutable template snapshot.
-    pub registry: Arc<Registry>,
-    /// NamasteCore adapters by database name; a hold queue's consumer
-    /// follows its database's health.
-    pub adapters: Adapters,
-    /// Write dedup memory by `message_id`.
-    pub dedup: Arc<Dedup>,
-    pub names: Names,
-    /// Number of retry tiers (queues `.retry.1` … `.retry.N`).
-    pub retry_tiers: usize,
-    pub max_payload: usize,
-    pub max_batch: usize,
-    pub prefetch: u16,
-    /// How long a pause or shutdown waits for in-flight requests.
-    pub drain: Duration,
-    /// HMAC key for the identity carried through retries.
-    pub retry_key: Vec<u8>,
-    /// Node name, for consumer tags.
-    pub node: String,
-    /// Poison-message guard: attempts whose outcome was never published.
-    pub strikes: Strikes,
-}
-
-/// One broker this node serves.
-#[derive(Debug, Clone)]
-pub struct BrokerSpec {
-    pub name: String,
-    pub serves: Vec<Access>,
-    /// The queue consumed: the broker's work queue or one of its hold queues.
-    pub queue: String,
-    /// Hold queues: the database whose requests wait there. Consuming
-    /// pauses while it is down.
-    pub gate: Option<String>,
-}
 
 pub struct Dispatcher {
     pub shared: Arc<Shared>,
@@ -164,7 +122,7 @@ impl Dispatcher {
         };
         let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
         tracker.close();
-        if tokio::time::timeout(self.shared.drain, tracker.wait())
+        if tokio::time::timeout(self.shared.limits.drain, tracker.wait())
             .await
             .is_err()
         {
@@ -186,7 +144,7 @@ async fn open(
     id: usize,
 ) -> Result<(Channel, String, lapin::Consumer), lapin::Error> {
     let ch = link.channel().await?;
-    ch.basic_qos(shared.prefetch, BasicQosOptions::default())
+    ch.basic_qos(shared.limits.prefetch, BasicQosOptions::default())
         .await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let tag = format!(
@@ -288,38 +246,6 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     }
     .instrument(span)
     .await
-}
-
-/// Failed attempts per request: its outcome could not be published, or its
-/// ack failed (typically because the connection closed under it). Cleared
-/// when a later attempt completes.
-#[derive(Default)]
-pub struct Strikes {
-    counts: std::sync::Mutex<HashMap<[u8; 32], u8>>,
-}
-
-impl Strikes {
-    fn get(&self, print: [u8; 32]) -> u8 {
-        self.counts
-            .lock()
-            .unwrap()
-            .get(&print)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    fn add(&self, print: [u8; 32]) {
-        let mut counts = self.counts.lock().unwrap();
-        if counts.len() > 10_000 {
-            counts.clear(); // memory bound; worst case a poison loop resumes
-        }
-        let n = counts.entry(print).or_insert(0);
-        *n = n.saturating_add(1);
-    }
-
-    fn clear(&self, print: [u8; 32]) {
-        self.counts.lock().unwrap().remove(&print);
-    }
 }
 
 /// A UUIDv7 (time-ordered) event id. Its random part comes from the

@@ -3,10 +3,12 @@
 
 pub mod dedup;
 pub mod dispatcher;
+pub mod headers;
 pub mod outcome;
 pub mod payload;
 pub mod reply;
 pub mod request;
+pub mod shared;
 pub mod topology;
 
 use std::time::Duration;

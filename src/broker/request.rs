@@ -11,11 +11,11 @@ use lapin::protocol::basic::AMQPProperties;
 use lapin::types::AMQPValue;
 use sha2::{Digest, Sha256};
 
-use super::dedup::Claim;
-use super::dispatcher::{BrokerSpec, Shared};
-use super::outcome::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
+use super::dedup::{Claim, DedupGuard};
+use super::headers::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
 use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
+use super::shared::{BrokerSpec, Shared};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
 use crate::namaste::{Adapter, Outcome, Session};
@@ -63,6 +63,8 @@ pub(crate) struct Meta {
     batch_done: Vec<Reply>,
 }
 
+/// Decides what one delivery needs: envelope and body checks, the dedup
+/// claim of a write, the deadline, then [`run`], and what dedup remembers.
 pub(crate) async fn decide(
     shared: &Arc<Shared>,
     broker: &BrokerSpec,
@@ -75,11 +77,11 @@ pub(crate) async fn decide(
     let meta = read_meta(shared, props, body);
     let fail = |f: Failure| answer_failure(&meta, event_id, f);
 
-    let deadline = match payload::check_envelope(props, body.len(), shared.max_payload) {
+    let deadline = match payload::check_envelope(props, body.len(), shared.limits.max_payload) {
         Ok(d) => d,
         Err(e) => return fail(Failure::from(&e)),
     };
-    let req = match payload::parse(body, shared.max_batch) {
+    let req = match payload::parse(body, shared.limits.max_batch) {
         Ok(r) => r,
         Err(e) => return fail(Failure::from(&e)),
     };
@@ -88,55 +90,82 @@ pub(crate) async fn decide(
         context = req.context(),
         "request"
     );
-
-    // A write with a message_id is executed once per dedup window.
-    let mut guard = None;
-    if let Some(mid) = props.message_id().as_ref() {
-        if is_write(&shared.registry, &req) {
-            // The body is part of the key: another request that happens to
-            // reuse an id is not mistaken for a duplicate.
-            let key = format!(
-                "{}\u{0}{}\u{0}{}",
-                meta.user.as_deref().unwrap_or(""),
-                mid,
-                hex::encode(Sha256::digest(body))
-            );
-            loop {
-                match shared.dedup.claim(key.clone()) {
-                    Claim::Fresh(g) => {
-                        guard = Some(g);
-                        break;
-                    }
-                    Claim::Cached(reply) => {
-                        tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
-                        return Action::Answer {
-                            park: reply.park_again.clone(),
-                            parked_entries: reply.parked_entries.clone(),
-                            reply,
-                        };
-                    }
-                    Claim::Busy(mut rx) => {
-                        let _ = tokio::time::timeout(Duration::from_secs(30), rx.changed()).await;
-                    }
-                }
-            }
-        }
-    }
-
+    let guard = match claim_once(shared, props, body, &meta, &req).await {
+        Ok(g) => g,
+        Err(cached) => return cached,
+    };
     // Judged after dedup (a finished duplicate is answered even when late)
     // and after any wait for a concurrent duplicate. Not remembered: a
     // client may resend the same request with a new deadline.
     if let Err(e) = payload::check_deadline(deadline) {
-        drop(guard);
         return fail(Failure::from(&e));
     }
+    let action = run(shared, broker, &meta, event_id, started, req, deadline).await;
+    if let Some(g) = guard {
+        remember(g, &action);
+    }
+    action
+}
 
+/// A write with a `message_id` runs once per dedup window: `Ok(Some)` when
+/// this delivery is the one to run it, `Err` with the first execution's
+/// answer for a duplicate (waiting for a concurrent one to finish first).
+async fn claim_once(
+    shared: &Shared,
+    props: &AMQPProperties,
+    body: &[u8],
+    meta: &Meta,
+    req: &Request,
+) -> Result<Option<DedupGuard>, Action> {
+    let Some(mid) = props.message_id().as_ref() else {
+        return Ok(None);
+    };
+    if !is_write(&shared.registry, req) {
+        return Ok(None);
+    }
+    // The body is part of the key: another request that happens to reuse an
+    // id is not mistaken for a duplicate.
+    let key = format!(
+        "{}\u{0}{}\u{0}{}",
+        meta.user.as_deref().unwrap_or(""),
+        mid,
+        hex::encode(Sha256::digest(body))
+    );
+    loop {
+        match shared.dedup.claim(key.clone()) {
+            Claim::Fresh(g) => return Ok(Some(g)),
+            Claim::Cached(reply) => {
+                tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
+                return Err(Action::Answer {
+                    park: reply.park_again.clone(),
+                    parked_entries: reply.parked_entries.clone(),
+                    reply,
+                });
+            }
+            Claim::Busy(mut rx) => {
+                let _ = tokio::time::timeout(Duration::from_secs(30), rx.changed()).await;
+            }
+        }
+    }
+}
+
+/// Runs a parsed request: a single op, a batch, or a hold when its
+/// database is down.
+async fn run(
+    shared: &Shared,
+    broker: &BrokerSpec,
+    meta: &Meta,
+    event_id: &str,
+    started: Instant,
+    req: Request,
+    deadline: Option<i64>,
+) -> Action {
     let hold = |database: &str, batch_done: Option<String>| Action::Hold {
         database: database.to_string(),
         batch_done,
         expires_in_ms: deadline.map(|d| (d - chrono::Utc::now().timestamp_millis()).max(1)),
     };
-    let action = match req {
+    match req {
         Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
             Ok(out) => {
                 tracing::debug!(template = %p.template, op = %p.op, "ok");
@@ -147,8 +176,8 @@ pub(crate) async fn decide(
                 )
             }
             Err(Stop::Down(db)) => hold(db, None),
-            Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, &meta, event_id, f),
-            Err(Stop::Failed(f)) => fail(f),
+            Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, meta, event_id, f),
+            Err(Stop::Failed(f)) => answer_failure(meta, event_id, f),
         },
         Request::Batch { entries, .. } if first_down(shared, &entries).is_some() => {
             let db = first_down(shared, &entries).unwrap_or_default();
@@ -157,38 +186,38 @@ pub(crate) async fn decide(
             hold(&db, done)
         }
         Request::Batch {
-            entries, atomic, ..
-        } => {
-            if atomic {
-                atomic_batch(shared, broker, &meta, event_id, started, entries).await
-            } else {
-                batch(shared, broker, &meta, event_id, started, entries, deadline).await
-            }
-        }
-    };
-    // Remember the answer for duplicates, and how it was parked, so a
-    // duplicate is answered and parked the same way, never run again. Not
-    // when it was parked after its retries ran out: a replay runs again.
-    if let (
-        Some(g),
-        Action::Answer {
-            reply,
-            park,
-            parked_entries,
-        },
-    ) = (guard, &action)
-    {
-        match park {
-            None => g.complete(reply.clone()),
-            Some(f) if f.retryable => {}
-            Some(f) => g.complete(Arc::new(Encoded {
-                park_again: Some(f.clone()),
-                parked_entries: parked_entries.clone(),
-                ..(**reply).clone()
-            })),
+            entries,
+            atomic: true,
+            ..
+        } => atomic_batch(shared, broker, meta, event_id, started, entries).await,
+        Request::Batch { entries, .. } => {
+            batch(shared, broker, meta, event_id, started, entries, deadline).await
         }
     }
-    action
+}
+
+/// Remembers the answer for duplicates, and how it was parked, so a
+/// duplicate is answered and parked the same way, never run again. Not when
+/// it was parked after its retries ran out (a replay runs again), nor a
+/// retry or a hold (the request has not finished).
+fn remember(guard: DedupGuard, action: &Action) {
+    let Action::Answer {
+        reply,
+        park,
+        parked_entries,
+    } = action
+    else {
+        return;
+    };
+    match park {
+        None => guard.complete(reply.clone()),
+        Some(f) if f.retryable => {}
+        Some(f) => guard.complete(Arc::new(Encoded {
+            park_again: Some(f.clone()),
+            parked_entries: parked_entries.clone(),
+            ..(**reply).clone()
+        })),
+    }
 }
 
 /// Why [`execute`] did not produce an outcome.
@@ -357,7 +386,7 @@ pub(crate) async fn batch(
                 }
                 // A batch already holding an unknown outcome goes to a person
                 // now rather than through the tiers.
-                if meta.attempt < shared.retry_tiers
+                if meta.attempt < shared.limits.retry_tiers
                     && done.len() <= MAX_BATCH_DONE_BYTES
                     && first_park.is_none()
                 {
@@ -486,7 +515,7 @@ pub(crate) async fn atomic_batch(
         }
         Err((i, e)) => {
             let f = Failure::from(&e);
-            if f.retryable && meta.attempt < shared.retry_tiers {
+            if f.retryable && meta.attempt < shared.limits.retry_tiers {
                 return retry_or_give_up(shared, meta, event_id, f);
             }
             let f = if f.retryable { gave_up(meta, f) } else { f };
@@ -539,7 +568,7 @@ pub(crate) fn batch_reply(event_id: &str, started: Instant, results: Vec<Reply>)
 }
 
 pub(crate) fn retry_or_give_up(shared: &Shared, meta: &Meta, event_id: &str, f: Failure) -> Action {
-    if meta.attempt < shared.retry_tiers {
+    if meta.attempt < shared.limits.retry_tiers {
         tracing::info!(attempt = meta.attempt + 1, error = %f.message, "retryable failure: to retry tier");
         return Action::Retry {
             tier: meta.attempt + 1,

@@ -174,12 +174,12 @@ impl MongoDb {
         params: &[Param],
         session: Option<&mut ClientSession>,
     ) -> Result<Outcome, AdapterError> {
-        let names: Vec<String> = op.params.iter().map(|(n, _)| n.clone()).collect();
         let now = bson::DateTime::now();
         let fill = |s: &Option<Shape>, absent: Absent| -> Result<Option<Bson>, AdapterError> {
             match s {
                 None => Ok(None),
-                Some(s) => render(s, params, &names, now, absent).map_err(|field| {
+                Some(s) => render(s, params, now, absent).map_err(|i| {
+                    let field = op.params.get(i).map_or("?", |(n, _)| n.as_str());
                     AdapterError::Invalid(format!("data.{field}: required by {}", op.qualified))
                 }),
             }
@@ -193,7 +193,7 @@ impl MongoDb {
         let coll = self.collection(m);
         let reads = (op.access == Access::Read).then(|| self.reads.clone());
         // Inside a transaction the transaction's write concern applies.
-        let wc = session.is_none().then(|| self.write_concern());
+        let wc = (write && session.is_none()).then(|| self.write_concern());
         // The session is taken by whichever builder runs; each arm runs one.
         macro_rules! exec {
             ($action:expr) => {

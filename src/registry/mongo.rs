@@ -323,14 +323,13 @@ pub enum Absent {
 }
 
 /// Fills the holes of `shape`. `Ok(None)`: the value is absent and its key
-/// is to be left out. `Err(field)`: a refused absent param.
+/// is to be left out. `Err(i)`: param `i` is absent where it is refused.
 pub fn render(
     shape: &Shape,
     params: &[Param],
-    names: &[String],
     now: bson::DateTime,
     absent: Absent,
-) -> Result<Option<Bson>, String> {
+) -> Result<Option<Bson>, usize> {
     Ok(Some(match shape {
         Shape::Lit(b) => b.clone(),
         Shape::Now => Bson::DateTime(now),
@@ -339,7 +338,7 @@ pub fn render(
                 Some(Param::Null) | None => {
                     return match absent {
                         Absent::Omit => Ok(None),
-                        Absent::Refuse => Err(names.get(*index).cloned().unwrap_or_default()),
+                        Absent::Refuse => Err(*index),
                     }
                 }
                 Some(p) => to_bson(p),
@@ -353,7 +352,7 @@ pub fn render(
         Shape::Arr(items) => {
             let mut out = Vec::with_capacity(items.len());
             for item in items {
-                if let Some(b) = render(item, params, names, now, absent)? {
+                if let Some(b) = render(item, params, now, absent)? {
                     out.push(b);
                 }
             }
@@ -362,7 +361,7 @@ pub fn render(
         Shape::Doc(entries) => {
             let mut out = Document::new();
             for (k, v) in entries {
-                if let Some(b) = render(v, params, names, now, absent)? {
+                if let Some(b) = render(v, params, now, absent)? {
                     out.insert(k.clone(), b);
                 }
             }
@@ -438,7 +437,6 @@ mod tests {
         let doc = render(
             &s,
             &[Param::Str("{\"$gt\": \"\"}".into())],
-            &["t".into()],
             now(),
             Absent::Refuse,
         )
@@ -454,15 +452,9 @@ mod tests {
             &["u"],
         );
         assert!(p.is_empty(), "{p:?}");
-        let b = render(
-            &s,
-            &[Param::Str("$title".into())],
-            &["u".into()],
-            now(),
-            Absent::Refuse,
-        )
-        .unwrap()
-        .unwrap();
+        let b = render(&s, &[Param::Str("$title".into())], now(), Absent::Refuse)
+            .unwrap()
+            .unwrap();
         assert_eq!(
             b,
             Bson::Array(vec![
@@ -480,16 +472,12 @@ mod tests {
             &["a", "b"],
         );
         let Shape::Doc(top) = s else { panic!() };
-        let names = ["a".to_string(), "b".to_string()];
         let params = [Param::Int(1), Param::Null];
-        let set = render(&top[0].1, &params, &names, now(), Absent::Omit)
+        let set = render(&top[0].1, &params, now(), Absent::Omit)
             .unwrap()
             .unwrap();
         assert_eq!(set, Bson::Document(bson::doc! {"$set": {"a": 1_i64}}));
-        assert_eq!(
-            render(&top[0].1, &params, &names, now(), Absent::Refuse),
-            Err("b".into())
-        );
+        assert_eq!(render(&top[0].1, &params, now(), Absent::Refuse), Err(1));
     }
 
     #[test]

@@ -244,9 +244,13 @@ pub fn mongo_port() -> u16 {
 
 /// A driver client for the test's own checks and setup.
 pub async fn mongo() -> mongodb::Client {
+    mongo_at(mongo_port()).await
+}
+
+/// A driver client for the server on `port`.
+pub async fn mongo_at(port: u16) -> mongodb::Client {
     mongodb::Client::with_uri_str(format!(
-        "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=5000",
-        mongo_port()
+        "mongodb://127.0.0.1:{port}/?directConnection=true&serverSelectionTimeoutMS=5000"
     ))
     .await
     .unwrap()
@@ -254,17 +258,21 @@ pub async fn mongo() -> mongodb::Client {
 
 /// Runs a DBA command script (`utilities/mongo/*.json`) on database `db`.
 pub async fn mongo_script(db: &str, script: &Path) {
+    mongo_script_at(mongo_port(), db, script).await
+}
+
+/// [`mongo_script`] on the server at `port`.
+pub async fn mongo_script_at(port: u16, db: &str, script: &Path) {
     let text = std::fs::read_to_string(script).unwrap();
     let commands: Vec<serde_json::Map<String, Value>> = serde_json::from_str(&text).unwrap();
-    let client = mongo().await;
+    let client = mongo_at(port).await;
     for c in commands {
         let cmd = mongodb::bson::to_document(&c).unwrap();
         if let Err(e) = client.database(db).run_command(cmd.clone()).await {
             assert!(
                 e.to_string().contains("NamespaceExists") || e.to_string().contains("already exists"),
-                "MongoDB script {} failed on {cmd}: {e} (is a MongoDB-compatible server on port {}? utilities/dev setup starts one)",
+                "MongoDB script {} failed on {cmd}: {e} (is a MongoDB-compatible server on port {port}? utilities/dev setup starts one)",
                 script.display(),
-                mongo_port()
             );
         }
     }

@@ -1,0 +1,217 @@
+//! MongoDB as a server that can stop: tests that start a MongoDB-compatible
+//! server of their own (SecantusDB from the repository's `.venv`, which
+//! `utilities/dev setup` installs), so they can restart it or run it
+//! without a replica set, without disturbing the server other tests share.
+
+mod common;
+
+use std::time::Duration;
+
+use beds::client::CallOptions;
+use common::{Opts, TestEnv};
+use serde_json::json;
+
+/// A server process of the test's own, on a free port, with its data in a
+/// temp folder (kept across `restart`, removed on drop).
+struct OwnServer {
+    port: u16,
+    dir: std::path::PathBuf,
+    args: Vec<&'static str>,
+    child: Option<std::process::Child>,
+}
+
+impl OwnServer {
+    async fn start(args: &[&'static str]) -> OwnServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(common::unique("mongo"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = OwnServer {
+            port,
+            dir,
+            args: args.to_vec(),
+            child: None,
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let bin = std::env::var("BEDS_TEST_SECANTUS")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| common::root().join(".venv/bin/secantusd-py"));
+        assert!(
+            bin.is_file(),
+            "{} not found: these tests need a MongoDB-compatible server they can stop \
+             (run utilities/dev setup, or set BEDS_TEST_SECANTUS)",
+            bin.display()
+        );
+        let child = std::process::Command::new(bin)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .arg("--storage-path")
+            .arg(&self.dir)
+            .args(["--log-level", "WARNING"])
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        for _ in 0..240 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("the test's own MongoDB-compatible server did not listen within 60 s");
+    }
+
+    /// Stops the server the way an operator does (SIGTERM), and waits.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A node whose `docs` database is on `server`, with the note script
+/// applied there.
+async fn node_on(server: &OwnServer, opts: Opts) -> TestEnv {
+    let prefix = common::unique("q");
+    common::create_db(&prefix);
+    let script = common::root().join("utilities/mongo/note.json");
+    common::mongo_script_at(server.port, &prefix, &script).await;
+    TestEnv::start_on(
+        prefix,
+        Opts {
+            mongo_port: server.port,
+            ..opts
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_stopped_and_restarted_while_requests_flow() {
+    let mut server = OwnServer::start(&[]).await;
+    let env = node_on(
+        &server,
+        Opts {
+            retry_tiers_ms: vec![100, 100],
+            ..Default::default()
+        },
+    )
+    .await;
+    let note = |i: usize| json!({"template": "note", "op": "create", "data": {"user_id": 3, "title": format!("r{i}")}});
+    assert!(env.call("wBroker", note(0)).await.is_ok());
+
+    server.stop();
+    let opts = CallOptions {
+        timeout: Duration::from_secs(90),
+        ..Default::default()
+    };
+    let client = env.client();
+    let writes: Vec<_> = (1..=8).map(note).collect();
+    let read = json!({"template": "note", "op": "by_user", "data": {"user_id": 3}});
+    let held = futures::future::join_all(
+        writes
+            .iter()
+            .map(|p| client.call("wBroker", p, &opts))
+            .chain(std::iter::once(client.call("rBroker", &read, &opts))),
+    );
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for i in 0..3 {
+            let r = env
+                .call(
+                    "wBroker",
+                    json!({"template": "usr", "op": "create", "data": {"name": "R", "email": format!("r{i}@restart.example")}}),
+                )
+                .await;
+            assert!(
+                r.is_ok(),
+                "MariaDB unaffected while MongoDB is stopped: {r:?}"
+            );
+        }
+        let waiting = env
+            .queue_len(&format!("{}.wBroker.hold.docs", env.prefix))
+            .await
+            + env
+                .queue_len(&format!("{}.rBroker.hold.docs", env.prefix))
+                .await;
+        assert!(waiting >= 1, "note requests wait in their hold queues");
+        for b in ["rBroker", "wBroker"] {
+            assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+        }
+        server.spawn().await;
+    };
+    let (replies, ()) = tokio::join!(held, meanwhile);
+    for r in replies {
+        let r = r.expect("every request answered after the restart");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let r = env.call("rBroker", read).await;
+    assert_eq!(
+        r.data.map(|d| d.len()),
+        Some(9),
+        "the note from before the stop kept, each held note stored once"
+    );
+    for b in ["rBroker", "wBroker"] {
+        assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+    }
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_transactions_refuses_atomic_batches_with_validation() {
+    // Standalone: no replica set, so no multi-document transactions. BEDS
+    // reads that from the server's `hello`, not from its name.
+    let server = OwnServer::start(&["--standalone"]).await;
+    let env = node_on(&server, Opts::default()).await;
+    let create =
+        |t: &str| json!({"template": "note", "op": "create", "data": {"user_id": 4, "title": t}});
+    let r = env
+        .call(
+            "wBroker",
+            json!({"atomic": true, "batch": [create("a"), create("b")]}),
+        )
+        .await;
+    let e = r.error.clone().expect("refused");
+    assert_eq!(e.code, "VALIDATION", "{r:?}");
+    assert!(
+        e.message.contains("cannot run transactions"),
+        "{}",
+        e.message
+    );
+    let by_user = json!({"template": "note", "op": "by_user", "data": {"user_id": 4}});
+    let r = env.call("rBroker", by_user.clone()).await;
+    assert_eq!(r.data.map(|d| d.len()), Some(0), "nothing applied");
+    // Everything else works: single writes (acknowledged write concern) and
+    // ordered, non-atomic batches.
+    let r = env
+        .call("wBroker", json!({"batch": [create("a"), create("b")]}))
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    let r = env.call("rBroker", by_user).await;
+    assert_eq!(r.data.map(|d| d.len()), Some(2));
+    env.finish().await;
+}

@@ -47,8 +47,10 @@ pub fn load_config(dir: &std::path::Path) -> Result<Config, ExitCode> {
 /// Config for the one-shot commands, which log only warnings.
 pub fn load_quiet(dir: &std::path::Path) -> Result<Config, ExitCode> {
     let config = load_config(dir)?;
+    // lapin logs the client connection's own closing races as errors after
+    // the answer is in; the commands report their own failures.
     crate::logging::init(&LoggingConfig {
-        level: "warn".into(),
+        level: "warn,lapin=off".into(),
         journald: false,
     });
     Ok(config)

@@ -357,29 +357,30 @@ async fn quorum_queues_work_end_to_end() {
         )
         .await;
     assert!(r.is_ok(), "retry tiers work on quorum queues: {r:?}");
+    // The declared arguments, as RabbitMQ holds them. rabbitmqctl needs the
+    // node's Erlang cookie, which the test setup (root, local RabbitMQ) has;
+    // without it this fails instead of passing unchecked.
     let out = std::process::Command::new("rabbitmqctl")
         .args(["list_queues", "-q", "name", "type", "arguments"])
-        .output();
-    // rabbitmqctl needs the node's Erlang cookie; where it runs, check the
-    // declared arguments themselves.
-    if let Ok(out) =
-        out.as_ref()
-            .map_err(|_| ())
-            .and_then(|o| if o.status.success() { Ok(o) } else { Err(()) })
-    {
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("{}\t", env.queue("wBroker"))))
-            .unwrap_or_default()
-            .to_string();
-        assert!(line.contains("quorum"), "{line}");
-        assert!(line.contains("x-delivery-limit"), "{line}");
-        assert!(
-            line.contains(&env.dlq("wBroker")),
-            "over the limit goes to the DLQ: {line}"
-        );
-    }
+        .output()
+        .expect("rabbitmqctl must be installed to check the queue arguments");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl list_queues failed (run the tests as a user with RabbitMQ's Erlang cookie): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{}\t", env.queue("wBroker"))))
+        .unwrap_or_default()
+        .to_string();
+    assert!(line.contains("quorum"), "{line}");
+    assert!(line.contains("x-delivery-limit"), "{line}");
+    assert!(
+        line.contains(&env.dlq("wBroker")),
+        "over the limit goes to the DLQ: {line}"
+    );
     env.finish().await;
 }
 

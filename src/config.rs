@@ -684,8 +684,10 @@ impl Config {
                             "databases.{name}.uri holds credentials: use databases.{name}.user and .pass (a secret)"
                         ));
                     }
-                    if c.timeout_ms == 0 {
-                        p.push(format!("databases.{name}.timeout_ms must be at least 1"));
+                    if !(1..=3_600_000).contains(&c.timeout_ms) {
+                        p.push(format!(
+                            "databases.{name}.timeout_ms must be between 1 and 3600000"
+                        ));
                     }
                     (c.max_connections, &c.name)
                 }

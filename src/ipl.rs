@@ -244,7 +244,10 @@ impl Node {
             async {
                 let reg = Registry::load_dir(&config.node.templates, config)
                     .map_err(IplError::Templates)?;
-                let problems = check_objects(&reg, &adapters).await?;
+                let (problems, errors) = check_objects(&reg, &adapters).await;
+                if let Some(e) = errors.into_iter().next() {
+                    return Err(e);
+                }
                 if !problems.is_empty() {
                     return Err(IplError::Templates(problems));
                 }
@@ -348,30 +351,30 @@ impl Node {
 }
 
 /// What each database's templates rely on exists there (procedures with
-/// their arity; collections with their indexes).
-async fn check_objects(reg: &Registry, adapters: &Adapters) -> Result<Vec<String>, IplError> {
+/// their arity; collections with their indexes). Every database is asked,
+/// so `beds check` can list every problem: the second list holds the
+/// databases that could not be asked.
+async fn check_objects(reg: &Registry, adapters: &Adapters) -> (Vec<String>, Vec<IplError>) {
     let mut by_db: BTreeMap<&str, Vec<&Template>> = BTreeMap::new();
     for t in reg.templates() {
         by_db.entry(t.database.as_str()).or_default().push(t);
     }
-    let mut problems = Vec::new();
+    let (mut problems, mut errors) = (Vec::new(), Vec::new());
     for (db, templates) in by_db {
         let Some(adapter) = adapters.get(db) else {
             continue;
         };
-        let missing =
-            adapter
-                .missing_objects(&templates)
-                .await
-                .map_err(|e| IplError::Database {
-                    name: db.to_string(),
-                    reason: e.to_string(),
-                })?;
-        problems.extend(missing);
+        match adapter.missing_objects(&templates).await {
+            Ok(missing) => problems.extend(missing),
+            Err(e) => errors.push(IplError::Database {
+                name: db.to_string(),
+                reason: e.to_string(),
+            }),
+        }
     }
     problems.sort();
     problems.dedup();
-    Ok(problems)
+    (problems, errors)
 }
 
 /// `host:port` seeds of a `mongodb://` URI (none for `mongodb+srv://`).
@@ -441,10 +444,9 @@ pub async fn check(config: &Config, online: bool) -> Vec<String> {
                 Err(e) => problems.push(format!("database {name}: {e}")),
             }
         }
-        match check_objects(&reg, &adapters).await {
-            Ok(p) => problems.extend(p),
-            Err(e) => problems.push(e.to_string()),
-        }
+        let (missing, errors) = check_objects(&reg, &adapters).await;
+        problems.extend(missing);
+        problems.extend(errors.iter().map(|e| e.to_string()));
         adapters.close().await;
     }
     problems

@@ -243,10 +243,17 @@ async fn mongodb_outage_holds_its_requests_while_mariadb_flows() {
     let client = env.client();
     let writes: Vec<_> = (1..=10).map(note).collect();
     let read = json!({"template": "note", "op": "by_user", "data": {"user_id": 1}});
+    // A deadline 100 days away: its held copy's TTL is capped at what
+    // RabbitMQ accepts (a larger one would close the channel).
+    let far = CallOptions {
+        deadline_ms: Some(chrono::Utc::now().timestamp_millis() + 100 * 86_400_000),
+        ..opts.clone()
+    };
     let held = futures::future::join_all(
         writes
             .iter()
-            .map(|p| client.call("wBroker", p, &opts))
+            .enumerate()
+            .map(|(i, p)| client.call("wBroker", p, if i == 0 { &far } else { &opts }))
             .chain(std::iter::once(client.call("rBroker", &read, &opts))),
     );
     let meanwhile = async {
@@ -283,6 +290,64 @@ async fn mongodb_outage_holds_its_requests_while_mariadb_flows() {
     for b in ["rBroker", "wBroker"] {
         assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
     }
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_held_midway_reports_its_finished_entries_when_it_expires() {
+    let proxy = Proxy::start(common::mongo_port()).await;
+    let env = TestEnv::start(Opts {
+        mongo_port: proxy.port,
+        ..Default::default()
+    })
+    .await;
+    assert!(env
+        .call(
+            "wBroker",
+            json!({"template": "note", "op": "create", "data": {"user_id": 8, "title": "warm"}})
+        )
+        .await
+        .is_ok());
+    // MongoDB goes away; nothing has noticed yet. The batch's MariaDB entry
+    // runs, its MongoDB entry finds the database gone, and the rest of the
+    // batch is held with the first entry's result. Its deadline passes
+    // while it waits.
+    proxy.set_down(true).await;
+    let opts = CallOptions {
+        timeout: Duration::from_secs(30),
+        deadline_ms: Some(chrono::Utc::now().timestamp_millis() + 5_000),
+        ..Default::default()
+    };
+    let batch = json!({"batch": [
+        {"template": "usr", "op": "create", "data": {"name": "B", "email": "b@held.example"}},
+        {"template": "note", "op": "create", "data": {"user_id": 8, "title": "late"}},
+    ]});
+    let r = env
+        .client()
+        .call("wBroker", &batch, &opts)
+        .await
+        .expect("answered when its deadline passed");
+    let results = r.results.clone().expect("a batch reply, entry by entry");
+    assert!(
+        results[0].is_ok(),
+        "the entry that ran is reported as run: {r:?}"
+    );
+    assert_eq!(
+        results[1].error.as_ref().map(|e| e.code.as_str()),
+        Some("EXPIRED"),
+        "{r:?}"
+    );
+    assert_eq!(
+        env.sql("SELECT COUNT(*) FROM usr WHERE email = 'b@held.example'")
+            .trim(),
+        "1"
+    );
+    proxy.set_down(false).await;
+    assert_eq!(
+        env.queue_len(&env.dlq("wBroker")).await,
+        0,
+        "nothing parked"
+    );
     env.finish().await;
 }
 

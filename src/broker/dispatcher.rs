@@ -105,11 +105,15 @@ impl Dispatcher {
     ) -> Result<(), lapin::Error> {
         let down = gate_down(&self.shared, &self.broker);
         tokio::pin!(down);
+        let mut gate_closed = false;
         let result = loop {
             tokio::select! {
                 biased;
                 _ = self.shutdown.recv() => break Ok(()),
-                _ = &mut down => break Ok(()),
+                _ = &mut down => {
+                    gate_closed = true;
+                    break Ok(());
+                }
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let (shared, broker, ch) = (self.shared.clone(), self.broker.clone(), ch.clone());
@@ -122,6 +126,16 @@ impl Dispatcher {
         };
         let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
         tracker.close();
+        if gate_closed {
+            // The database went down: requests already started end on their
+            // own (adapter calls are bounded) and are held or answered.
+            // Closing the channel under them would run them again. Only a
+            // shutdown cuts this wait short, down to the drain timeout.
+            tokio::select! {
+                _ = tracker.wait() => {}
+                _ = self.shutdown.recv() => {}
+            }
+        }
         if tokio::time::timeout(self.shared.limits.drain, tracker.wait())
             .await
             .is_err()

@@ -122,7 +122,7 @@ pub fn check_deadline(deadline: Option<i64>) -> Result<(), PayloadError> {
     let now_ms = chrono::Utc::now().timestamp_millis();
     if now_ms > deadline {
         return Err(PayloadError::Expired {
-            late_ms: now_ms - deadline,
+            late_ms: now_ms.saturating_sub(deadline),
         });
     }
     Ok(())

@@ -98,7 +98,23 @@ pub(crate) async fn decide(
     // and after any wait for a concurrent duplicate. Not remembered: a
     // client may resend the same request with a new deadline.
     if let Err(e) = payload::check_deadline(deadline) {
-        return fail(Failure::from(&e));
+        let f = Failure::from(&e);
+        return match &req {
+            // Entries that ran on an earlier attempt are reported as they
+            // ran, not as "never executed".
+            Request::Batch { entries, .. } if !meta.batch_done.is_empty() => {
+                let mut results = meta.batch_done.clone();
+                results.truncate(entries.len());
+                for j in results.len()..entries.len() {
+                    results.push(Reply::error(format!("{event_id}.{j}"), &f));
+                }
+                match meta.reply_to {
+                    Some(_) => answer(batch_reply(event_id, started, results), None, None),
+                    None => park_batch(&meta, event_id, started, results, f, Vec::new()),
+                }
+            }
+            _ => fail(f),
+        };
     }
     let action = run(shared, broker, &meta, event_id, started, req, deadline).await;
     if let Some(g) = guard {
@@ -163,7 +179,7 @@ async fn run(
     let hold = |database: &str, batch_done: Option<String>| Action::Hold {
         database: database.to_string(),
         batch_done,
-        expires_in_ms: deadline.map(|d| (d - chrono::Utc::now().timestamp_millis()).max(1)),
+        expires_in_ms: hold_ttl(deadline),
     };
     match req {
         Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
@@ -179,8 +195,10 @@ async fn run(
             Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, meta, event_id, f),
             Err(Stop::Failed(f)) => answer_failure(meta, event_id, f),
         },
-        Request::Batch { entries, .. } if first_down(shared, &entries).is_some() => {
-            let db = first_down(shared, &entries).unwrap_or_default();
+        Request::Batch { entries, .. }
+            if first_down(shared, unfinished(meta, &entries)).is_some() =>
+        {
+            let db = first_down(shared, unfinished(meta, &entries)).unwrap_or_default();
             let done = (!meta.batch_done.is_empty())
                 .then(|| serde_json::to_string(&meta.batch_done).unwrap_or_default());
             hold(&db, done)
@@ -189,7 +207,7 @@ async fn run(
             entries,
             atomic: true,
             ..
-        } => atomic_batch(shared, broker, meta, event_id, started, entries).await,
+        } => atomic_batch(shared, broker, meta, event_id, started, entries, deadline).await,
         Request::Batch { entries, .. } => {
             batch(shared, broker, meta, event_id, started, entries, deadline).await
         }
@@ -256,6 +274,23 @@ pub(crate) async fn execute<'s>(
             Err(Stop::Failed(f))
         }
     }
+}
+
+/// The per-message TTL of a held copy: the time left to its deadline, at
+/// least 1 ms and at most what RabbitMQ accepts (2^32 - 1 ms; beyond that it
+/// would refuse the publish and close the channel).
+fn hold_ttl(deadline: Option<i64>) -> Option<i64> {
+    let left = deadline?.saturating_sub(chrono::Utc::now().timestamp_millis());
+    Some(left.clamp(1, u32::MAX as i64))
+}
+
+/// The entries a batch still has to run (those before are done on an
+/// earlier attempt).
+fn unfinished<'e>(
+    meta: &Meta,
+    entries: &'e [Result<BrokerPayload, payload::PayloadError>],
+) -> &'e [Result<BrokerPayload, payload::PayloadError>] {
+    &entries[meta.batch_done.len().min(entries.len())..]
 }
 
 /// The database of the first entry whose database is down.
@@ -380,8 +415,7 @@ pub(crate) async fn batch(
                     return Action::Hold {
                         database: db,
                         batch_done: Some(done),
-                        expires_in_ms: deadline
-                            .map(|d| (d - chrono::Utc::now().timestamp_millis()).max(1)),
+                        expires_in_ms: hold_ttl(deadline),
                     };
                 }
                 // A batch already holding an unknown outcome goes to a person
@@ -468,6 +502,7 @@ pub(crate) async fn atomic_batch(
     event_id: &str,
     started: Instant,
     entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
+    deadline: Option<i64>,
 ) -> Action {
     // Everything is resolved and validated before anything runs.
     let mut calls = Vec::with_capacity(entries.len());
@@ -515,6 +550,14 @@ pub(crate) async fn atomic_batch(
         }
         Err((i, e)) => {
             let f = Failure::from(&e);
+            if f.retryable && !adapter.health().is_up() {
+                // The database went down under it: nothing was applied; wait.
+                return Action::Hold {
+                    database: database.unwrap_or_default().to_string(),
+                    batch_done: None,
+                    expires_in_ms: hold_ttl(deadline),
+                };
+            }
             if f.retryable && meta.attempt < shared.limits.retry_tiers {
                 return retry_or_give_up(shared, meta, event_id, f);
             }

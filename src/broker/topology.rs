@@ -128,6 +128,12 @@ pub async fn declare(ch: &Channel, spec: &TopologySpec<'_>) -> Result<(), String
             typed(&mut args);
             args.insert("x-dead-letter-exchange".into(), text(ex));
             args.insert("x-dead-letter-routing-key".into(), text(broker));
+            if spec.queue_type == QueueType::Quorum {
+                // As the work queue: an expired held copy is never dropped
+                // on its way back.
+                args.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+                args.insert("x-overflow".into(), text("reject-publish"));
+            }
             declare_queue(ch, &name, durable, args).await?;
         }
     }

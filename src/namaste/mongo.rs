@@ -39,6 +39,10 @@ pub struct MongoDb {
     db: mongodb::Database,
     /// Where read ops go (config `read_preference`).
     reads: SelectionCriteria,
+    /// Reads go to the primary only, so a read that finds no server means
+    /// the database is down (with another preference it may only mean no
+    /// secondary is up, which the primary's probe cannot tell).
+    reads_primary: bool,
     /// Config `write_concern` before `auto` is resolved.
     write_concern: WriteConcern,
     /// Learned at `open` from the server's `hello`.
@@ -64,6 +68,12 @@ impl MongoDb {
         opts.max_pool_size = Some(cfg.max_connections);
         opts.server_selection_timeout = Some(timeout);
         opts.connect_timeout = Some(timeout);
+        // One attempt per write: a driver retry on another member could
+        // return that member's "not primary" for a write the first one
+        // applied, and BEDS would run it again. Every write error then
+        // describes the one attempt, so an unknown outcome is reported as
+        // unknown.
+        opts.retry_writes = Some(false);
         if let Some(user) = &cfg.user {
             opts.credential = Some(
                 Credential::builder()
@@ -87,6 +97,7 @@ impl MongoDb {
             ReadPreference::Nearest => DriverReadPreference::Nearest { options: None },
         });
         Ok(MongoDb {
+            reads_primary: cfg.read_preference == ReadPreference::Primary,
             name: name.to_string(),
             db: client.database(&cfg.name),
             client,
@@ -106,7 +117,7 @@ impl MongoDb {
     fn write_concern(&self) -> DriverWriteConcern {
         match self.deployment.get() {
             Some(d) => d.write_concern.clone(),
-            None => resolve_write_concern(self.write_concern, false),
+            None => resolve_write_concern(self.write_concern, false, self.timeout),
         }
     }
 
@@ -119,6 +130,7 @@ impl MongoDb {
         tracing::warn!(database = %self.name, error = %err, "database down: its requests wait until it answers");
         let closed = self.closed.clone();
         let db = self.db.clone();
+        let limit = self.timeout;
         probe(
             self.health.clone(),
             self.name.clone(),
@@ -126,7 +138,7 @@ impl MongoDb {
             move || !closed.load(Ordering::Relaxed),
             move || {
                 let db = db.clone();
-                async move { ping(&db).await }
+                async move { ping(&db, limit).await }
             },
         );
     }
@@ -146,20 +158,28 @@ impl MongoDb {
             )));
         };
         let write = op.access != Access::Read;
-        let limit = self.timeout * 2;
+        let limit = self.timeout.saturating_mul(2);
         let out =
             match tokio::time::timeout(limit, self.run_unbounded(op, m, params, session)).await {
                 Ok(r) => r,
                 Err(_) if write => Err(AdapterError::Indeterminate(format!(
                     "no answer within {limit:?}"
                 ))),
-                Err(_) => Err(AdapterError::Unreachable(format!(
+                // A slow read (the server cuts it at `timeout` itself) or a
+                // busy pool: try again later, the database is not down.
+                Err(_) => Err(AdapterError::Transient(format!(
                     "no answer within {limit:?}"
                 ))),
             };
+        let out = match out {
+            Err(AdapterError::Unreachable(m)) if !write && !self.reads_primary => Err(
+                AdapterError::Transient(format!("no server for this read preference: {m}")),
+            ),
+            other => other,
+        };
         out.inspect_err(|e| match e {
             // The connection broke under a write: the server may be gone.
-            AdapterError::Indeterminate(m) => {
+            AdapterError::Indeterminate(m) if !m.starts_with(WRITE_CONCERN) => {
                 self.note_unreachable(&AdapterError::Unreachable(m.clone()))
             }
             e => self.note_unreachable(e),
@@ -191,7 +211,12 @@ impl MongoDb {
         let write = op.access != Access::Read;
         let classify = |e: mongodb::error::Error| classify(e, write);
         let coll = self.collection(m);
-        let reads = (op.access == Access::Read).then(|| self.reads.clone());
+        // Inside a transaction reads must go to the primary (the driver
+        // refuses any other preference there).
+        let reads = (op.access == Access::Read && session.is_none()).then(|| self.reads.clone());
+        // The server gives up on a read at `timeout` (code 50, transient),
+        // so an abandoned query does not keep running.
+        let max_time = Some(self.timeout);
         // Inside a transaction the transaction's write concern applies.
         let wc = (write && session.is_none()).then(|| self.write_concern());
         // The session is taken by whichever builder runs; each arm runs one.
@@ -213,7 +238,8 @@ impl MongoDb {
                     .find_one(filter)
                     .optional(sort, |a, s| a.sort(s))
                     .optional(projection, |a, p| a.projection(p))
-                    .optional(reads, |a, r| a.selection_criteria(r)))
+                    .optional(reads, |a, r| a.selection_criteria(r))
+                    .optional(max_time, |a, t| a.max_time(t)))
                 .map_err(classify)?;
                 out.rows.extend(found.map(row));
             }
@@ -228,7 +254,8 @@ impl MongoDb {
                     .optional(projection, |a, p| a.projection(p))
                     .optional(limit, |a, l| a.limit(l))
                     .optional(skip, |a, s| a.skip(s))
-                    .optional(reads, |a, r| a.selection_criteria(r));
+                    .optional(reads, |a, r| a.selection_criteria(r))
+                    .optional(max_time, |a, t| a.max_time(t));
                 out.rows = match session {
                     Some(s) => {
                         let mut cursor = find.session(&mut *s).await.map_err(classify)?;
@@ -250,7 +277,8 @@ impl MongoDb {
                 };
                 let agg = coll
                     .aggregate(stages)
-                    .optional(reads, |a, r| a.selection_criteria(r));
+                    .optional(reads, |a, r| a.selection_criteria(r))
+                    .optional(max_time, |a, t| a.max_time(t));
                 out.rows = match session {
                     Some(s) => {
                         let mut cursor = agg.session(&mut *s).await.map_err(classify)?;
@@ -367,20 +395,41 @@ fn update_doc(b: Option<Bson>) -> Option<Document> {
     (!d.is_empty()).then_some(d)
 }
 
-async fn ping(db: &mongodb::Database) -> Result<(), AdapterError> {
-    db.run_command(doc! { "ping": 1 })
+async fn ping(db: &mongodb::Database, limit: Duration) -> Result<(), AdapterError> {
+    bounded(limit, db.run_command(doc! { "ping": 1 }))
         .await
         .map(|_| ())
-        .map_err(|e| classify(e, false))
 }
 
-fn resolve_write_concern(wc: WriteConcern, replica_set: bool) -> DriverWriteConcern {
-    match wc {
+/// A driver call that is not an op (ping, hello, listings, transaction
+/// steps) with the same bound: past it, the server counts as unreachable.
+async fn bounded<T>(
+    limit: Duration,
+    f: impl std::future::IntoFuture<Output = mongodb::error::Result<T>>,
+) -> Result<T, AdapterError> {
+    match tokio::time::timeout(limit, f.into_future()).await {
+        Ok(r) => r.map_err(|e| classify(e, false)),
+        Err(_) => Err(AdapterError::Unreachable(format!(
+            "no answer within {limit:?}"
+        ))),
+    }
+}
+
+/// The write concern writes use; `w_timeout` so a majority that cannot be
+/// reached answers (an unknown outcome) instead of waiting forever.
+fn resolve_write_concern(
+    wc: WriteConcern,
+    replica_set: bool,
+    timeout: Duration,
+) -> DriverWriteConcern {
+    let mut w = match wc {
         WriteConcern::Majority => DriverWriteConcern::majority(),
         WriteConcern::Acknowledged => DriverWriteConcern::nodes(1),
         WriteConcern::Auto if replica_set => DriverWriteConcern::majority(),
         WriteConcern::Auto => DriverWriteConcern::nodes(1),
-    }
+    };
+    w.w_timeout = Some(timeout);
+    w
 }
 
 #[async_trait]
@@ -404,23 +453,26 @@ impl NamasteCore for MongoDb {
         if let Err(why) = self.atomic_support() {
             return Err((0, AdapterError::Invalid(why)));
         }
-        let mut session = self
-            .client
-            .start_session()
+        let limit = self.timeout;
+        let mut session = bounded(limit, self.client.start_session())
             .await
-            .map_err(|e| (0, classify(e, false)))
-            .inspect_err(|(_, e)| self.note_unreachable(e))?;
-        session
-            .start_transaction()
-            .write_concern(self.write_concern())
-            .await
-            .map_err(|e| (0, classify(e, false)))?;
+            .inspect_err(|e| self.note_unreachable(e))
+            .map_err(|e| (0, e))?;
+        bounded(
+            limit,
+            session
+                .start_transaction()
+                .write_concern(self.write_concern()),
+        )
+        .await
+        .map_err(|e| (0, e))?;
         let mut outs = Vec::with_capacity(calls.len());
         for (i, (op, params)) in calls.iter().enumerate() {
             match self.run(op, params, Some(&mut session)).await {
                 Ok(o) => outs.push(o),
                 Err(e) => {
-                    let _ = session.abort_transaction().await;
+                    // Unfinished, the server aborts it itself.
+                    let _ = tokio::time::timeout(limit, session.abort_transaction()).await;
                     // Nothing of an aborted transaction was applied.
                     let e = match e {
                         AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
@@ -430,14 +482,20 @@ impl NamasteCore for MongoDb {
                 }
             }
         }
-        session.commit_transaction().await.map_err(|e| {
-            let last = calls.len().saturating_sub(1);
-            if e.contains_label("UnknownTransactionCommitResult") {
-                (last, AdapterError::Indeterminate(e.to_string()))
-            } else {
-                (last, classify(e, true))
+        let last = calls.len().saturating_sub(1);
+        match tokio::time::timeout(limit.saturating_mul(2), session.commit_transaction()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.contains_label("UnknownTransactionCommitResult") => {
+                return Err((last, AdapterError::Indeterminate(e.to_string())))
             }
-        })?;
+            Ok(Err(e)) => return Err((last, classify(e, true))),
+            Err(_) => {
+                return Err((
+                    last,
+                    AdapterError::Indeterminate(format!("COMMIT not answered within {limit:?}")),
+                ))
+            }
+        }
         Ok(outs)
     }
 
@@ -462,11 +520,7 @@ impl Session for MongoSession<'_> {
 #[async_trait]
 impl Lifecycle for MongoDb {
     async fn open(&self, _tolerate_optional: bool) -> Result<(), AdapterError> {
-        let hello = self
-            .db
-            .run_command(doc! { "hello": 1 })
-            .await
-            .map_err(|e| classify(e, false))?;
+        let hello = bounded(self.timeout, self.db.run_command(doc! { "hello": 1 })).await?;
         let replica_set = hello.contains_key("setName");
         let mongos = hello.get_str("msg").is_ok_and(|m| m == "isdbgrid");
         let wire = hello
@@ -491,7 +545,11 @@ impl Lifecycle for MongoDb {
             )
         };
         let d = Deployment {
-            write_concern: resolve_write_concern(self.write_concern, replica_set || mongos),
+            write_concern: resolve_write_concern(
+                self.write_concern,
+                replica_set || mongos,
+                self.timeout,
+            ),
             no_transactions,
         };
         tracing::info!(database = %self.name, replica_set, mongos, wire,
@@ -501,15 +559,11 @@ impl Lifecycle for MongoDb {
     }
 
     async fn ping(&self) -> Result<(), AdapterError> {
-        ping(&self.db).await
+        ping(&self.db, self.timeout).await
     }
 
     async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError> {
-        let present = self
-            .db
-            .list_collection_names()
-            .await
-            .map_err(|e| classify(e, false))?;
+        let present = bounded(self.timeout, self.db.list_collection_names()).await?;
         let mut problems = Vec::new();
         for t in templates {
             let Some(coll) = &t.collection else { continue };
@@ -522,14 +576,15 @@ impl Lifecycle for MongoDb {
                 ));
                 continue;
             }
-            let cursor = self
-                .db
-                .collection::<Document>(coll)
-                .list_indexes()
-                .await
-                .map_err(|e| classify(e, false))?;
-            let models: Vec<mongodb::IndexModel> =
-                cursor.try_collect().await.map_err(|e| classify(e, false))?;
+            let models: Vec<mongodb::IndexModel> = bounded(self.timeout, async {
+                self.db
+                    .collection::<Document>(coll)
+                    .list_indexes()
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await?;
             let have: Vec<Index> = models
                 .iter()
                 .map(|m| Index {
@@ -615,6 +670,10 @@ fn to_json(b: Bson) -> Value {
     }
 }
 
+/// How an unknown outcome reported by the server (not a lost connection)
+/// begins: the server answered, so it is not down.
+const WRITE_CONCERN: &str = "write concern not satisfied: ";
+
 /// Sorts a driver error into what the dispatcher must do about it. `write`:
 /// the operation may change data, so a connection lost after sending it
 /// leaves its outcome unknown.
@@ -634,11 +693,13 @@ fn classify(e: mongodb::error::Error, write: bool) -> AdapterError {
         ErrorKind::ServerSelection { .. } | ErrorKind::DnsResolve { .. } => {
             AdapterError::Unreachable(e.to_string())
         }
-        ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => lost(e.to_string()),
+        // Returned when a connection is checked out: nothing was sent.
+        ErrorKind::ConnectionPoolCleared { .. } => AdapterError::Unreachable(e.to_string()),
+        ErrorKind::Io(_) => lost(e.to_string()),
         ErrorKind::Write(WriteFailure::WriteError(we)) => code_error(we.code, &we.message, write),
         // Applied on the primary, not confirmed by enough members.
         ErrorKind::Write(WriteFailure::WriteConcernError(wce)) => {
-            AdapterError::Indeterminate(wce.message.clone())
+            AdapterError::Indeterminate(format!("{WRITE_CONCERN}{}", wce.message))
         }
         ErrorKind::Command(ce) => code_error(ce.code, &ce.message, write),
         ErrorKind::Authentication { message, .. } => {

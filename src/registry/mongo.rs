@@ -5,8 +5,9 @@
 
 use mongodb::bson::{self, Bson, Document};
 
-use super::template::{IndexSpec, OpSpec};
+use super::template::{IndexSpec, OpSpec, Returns};
 use super::values::Param;
+use crate::config::Access;
 
 /// What a MongoDB op does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +173,8 @@ pub fn compile(
                 let cx = Cx {
                     params,
                     at: format!("{at}.{key}"),
-                    expr: false,
+                    // MongoDB 4.4+ reads projection values as expressions.
+                    expr: *key == "projection",
                 };
                 let shape = match *key {
                     "pipeline" => compile_pipeline(v, &cx, p),
@@ -201,6 +203,25 @@ pub fn compile(
             }
         }
     }
+    let writes = matches!(
+        action,
+        Action::InsertOne | Action::UpdateOne | Action::FindOneAndUpdate | Action::DeleteOne
+    ) || pipeline_writes(spec.pipeline.as_ref());
+    if writes && spec.access != Access::Write {
+        p.push(format!(
+            "{at}: action {name} writes, so access must be \"write\" (it decides dedup, retries and the broker)"
+        ));
+    }
+    if !writes && spec.access == Access::Write {
+        p.push(format!(
+            "{at}: action {name} only reads; use access = \"read\""
+        ));
+    }
+    if matches!(action, Action::UpdateOne | Action::DeleteOne) && spec.returns == Returns::One {
+        p.push(format!(
+            "{at}: action {name} returns no document, so returns = \"one\" would always answer NOT_FOUND (use find_one_and_update, or returns = \"none\")"
+        ));
+    }
     if p.len() > before {
         return None;
     }
@@ -216,6 +237,17 @@ pub fn compile(
         limit,
         skip,
         pipeline,
+    })
+}
+
+/// Whether a pipeline writes (`$out`, `$merge`).
+fn pipeline_writes(pipeline: Option<&toml::Value>) -> bool {
+    let Some(toml::Value::Array(stages)) = pipeline else {
+        return false;
+    };
+    stages.iter().any(|s| {
+        s.as_table()
+            .is_some_and(|t| t.contains_key("$out") || t.contains_key("$merge"))
     })
 }
 
@@ -365,6 +397,11 @@ pub fn render(
                     out.insert(k.clone(), b);
                 }
             }
+            // A sub-document all of whose values were left out is left out
+            // too (`{a = {b = "$param:b"}}` must not write `a: {}`).
+            if out.is_empty() && !entries.is_empty() && absent == Absent::Omit {
+                return Ok(None);
+            }
             Bson::Document(out)
         }
     }))
@@ -478,6 +515,93 @@ mod tests {
             .unwrap();
         assert_eq!(set, Bson::Document(bson::doc! {"$set": {"a": 1_i64}}));
         assert_eq!(render(&top[0].1, &params, now(), Absent::Refuse), Err(1));
+    }
+
+    fn op_problems(text: &str) -> Vec<String> {
+        let spec: OpSpec = toml::from_str(text).unwrap();
+        let mut p = Vec::new();
+        compile(&spec, "c", &spec.params.clone(), "ops.x", &mut p);
+        p
+    }
+
+    #[test]
+    fn actions_must_match_their_access_and_returns() {
+        let p = op_problems(
+            r#"action = "insert_one"
+access = "read"
+document = { a = 1 }"#,
+        );
+        assert!(p.iter().any(|e| e.contains("must be \"write\"")), "{p:?}");
+        let p = op_problems(
+            r#"action = "aggregate"
+access = "read"
+pipeline = [{ "$merge" = "other" }]"#,
+        );
+        assert!(p.iter().any(|e| e.contains("must be \"write\"")), "{p:?}");
+        let p = op_problems(
+            r#"action = "find"
+access = "write"
+filter = {}"#,
+        );
+        assert!(p.iter().any(|e| e.contains("only reads")), "{p:?}");
+        let p = op_problems(
+            r#"action = "delete_one"
+access = "write"
+returns = "one"
+filter = {}"#,
+        );
+        assert!(p.iter().any(|e| e.contains("NOT_FOUND")), "{p:?}");
+        assert!(op_problems(
+            r#"action = "delete_one"
+access = "write"
+returns = "none"
+filter = {}"#
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn projection_params_are_literals_and_emptied_documents_are_left_out() {
+        let (s, _) = shape(r#"x = "$param:p""#, &["p"]);
+        let Shape::Doc(top) = &s else { panic!() };
+        assert_eq!(
+            top[0].1,
+            Shape::Param {
+                index: 0,
+                literal: false
+            }
+        );
+        let spec: OpSpec = toml::from_str(
+            r#"action = "find"
+access = "read"
+params = ["p"]
+filter = {}
+projection = { x = "$param:p" }"#,
+        )
+        .unwrap();
+        let mut p = Vec::new();
+        let m = compile(&spec, "c", &["p".to_string()], "ops.x", &mut p).unwrap();
+        let Some(Shape::Doc(proj)) = &m.projection else {
+            panic!()
+        };
+        assert_eq!(
+            proj[0].1,
+            Shape::Param {
+                index: 0,
+                literal: true
+            }
+        );
+
+        let (s, _) = shape(
+            r#"[u]
+"$set" = { a = { b = "$param:b" }, c = 1 }"#,
+            &["b"],
+        );
+        let Shape::Doc(top) = s else { panic!() };
+        let set = render(&top[0].1, &[Param::Null], now(), Absent::Omit)
+            .unwrap()
+            .unwrap();
+        assert_eq!(set, Bson::Document(bson::doc! {"$set": {"c": 1_i64}}));
     }
 
     #[test]

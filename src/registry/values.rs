@@ -78,7 +78,7 @@ pub fn check(name: &str, spec: &FieldSpec, v: &Value, store: Store) -> Result<Pa
         if store == Store::Mongodb {
             if let Some(path) = operator_key(v, &format!("data.{name}")) {
                 return Err(format!(
-                    "{path}: object keys may not start with '$' or contain '.' (a value is only ever a value)"
+                    "{path}: object keys may not start with '$' or contain '.' or NUL (a value is only ever a value)"
                 ));
             }
         }
@@ -109,7 +109,7 @@ pub fn check(name: &str, spec: &FieldSpec, v: &Value, store: Store) -> Result<Pa
 fn operator_key(v: &Value, at: &str) -> Option<String> {
     match v {
         Value::Object(m) => m.iter().find_map(|(k, x)| {
-            if k.starts_with('$') || k.contains('.') {
+            if k.starts_with('$') || k.contains(['.', '\0']) {
                 Some(format!("{at}.{k}"))
             } else {
                 operator_key(x, &format!("{at}.{k}"))

@@ -411,3 +411,49 @@ async fn batches_on_mongodb_run_in_order_and_atomic_uses_a_transaction() {
     assert_eq!(code(&r), "VALIDATION");
     env.finish().await;
 }
+
+/// Sends a note create carrying `traceparent: value`; returns the raw reply.
+async fn with_traceparent(env: &TestEnv, value: &str) -> lapin::message::Delivery {
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "traceparent".into(),
+        AMQPValue::LongString(LongString::from(value)),
+    );
+    let props = env
+        .client()
+        .properties(&beds::client::CallOptions::default())
+        .with_headers(headers);
+    let body = serde_json::to_vec(&create(12, value)).unwrap();
+    env.client()
+        .call_raw("wBroker", &body, props, std::time::Duration::from_secs(15))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_is_accepted_and_passed_on_to_the_reply() {
+    use lapin::types::{AMQPValue, LongString};
+    let env = TestEnv::start(Opts::default()).await;
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let echoed = |d: &lapin::message::Delivery| {
+        d.properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("traceparent").cloned())
+    };
+    let d = with_traceparent(&env, tp).await;
+    let reply: beds::broker::reply::Reply = serde_json::from_slice(&d.data).unwrap();
+    assert!(reply.is_ok(), "{reply:?}");
+    assert_eq!(
+        echoed(&d),
+        Some(AMQPValue::LongString(LongString::from(tp))),
+        "the caller's trace continues on the reply"
+    );
+    // A malformed one is accepted (the request runs) but not passed on.
+    let d = with_traceparent(&env, "not-a-trace").await;
+    let reply: beds::broker::reply::Reply = serde_json::from_slice(&d.data).unwrap();
+    assert!(reply.is_ok(), "{reply:?}");
+    assert_eq!(echoed(&d), None);
+    env.finish().await;
+}

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::headers::traceparent;
 use super::outcome::{finish, quarantine};
 use super::reply::Reply;
 use super::request::{answer, decide};
@@ -272,27 +273,6 @@ fn event_id() -> String {
     uuid::Builder::from_unix_timestamp_millis(ms, &rand::random())
         .into_uuid()
         .to_string()
-}
-
-/// The caller's W3C `traceparent` header (CONTRACT §2), when it is a
-/// well-formed one: kept on the request's span (and copied onto retried,
-/// held and parked copies with the other headers) so BEDS's records join
-/// the caller's trace.
-fn traceparent(props: &lapin::protocol::basic::AMQPProperties) -> Option<&str> {
-    let tp = match super::payload::header(props, "traceparent")? {
-        lapin::types::AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?,
-        lapin::types::AMQPValue::ShortString(s) => s.as_str(),
-        _ => return None,
-    };
-    // version-traceid-parentid-flags: 2-32-16-2 lowercase hex.
-    let parts: Vec<&str> = tp.split('-').collect();
-    let ok = parts.len() >= 4
-        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| {
-            p.len() == *n
-                && p.bytes()
-                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
-        });
-    ok.then_some(tp)
 }
 
 /// Identifies a request across redeliveries.

@@ -32,6 +32,9 @@ pub const ERROR_MESSAGE_HEADER: &str = "x-beds-error-message";
 
 pub const EVENT_ID_HEADER: &str = "x-beds-event-id";
 
+/// W3C Trace Context (CONTRACT §2), passed on to the reply.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
 /// On a parked batch: the original indices of the entries it kept.
 pub const BATCH_ENTRIES_HEADER: &str = "x-beds-batch-entries";
 
@@ -181,4 +184,25 @@ pub(crate) fn sign(key: &[u8], user: &str, body: &[u8]) -> String {
 
 pub(crate) fn text(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.to_string()))
+}
+
+/// The caller's W3C `traceparent` header (CONTRACT §2), when it is a
+/// well-formed one: kept on the request's span, copied onto retried, held
+/// and parked copies with the other headers, and onto the reply, so BEDS's
+/// records join the caller's trace.
+pub(crate) fn traceparent(props: &AMQPProperties) -> Option<&str> {
+    let tp = match payload::header(props, TRACEPARENT_HEADER)? {
+        lapin::types::AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?,
+        lapin::types::AMQPValue::ShortString(s) => s.as_str(),
+        _ => return None,
+    };
+    // version-traceid-parentid-flags: 2-32-16-2 lowercase hex.
+    let parts: Vec<&str> = tp.split('-').collect();
+    let ok = parts.len() >= 4
+        && [2, 32, 16, 2].iter().zip(&parts).all(|(n, p)| {
+            p.len() == *n
+                && p.bytes()
+                    .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        });
+    ok.then_some(tp)
 }

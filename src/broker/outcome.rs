@@ -6,8 +6,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
 use super::headers::{
-    republish_props, text, ATTEMPT_HEADER, BATCH_DONE_HEADER, BATCH_ENTRIES_HEADER,
-    ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, EVENT_ID_HEADER,
+    republish_props, text, traceparent, ATTEMPT_HEADER, BATCH_DONE_HEADER, BATCH_ENTRIES_HEADER,
+    ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, EVENT_ID_HEADER, TRACEPARENT_HEADER,
 };
 use super::request::Action;
 use super::shared::{BrokerSpec, Shared};
@@ -124,6 +124,9 @@ pub(crate) async fn finish(
             if let Some(reply_to) = props.reply_to().as_ref() {
                 let mut headers = FieldTable::default();
                 headers.insert(EVENT_ID_HEADER.into(), text(&reply.event_id));
+                if let Some(tp) = traceparent(props) {
+                    headers.insert(TRACEPARENT_HEADER.into(), text(tp));
+                }
                 let mut p = BasicProperties::default()
                     .with_content_type("application/json".into())
                     .with_headers(headers);

@@ -692,3 +692,7 @@ pub(crate) fn read_meta(shared: &Shared, props: &AMQPProperties, body: &[u8]) ->
 pub(crate) fn micros(since: Instant) -> u64 {
     since.elapsed().as_micros().min(u64::MAX as u128) as u64
 }
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

@@ -1,0 +1,372 @@
+//! `decide` without servers: the shipped `usr` and `note` templates, with
+//! fake adapters behind the NamasteCore trait that answer from a script.
+//! Each case is one delivery and the `Action` it must lead to.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+
+use super::*;
+use crate::broker::shared::{Limits, Shared};
+use crate::broker::topology::Names;
+use crate::config::{Config, Env};
+use crate::namaste::{AdapterError, Adapters, Health, Lifecycle, NamasteCore, Session};
+use crate::registry::Template;
+
+/// Answers calls from a script; an `Unreachable` answer marks it down, as
+/// the real adapters do.
+#[derive(Default)]
+struct FakeDb {
+    health: Health,
+    script: Mutex<VecDeque<Result<Outcome, AdapterError>>>,
+    calls: AtomicUsize,
+    no_transactions: Option<String>,
+}
+
+impl FakeDb {
+    fn answers(answers: Vec<Result<Outcome, AdapterError>>) -> Arc<FakeDb> {
+        Arc::new(FakeDb {
+            script: Mutex::new(answers.into()),
+            ..Default::default()
+        })
+    }
+
+    fn next(&self) -> Result<Outcome, AdapterError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let r = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or_else(|| Ok(row(json!({"id": 1}))));
+        if matches!(r, Err(AdapterError::Unreachable(_))) {
+            self.health.mark_down();
+        }
+        r
+    }
+}
+
+fn row(v: Value) -> Outcome {
+    Outcome {
+        rows: vec![v.as_object().unwrap().clone()],
+        affected: 1,
+    }
+}
+
+#[async_trait]
+impl NamasteCore for FakeDb {
+    async fn call(&self, _: &Op, _: &[Param]) -> Result<Outcome, AdapterError> {
+        self.next()
+    }
+    fn atomic_support(&self) -> Result<(), String> {
+        self.no_transactions.clone().map_or(Ok(()), Err)
+    }
+    async fn call_atomic(
+        &self,
+        calls: &[(&Op, &[Param])],
+    ) -> Result<Vec<Outcome>, (usize, AdapterError)> {
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, _)| self.next().map_err(|e| (i, e)))
+            .collect()
+    }
+    fn session(&self) -> Box<dyn Session + '_> {
+        Box::new(FakeSession(self))
+    }
+}
+
+struct FakeSession<'a>(&'a FakeDb);
+
+#[async_trait]
+impl Session for FakeSession<'_> {
+    async fn call(&mut self, _: &Op, _: &[Param]) -> Result<Outcome, AdapterError> {
+        self.0.next()
+    }
+}
+
+#[async_trait]
+impl Lifecycle for FakeDb {
+    async fn open(&self, _: bool) -> Result<(), AdapterError> {
+        Ok(())
+    }
+    async fn ping(&self) -> Result<(), AdapterError> {
+        Ok(())
+    }
+    async fn missing_objects(&self, _: &[&Template]) -> Result<Vec<String>, AdapterError> {
+        Ok(Vec::new())
+    }
+    fn health(&self) -> &Health {
+        &self.health
+    }
+    async fn close(&self) {}
+}
+
+/// The shipped config and templates, with `primary` (usr) and `docs`
+/// (note) served by the given fakes.
+fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("beds-decide-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root.join("config/beds.toml"), dir.join("beds.toml")).unwrap();
+    std::fs::write(
+        dir.join("env_dev.toml"),
+        "[amqp]\npass = \"x\"\n[databases.primary]\npass = \"x\"\n",
+    )
+    .unwrap();
+    let config: Config = Config::load(&dir, Env::Dev).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let registry = Registry::load_dir(&root.join("templates"), &config).unwrap();
+    let mut adapters = Adapters::default();
+    adapters.insert("primary".into(), primary);
+    adapters.insert("docs".into(), docs);
+    Arc::new(Shared {
+        registry: Arc::new(registry),
+        adapters,
+        dedup: crate::broker::dedup::Dedup::new(Duration::from_secs(60), 100),
+        names: Names { prefix: "t".into() },
+        limits: Limits {
+            retry_tiers: 2,
+            max_payload: 64 * 1024,
+            max_batch: 10,
+            prefetch: 8,
+            drain: Duration::from_secs(1),
+        },
+        retry_key: b"0123456789abcdef".to_vec(),
+        node: "t".into(),
+        strikes: Default::default(),
+    })
+}
+
+fn broker(name: &str, serves: Access) -> BrokerSpec {
+    BrokerSpec {
+        name: name.into(),
+        serves: vec![serves],
+        queue: format!("t.{name}"),
+        gate: None,
+    }
+}
+
+fn delivery(body: Value, headers: Vec<(&str, AMQPValue)>, message_id: Option<&str>) -> Delivery {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        table.insert(k.into(), v);
+    }
+    let mut props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_reply_to("amq.rabbitmq.reply-to".into())
+        .with_correlation_id("c".into())
+        .with_headers(table);
+    if let Some(m) = message_id {
+        props = props.with_message_id(m.into());
+    }
+    Delivery {
+        delivery_tag: 1,
+        exchange: "t".into(),
+        routing_key: "".into(),
+        redelivered: false,
+        properties: props,
+        data: serde_json::to_vec(&body).unwrap(),
+        acker: Default::default(),
+    }
+}
+
+async fn decide_on(shared: &Arc<Shared>, b: &BrokerSpec, d: &Delivery) -> Action {
+    decide(shared, b, d, "e", Instant::now()).await
+}
+
+/// The reply body of an answer, and whether it is parked.
+fn answered(a: &Action) -> (Value, bool) {
+    match a {
+        Action::Answer { reply, park, .. } => {
+            (serde_json::from_slice(&reply.body).unwrap(), park.is_some())
+        }
+        Action::Retry { tier, .. } => panic!("expected an answer, got retry tier {tier}"),
+        Action::Hold { database, .. } => panic!("expected an answer, got a hold for {database}"),
+    }
+}
+
+fn usr_create() -> Value {
+    json!({"template": "usr", "op": "create", "data": {"name": "A", "email": "a@x"}})
+}
+
+fn note_create() -> Value {
+    json!({"template": "note", "op": "create", "data": {"user_id": 1, "title": "t"}})
+}
+
+#[tokio::test]
+async fn a_request_for_a_database_that_is_down_is_held_without_running() {
+    let docs = FakeDb::answers(vec![]);
+    docs.health.mark_down();
+    let s = shared(FakeDb::answers(vec![]), docs.clone());
+    let a = decide_on(
+        &s,
+        &broker("wBroker", Access::Write),
+        &delivery(note_create(), vec![], None),
+    )
+    .await;
+    assert!(matches!(&a, Action::Hold { database, batch_done: None, .. } if database == "docs"));
+    assert_eq!(docs.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn unreachable_holds_transient_retries_unknown_outcome_parks() {
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], None);
+    // The call finds the database gone: the request waits for it.
+    let s = shared(
+        FakeDb::answers(vec![Err(AdapterError::Unreachable("gone".into()))]),
+        FakeDb::answers(vec![]),
+    );
+    assert!(
+        matches!(decide_on(&s, &w, &d).await, Action::Hold { database, .. } if database == "primary")
+    );
+    // Busy, not down: the retry tiers.
+    let s = shared(
+        FakeDb::answers(vec![Err(AdapterError::Transient("deadlock".into()))]),
+        FakeDb::answers(vec![]),
+    );
+    assert!(matches!(
+        decide_on(&s, &w, &d).await,
+        Action::Retry { tier: 1, .. }
+    ));
+    // Busy on the last tier: UNAVAILABLE, parked.
+    let last = delivery(
+        usr_create(),
+        vec![("x-beds-attempt", AMQPValue::LongLongInt(2))],
+        None,
+    );
+    let s = shared(
+        FakeDb::answers(vec![Err(AdapterError::Transient("deadlock".into()))]),
+        FakeDb::answers(vec![]),
+    );
+    let (reply, parked) = answered(&decide_on(&s, &w, &last).await);
+    assert_eq!(
+        (reply["error"]["code"].as_str(), parked),
+        (Some("UNAVAILABLE"), true)
+    );
+    // Unknown outcome: INTERNAL, parked, never retried.
+    let s = shared(
+        FakeDb::answers(vec![Err(AdapterError::Indeterminate("lost".into()))]),
+        FakeDb::answers(vec![]),
+    );
+    let (reply, parked) = answered(&decide_on(&s, &w, &d).await);
+    assert_eq!(
+        (reply["error"]["code"].as_str(), parked),
+        (Some("INTERNAL"), true)
+    );
+}
+
+#[tokio::test]
+async fn request_errors_never_reach_the_adapter() {
+    let primary = FakeDb::answers(vec![]);
+    let s = shared(primary.clone(), FakeDb::answers(vec![]));
+    let cases = [
+        ("rBroker", Access::Read, usr_create(), "WRONG_BROKER"),
+        (
+            "wBroker",
+            Access::Write,
+            json!({"template": "usr", "op": "create", "data": {"name": 1}}),
+            "VALIDATION",
+        ),
+        (
+            "wBroker",
+            Access::Write,
+            json!({"template": "nope", "op": "x"}),
+            "UNKNOWN_TEMPLATE",
+        ),
+        (
+            "rBroker",
+            Access::Read,
+            json!({"template": "note", "op": "read", "data": {"id": {"$ne": null}}}),
+            "VALIDATION",
+        ),
+    ];
+    for (name, access, body, code) in cases {
+        let (reply, parked) = answered(
+            &decide_on(
+                &s,
+                &broker(name, access),
+                &delivery(body.clone(), vec![], None),
+            )
+            .await,
+        );
+        assert_eq!(
+            (reply["error"]["code"].as_str(), parked),
+            (Some(code), false),
+            "{body}"
+        );
+    }
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_repeated_message_id_is_answered_from_the_first_execution() {
+    let primary = FakeDb::answers(vec![Ok(row(json!({"id": 7})))]);
+    let s = shared(primary.clone(), FakeDb::answers(vec![]));
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    let (first, _) = answered(&decide_on(&s, &w, &d).await);
+    let (again, _) = answered(&decide_on(&s, &w, &d).await);
+    assert_eq!(first, again);
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "run once");
+}
+
+#[tokio::test]
+async fn a_batch_is_held_with_its_progress_and_expires_entry_by_entry() {
+    let docs = FakeDb::answers(vec![Err(AdapterError::Unreachable("gone".into()))]);
+    let s = shared(FakeDb::answers(vec![]), docs.clone());
+    let w = broker("wBroker", Access::Write);
+    let batch = json!({"batch": [usr_create(), note_create()]});
+    // The note entry finds MongoDB gone: held with the usr entry's result.
+    let Action::Hold {
+        database,
+        batch_done: Some(done),
+        ..
+    } = decide_on(&s, &w, &delivery(batch.clone(), vec![], None)).await
+    else {
+        panic!("expected a hold with progress");
+    };
+    assert_eq!(database, "docs");
+    // Back after its deadline: the entry that ran is reported as run.
+    let late = delivery(
+        batch,
+        vec![
+            (
+                "x-beds-batch-done",
+                AMQPValue::LongString(LongString::from(done)),
+            ),
+            ("x-beds-deadline", AMQPValue::LongLongInt(1)),
+        ],
+        None,
+    );
+    let (reply, parked) = answered(&decide_on(&s, &w, &late).await);
+    assert!(!parked);
+    assert_eq!(reply["results"][0]["status"], "ok", "{reply}");
+    assert_eq!(reply["results"][1]["error"]["code"], "EXPIRED", "{reply}");
+}
+
+#[tokio::test]
+async fn atomic_batches_need_one_database_that_has_transactions() {
+    let docs = Arc::new(FakeDb {
+        no_transactions: Some("standalone".into()),
+        ..Default::default()
+    });
+    let s = shared(FakeDb::answers(vec![]), docs.clone());
+    let w = broker("wBroker", Access::Write);
+    for batch in [
+        json!({"atomic": true, "batch": [note_create(), note_create()]}),
+        json!({"atomic": true, "batch": [usr_create(), note_create()]}),
+    ] {
+        let (reply, _) = answered(&decide_on(&s, &w, &delivery(batch.clone(), vec![], None)).await);
+        assert_eq!(reply["error"]["code"], "VALIDATION", "{batch}: {reply}");
+    }
+    assert_eq!(docs.calls.load(Ordering::SeqCst), 0);
+}

@@ -741,6 +741,28 @@ pub fn is_amqp_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The shipped `config/beds.toml` with placeholder secrets (a fresh
+/// checkout has no env_dev.toml), for unit tests that need real templates.
+#[cfg(test)]
+pub(crate) fn shipped_for_tests() -> Config {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!(
+        "beds-config-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(root.join("config/beds.toml"), dir.join("beds.toml")).unwrap();
+    std::fs::write(
+        dir.join("env_dev.toml"),
+        "[amqp]\npass = \"x\"\n[databases.primary]\npass = \"x\"\n",
+    )
+    .unwrap();
+    let config = Config::load(&dir, Env::Dev);
+    let _ = std::fs::remove_dir_all(&dir);
+    config.unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

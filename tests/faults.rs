@@ -229,67 +229,14 @@ async fn mongodb_outage_holds_its_requests_while_mariadb_flows() {
         ..Default::default()
     })
     .await;
-    let note = |i: usize| json!({"template": "note", "op": "create", "data": {"user_id": 1, "title": format!("t{i}")}});
-    assert!(env.call("wBroker", note(0)).await.is_ok());
-
+    let first =
+        json!({"template": "note", "op": "create", "data": {"user_id": 1, "title": "before"}});
+    assert!(env.call("wBroker", first).await.is_ok());
     proxy.set_down(true).await;
     // Let the driver see the outage (its monitor's connection dropped), so
     // no write is sent on a connection that is already dead.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let opts = CallOptions {
-        timeout: Duration::from_secs(60),
-        ..Default::default()
-    };
-    let client = env.client();
-    let writes: Vec<_> = (1..=10).map(note).collect();
-    let read = json!({"template": "note", "op": "by_user", "data": {"user_id": 1}});
-    // A deadline 100 days away: its held copy's TTL is capped at what
-    // RabbitMQ accepts (a larger one would close the channel).
-    let far = CallOptions {
-        deadline_ms: Some(chrono::Utc::now().timestamp_millis() + 100 * 86_400_000),
-        ..opts.clone()
-    };
-    let held = futures::future::join_all(
-        writes
-            .iter()
-            .enumerate()
-            .map(|(i, p)| client.call("wBroker", p, if i == 0 { &far } else { &opts }))
-            .chain(std::iter::once(client.call("rBroker", &read, &opts))),
-    );
-    let meanwhile = async {
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        // MariaDB requests flow while MongoDB is down.
-        for i in 0..5 {
-            let r = env
-                .call(
-                    "wBroker",
-                    json!({"template": "usr", "op": "create", "data": {"name": "M", "email": format!("m{i}@flows.example")}}),
-                )
-                .await;
-            assert!(r.is_ok(), "MariaDB unaffected: {r:?}");
-        }
-        let waiting = env
-            .queue_len(&format!("{}.wBroker.hold.docs", env.prefix))
-            .await
-            + env
-                .queue_len(&format!("{}.rBroker.hold.docs", env.prefix))
-                .await;
-        assert!(waiting >= 1, "MongoDB requests wait in their hold queues");
-        for b in ["rBroker", "wBroker"] {
-            assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
-        }
-        proxy.set_down(false).await;
-    };
-    let (replies, ()) = tokio::join!(held, meanwhile);
-    for r in replies {
-        let r = r.expect("every request answered after the outage");
-        assert!(r.is_ok(), "{r:?}");
-    }
-    let r = env.call("rBroker", read).await;
-    assert_eq!(r.data.map(|d| d.len()), Some(11), "every note stored once");
-    for b in ["rBroker", "wBroker"] {
-        assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
-    }
+    common::notes_wait_out_an_outage(&env, 1, proxy.set_down(false)).await;
     env.finish().await;
 }
 

@@ -253,29 +253,15 @@ pub fn create_op(template: &Template, key: &str) -> Option<(String, Op)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Env};
     use crate::registry::compile;
 
     /// The shipped config and `usr` template; placeholder secrets, since a
     /// fresh checkout has no env_dev.toml.
+    /// The shipped `usr` template.
     fn usr() -> Template {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::temp_dir().join(format!(
-            "beds-workload-{}-{}",
-            std::process::id(),
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(root.join("config/beds.toml"), dir.join("beds.toml")).unwrap();
-        std::fs::write(
-            dir.join("env_dev.toml"),
-            "[amqp]\npass = \"x\"\n[databases.primary]\npass = \"x\"\n",
-        )
-        .unwrap();
-        let config = Config::load(&dir, Env::Dev);
-        let _ = std::fs::remove_dir_all(&dir);
         let text = std::fs::read_to_string(root.join("templates/usr.toml")).unwrap();
-        compile(&text, &config.unwrap()).unwrap()
+        compile(&text, &crate::config::shipped_for_tests()).unwrap()
     }
 
     #[test]

@@ -181,6 +181,11 @@ async fn run(
         batch_done,
         expires_in_ms: hold_ttl(deadline),
     };
+    // A batch waits whole when a database an unfinished entry needs is down.
+    let batch_down = match &req {
+        Request::Batch { entries, .. } => first_down(shared, unfinished(meta, entries)),
+        Request::Single(_) => None,
+    };
     match req {
         Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
             Ok(out) => {
@@ -195,10 +200,8 @@ async fn run(
             Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, meta, event_id, f),
             Err(Stop::Failed(f)) => answer_failure(meta, event_id, f),
         },
-        Request::Batch { entries, .. }
-            if first_down(shared, unfinished(meta, &entries)).is_some() =>
-        {
-            let db = first_down(shared, unfinished(meta, &entries)).unwrap_or_default();
+        Request::Batch { .. } if batch_down.is_some() => {
+            let db = batch_down.unwrap_or_default();
             let done = (!meta.batch_done.is_empty())
                 .then(|| serde_json::to_string(&meta.batch_done).unwrap_or_default());
             hold(&db, done)

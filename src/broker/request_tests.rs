@@ -16,7 +16,6 @@ use serde_json::{json, Value};
 use super::*;
 use crate::broker::shared::{Limits, Shared};
 use crate::broker::topology::Names;
-use crate::config::{Config, Env};
 use crate::namaste::{AdapterError, Adapters, Health, Lifecycle, NamasteCore, Session};
 use crate::registry::Template;
 
@@ -113,16 +112,7 @@ impl Lifecycle for FakeDb {
 /// (note) served by the given fakes.
 fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = std::env::temp_dir().join(format!("beds-decide-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(root.join("config/beds.toml"), dir.join("beds.toml")).unwrap();
-    std::fs::write(
-        dir.join("env_dev.toml"),
-        "[amqp]\npass = \"x\"\n[databases.primary]\npass = \"x\"\n",
-    )
-    .unwrap();
-    let config: Config = Config::load(&dir, Env::Dev).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let config = crate::config::shipped_for_tests();
     let registry = Registry::load_dir(&root.join("templates"), &config).unwrap();
     let mut adapters = Adapters::default();
     adapters.insert("primary".into(), primary);

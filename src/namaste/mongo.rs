@@ -177,14 +177,7 @@ impl MongoDb {
             ),
             other => other,
         };
-        out.inspect_err(|e| match e {
-            // The connection broke under a write: the server may be gone.
-            AdapterError::Indeterminate(m) if !m.starts_with(WRITE_CONCERN) => {
-                self.note_unreachable(&AdapterError::Unreachable(m.clone()))
-            }
-            e => self.note_unreachable(e),
-        })
-        .and_then(|o| shape(op, o))
+        out.and_then(|o| shape(op, o))
     }
 
     async fn run_unbounded(
@@ -209,7 +202,22 @@ impl MongoDb {
             _ => Document::new(),
         };
         let write = op.access != Access::Read;
-        let classify = |e: mongodb::error::Error| classify(e, write);
+        // A network error or no server found: the database may be gone
+        // (a server answering with an error, even an unknown-outcome one, is
+        // not down).
+        let classify = |e: mongodb::error::Error| {
+            let lost = matches!(
+                *e.kind,
+                ErrorKind::Io(_)
+                    | ErrorKind::ConnectionPoolCleared { .. }
+                    | ErrorKind::ServerSelection { .. }
+            );
+            let err = classify(e, write);
+            if lost && (write || self.reads_primary) {
+                self.note_unreachable(&AdapterError::Unreachable(err.to_string()));
+            }
+            err
+        };
         let coll = self.collection(m);
         // Inside a transaction reads must go to the primary (the driver
         // refuses any other preference there).
@@ -225,6 +233,25 @@ impl MongoDb {
                 match session {
                     Some(s) => $action.session(s).await,
                     None => $action.await,
+                }
+            };
+        }
+        // Cursors (find, aggregate): every document, read on the session
+        // when there is one.
+        macro_rules! collect {
+            ($action:expr) => {
+                match session {
+                    Some(s) => {
+                        let mut cursor = $action.session(&mut *s).await.map_err(classify)?;
+                        let docs: Vec<Document> =
+                            cursor.stream(s).try_collect().await.map_err(classify)?;
+                        docs
+                    }
+                    None => {
+                        let cursor = $action.await.map_err(classify)?;
+                        let docs: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
+                        docs
+                    }
                 }
             };
         }
@@ -256,19 +283,7 @@ impl MongoDb {
                     .optional(skip, |a, s| a.skip(s))
                     .optional(reads, |a, r| a.selection_criteria(r))
                     .optional(max_time, |a, t| a.max_time(t));
-                out.rows = match session {
-                    Some(s) => {
-                        let mut cursor = find.session(&mut *s).await.map_err(classify)?;
-                        let docs: Vec<Document> =
-                            cursor.stream(s).try_collect().await.map_err(classify)?;
-                        docs.into_iter().map(row).collect()
-                    }
-                    None => {
-                        let cursor = find.await.map_err(classify)?;
-                        let docs: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
-                        docs.into_iter().map(row).collect()
-                    }
-                };
+                out.rows = collect!(find).into_iter().map(row).collect();
             }
             Action::Aggregate => {
                 let stages: Vec<Document> = match fill(&m.pipeline, Absent::Refuse)? {
@@ -279,19 +294,7 @@ impl MongoDb {
                     .aggregate(stages)
                     .optional(reads, |a, r| a.selection_criteria(r))
                     .optional(max_time, |a, t| a.max_time(t));
-                out.rows = match session {
-                    Some(s) => {
-                        let mut cursor = agg.session(&mut *s).await.map_err(classify)?;
-                        let docs: Vec<Document> =
-                            cursor.stream(s).try_collect().await.map_err(classify)?;
-                        docs.into_iter().map(row).collect()
-                    }
-                    None => {
-                        let cursor = agg.await.map_err(classify)?;
-                        let docs: Vec<Document> = cursor.try_collect().await.map_err(classify)?;
-                        docs.into_iter().map(row).collect()
-                    }
-                };
+                out.rows = collect!(agg).into_iter().map(row).collect();
             }
             Action::InsertOne => {
                 let mut document = doc_of(fill(&m.document, Absent::Omit)?);
@@ -670,10 +673,6 @@ fn to_json(b: Bson) -> Value {
     }
 }
 
-/// How an unknown outcome reported by the server (not a lost connection)
-/// begins: the server answered, so it is not down.
-const WRITE_CONCERN: &str = "write concern not satisfied: ";
-
 /// Sorts a driver error into what the dispatcher must do about it. `write`:
 /// the operation may change data, so a connection lost after sending it
 /// leaves its outcome unknown.
@@ -699,7 +698,7 @@ fn classify(e: mongodb::error::Error, write: bool) -> AdapterError {
         ErrorKind::Write(WriteFailure::WriteError(we)) => code_error(we.code, &we.message, write),
         // Applied on the primary, not confirmed by enough members.
         ErrorKind::Write(WriteFailure::WriteConcernError(wce)) => {
-            AdapterError::Indeterminate(format!("{WRITE_CONCERN}{}", wce.message))
+            AdapterError::Indeterminate(format!("write concern not satisfied: {}", wce.message))
         }
         ErrorKind::Command(ce) => code_error(ce.code, &ce.message, write),
         ErrorKind::Authentication { message, .. } => {

@@ -678,3 +678,73 @@ pub async fn spawn_node(
     });
     (child, debris, prefix, log)
 }
+
+/// The MongoDB outage both outage tests share, once MongoDB is away: ten
+/// `note` creates for `user` (the first with a deadline 100 days away, whose
+/// held TTL must be capped at what RabbitMQ accepts) and a read are sent;
+/// meanwhile `usr` creates succeed, the `note` requests wait in their hold
+/// queues and nothing is parked; then `restore` brings MongoDB back, every
+/// request is answered, and the user has each note once, after the one
+/// created before the outage.
+pub async fn notes_wait_out_an_outage(
+    env: &TestEnv,
+    user: i64,
+    restore: impl std::future::Future<Output = ()>,
+) {
+    let note = |i: usize| serde_json::json!({"template": "note", "op": "create", "data": {"user_id": user, "title": format!("o{i}")}});
+    let opts = CallOptions {
+        timeout: Duration::from_secs(90),
+        ..Default::default()
+    };
+    let far = CallOptions {
+        deadline_ms: Some(chrono::Utc::now().timestamp_millis() + 100 * 86_400_000),
+        ..opts.clone()
+    };
+    let client = env.client();
+    let writes: Vec<_> = (1..=10).map(note).collect();
+    let read = serde_json::json!({"template": "note", "op": "by_user", "data": {"user_id": user}});
+    let held = futures::future::join_all(
+        writes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| client.call("wBroker", p, if i == 0 { &far } else { &opts }))
+            .chain(std::iter::once(client.call("rBroker", &read, &opts))),
+    );
+    let meanwhile = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        for i in 0..3 {
+            let r = env
+                .call(
+                    "wBroker",
+                    serde_json::json!({"template": "usr", "op": "create", "data": {"name": "O", "email": format!("o{i}@outage.example")}}),
+                )
+                .await;
+            assert!(r.is_ok(), "MariaDB unaffected while MongoDB is away: {r:?}");
+        }
+        let waiting = env
+            .queue_len(&format!("{}.wBroker.hold.docs", env.prefix))
+            .await
+            + env
+                .queue_len(&format!("{}.rBroker.hold.docs", env.prefix))
+                .await;
+        assert!(waiting >= 1, "note requests wait in their hold queues");
+        for b in ["rBroker", "wBroker"] {
+            assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+        }
+        restore.await;
+    };
+    let (replies, ()) = tokio::join!(held, meanwhile);
+    for r in replies {
+        let r = r.expect("every request answered once MongoDB is back");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    let r = env.call("rBroker", read).await;
+    assert_eq!(
+        r.data.map(|d| d.len()),
+        Some(11),
+        "the note from before kept, each held note stored once"
+    );
+    for b in ["rBroker", "wBroker"] {
+        assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
+    }
+}

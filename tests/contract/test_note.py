@@ -33,6 +33,15 @@ import uuid
 
 import pytest
 
+from contract_checks import (
+    assert_envelope,
+    assert_error,
+    assert_error_entry,
+    assert_ok,
+    header,
+    is_int,
+)
+
 R, W, M = "rBroker", "wBroker", "mBroker"
 
 NOTE_SKIP_REASON = "note domain not served: set BEDS_NOTE=1"
@@ -41,17 +50,6 @@ needs_note = pytest.mark.skipif(not NOTE_ON, reason=NOTE_SKIP_REASON)
 
 SETTLE_S = 5.0  # how long a read after a write may lag (replica pool)
 
-NON_RETRYABLE = {
-    "BAD_PAYLOAD",
-    "UNKNOWN_TEMPLATE",
-    "UNKNOWN_OPERATION",
-    "WRONG_BROKER",
-    "VALIDATION",
-    "FORBIDDEN",
-    "CONFLICT",
-    "NOT_FOUND",
-    "EXPIRED",
-}
 
 OID_RE = re.compile(r"\A[0-9a-f]{24}\Z")
 RFC3339_RE = re.compile(
@@ -61,73 +59,6 @@ RFC3339_RE = re.compile(
 TRACEPARENT_RE = re.compile(r"\A([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})\Z")
 
 _rng = random.SystemRandom()
-
-
-# --------------------------------------------------------------------------
-# generic helpers (same semantics as test_contract.py, which cannot be
-# imported: it skips itself at module level without BEDS_AMQP_URL)
-# --------------------------------------------------------------------------
-
-
-def is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def header(props, name):
-    value = (props.headers or {}).get(name)
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    return value
-
-
-def assert_envelope(reply, props):
-    """CONTRACT §3: reply properties and the fields every reply carries."""
-    assert props.content_type == "application/json", props.content_type
-    assert reply.get("status") in ("ok", "error"), reply
-    event_id = reply.get("event_id")
-    assert isinstance(event_id, str) and event_id, "event_id: %r" % (event_id,)
-    assert header(props, "x-beds-event-id") == event_id, (
-        "header x-beds-event-id %r != body event_id %r"
-        % (header(props, "x-beds-event-id"), event_id)
-    )
-
-
-def assert_ok_entry(entry):
-    assert entry.get("status") == "ok", "expected ok, got %r" % (entry,)
-    event_id = entry.get("event_id")
-    assert isinstance(event_id, str) and event_id, "event_id: %r" % (entry,)
-    data = entry.get("data")
-    assert isinstance(data, list), "data must always be an array: %r" % (entry,)
-    assert all(isinstance(row, dict) for row in data), entry
-    if "affected" in entry:
-        assert is_int(entry["affected"]), entry
-
-
-def assert_error_entry(entry, code):
-    assert entry.get("status") == "error", "expected error %s, got %r" % (code, entry)
-    event_id = entry.get("event_id")
-    assert isinstance(event_id, str) and event_id, "event_id: %r" % (entry,)
-    error = entry.get("error")
-    assert isinstance(error, dict), entry
-    assert error.get("code") == code, "expected %s, got %r" % (code, error)
-    assert isinstance(error.get("message"), str) and error["message"], error
-    assert isinstance(error.get("retryable"), bool), error
-    if code in NON_RETRYABLE:
-        assert error["retryable"] is False, error
-    if "data" in entry:
-        assert isinstance(entry["data"], list), entry
-
-
-def assert_ok(reply, props):
-    assert_envelope(reply, props)
-    assert_ok_entry(reply)
-    assert is_int(reply.get("elapsed_us")), "elapsed_us: %r" % (reply,)
-    assert reply["elapsed_us"] >= 0, reply
-
-
-def assert_error(reply, props, code):
-    assert_envelope(reply, props)
-    assert_error_entry(reply, code)
 
 
 def eventually(fetch, done, timeout=SETTLE_S, interval=0.1):

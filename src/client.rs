@@ -105,8 +105,8 @@ impl Client {
         }
         let mut replies = channel
             .basic_consume(
-                DIRECT_REPLY_TO,
-                "",
+                DIRECT_REPLY_TO.into(),
+                "".into(),
                 BasicConsumeOptions {
                     no_ack: true,
                     ..Default::default()
@@ -225,7 +225,7 @@ impl Client {
     }
 
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye").await;
-        let _ = self.conn.close(200, "bye").await;
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
     }
 }

@@ -218,7 +218,7 @@ impl Node {
             )
             .await
             .map_err(IplError::Topology)?;
-            let _ = ch.close(200, "topology declared").await;
+            let _ = ch.close(200, "topology declared".into()).await;
             Ok(())
         })
         .await?;

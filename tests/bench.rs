@@ -38,14 +38,14 @@ async fn tap(conn: &lapin::Connection, prefix: &str) -> (lapin::Channel, String)
         exclusive: true,
         ..Default::default()
     };
-    ch.queue_declare(&q, opts, FieldTable::default())
+    ch.queue_declare(q.as_str().into(), opts, FieldTable::default())
         .await
         .unwrap();
     for rk in BROKERS {
         ch.queue_bind(
-            &q,
-            prefix,
-            rk,
+            q.as_str().into(),
+            prefix.into(),
+            (*rk).into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -61,7 +61,7 @@ async fn tap(conn: &lapin::Connection, prefix: &str) -> (lapin::Channel, String)
 async fn tapped(ch: &lapin::Channel, q: &str) -> u64 {
     let mut n = 0;
     while let Some(m) = ch
-        .basic_get(q, BasicGetOptions { no_ack: true })
+        .basic_get(q.into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
     {
@@ -159,7 +159,7 @@ async fn bench_counts_match_what_the_broker_routed_and_the_database_holds() {
     );
     assert_eq!(tapped(&ch, &q).await, 1 + warm + 50);
 
-    let _ = conn.close(200, "").await;
+    let _ = conn.close(200, "".into()).await;
     let _ = node.kill().await;
 }
 
@@ -290,6 +290,6 @@ async fn bench_on_mongodb_note_and_its_references() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(n(&r, "ok_ops"), 30);
     assert_eq!(note_docs(&prefix).await, before + 30);
-    let _ = conn.close(200, "").await;
+    let _ = conn.close(200, "".into()).await;
     let _ = node.kill().await;
 }

@@ -168,7 +168,10 @@ fn shipped_usr_template_is_valid() {
     let text = std::fs::read_to_string(common::root().join("templates/usr.toml")).unwrap();
     let t = compile(&text, &c).unwrap();
     assert_eq!(t.ops.len(), 5);
-    assert_eq!(t.ops["read"].call_sql(), Some("CALL usr_read(?)"));
+    assert_eq!(
+        t.ops["read"].call_sql().map(|s| s.as_str()),
+        Some("CALL usr_read(?)")
+    );
 }
 
 #[test]

@@ -528,7 +528,9 @@ async fn parking_into_a_deleted_dlq_keeps_the_message() {
     let conn = common::amqp().await;
     let ch = conn.create_channel().await.unwrap();
     let dlq = env.dlq("rBroker");
-    ch.queue_delete(&dlq, Default::default()).await.unwrap();
+    ch.queue_delete(dlq.as_str().into(), Default::default())
+        .await
+        .unwrap();
     let json_props = BasicProperties::default().with_content_type("application/json".into());
     env.client()
         .send("rBroker", b"{broken", json_props)
@@ -540,14 +542,14 @@ async fn parking_into_a_deleted_dlq_keeps_the_message() {
         durable: true,
         ..Default::default()
     };
-    ch.queue_declare(&dlq, durable, FieldTable::default())
+    ch.queue_declare(dlq.as_str().into(), durable, FieldTable::default())
         .await
         .unwrap();
     eventually(10, "parked once the DLQ is back", || async {
         env.queue_len(&dlq).await == 1
     })
     .await;
-    let _ = conn.close(200, "").await;
+    let _ = conn.close(200, "".into()).await;
     env.finish().await;
 }
 

@@ -225,10 +225,10 @@ async fn malformed_amqp_properties_neither_crash_nor_stall_the_node() {
                 ..Default::default()
             };
             let q = ch
-                .queue_declare(&queue, passive, FieldTable::default())
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
                 .await
                 .unwrap();
-            let _ = c.close(200, "").await;
+            let _ = c.close(200, "".into()).await;
             if q.message_count() == 0 {
                 return;
             }

@@ -92,7 +92,10 @@ impl Direct {
                         .iter()
                         .map(|(n, _)| data.get(n).unwrap_or(&Value::Null))
                         .collect();
-                    let sql = op.call_sql().unwrap_or_default();
+                    let Some(sql) = op.call_sql() else {
+                        out.push(Err(format!("{} is not a MariaDB op", op.qualified)));
+                        continue;
+                    };
                     out.push(
                         target::call(&mut conn, sql, &args)
                             .await

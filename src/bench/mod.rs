@@ -572,7 +572,7 @@ async fn preflight(config: &Config, brokers: &[String]) -> Result<(), Fail> {
             ..Default::default()
         };
         match ch
-            .queue_declare(&queue, passive, FieldTable::default())
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
             .await
         {
             Ok(q) if q.consumer_count() == 0 => {
@@ -588,9 +588,9 @@ async fn preflight(config: &Config, brokers: &[String]) -> Result<(), Fail> {
                 ))
             }
         }
-        let _ = ch.close(200, "ok").await;
+        let _ = ch.close(200, "ok".into()).await;
     }
-    let _ = conn.close(200, "ok").await;
+    let _ = conn.close(200, "ok".into()).await;
     problem.map_or(Ok(()), |p| Err(Fail(EX_UNAVAILABLE, p)))
 }
 

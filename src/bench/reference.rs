@@ -17,8 +17,8 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::Confirmation;
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -107,10 +107,10 @@ impl Server {
         self.task.abort();
         let _ = self
             .channel
-            .queue_delete(&self.queue, QueueDeleteOptions::default())
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await;
-        let _ = self.channel.close(200, "bench done").await;
-        let _ = self.conn.close(200, "bench done").await;
+        let _ = self.channel.close(200, "bench done".into()).await;
+        let _ = self.conn.close(200, "bench done".into()).await;
     }
 }
 
@@ -145,7 +145,7 @@ pub async fn start(
     }
     channel
         .queue_declare(
-            &queue,
+            queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -164,8 +164,8 @@ pub async fn start(
     }
     let mut consumer = channel
         .basic_consume(
-            &queue,
-            "",
+            queue.as_str().into(),
+            "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -189,8 +189,8 @@ pub async fn start(
                         .with_correlation_id(cid.clone());
                     let sent = match ch
                         .basic_publish(
-                            "",
-                            to.as_str(),
+                            "".into(),
+                            to.clone(),
                             BasicPublishOptions::default(),
                             &reply,
                             props,

@@ -231,10 +231,10 @@ async fn call_direct(db: &Direct, wl: &Workload, job: &Job, want_rows: bool) -> 
 /// run a procedure (shared by the database and pipeline references).
 pub async fn call(
     conn: &mut sqlx::MySqlConnection,
-    sql: &str,
+    sql: &sqlx::SqlStr,
     args: &[&Value],
 ) -> Result<Vec<MySqlRow>, String> {
-    let mut q = sqlx::query(sql);
+    let mut q = sqlx::query(sql.clone());
     for a in args {
         q = match a {
             Value::Null => q.bind(None::<String>),

@@ -121,11 +121,13 @@ impl Dispatcher {
                         tracker.spawn(handle(shared, broker, ch, delivery));
                     }
                     Some(Err(e)) => break Err(e),
-                    None => break Err(lapin::Error::InvalidChannelState(lapin::ChannelState::Closed)),
+                    None => break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()),
                 },
             }
         };
-        let _ = ch.basic_cancel(&tag, BasicCancelOptions::default()).await;
+        let _ = ch
+            .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await;
         tracker.close();
         if gate_closed {
             // The database went down: requests already started end on their
@@ -145,7 +147,7 @@ impl Dispatcher {
                 "drain timeout: unfinished requests go back to the queue");
         }
         tracker.reopen();
-        let _ = ch.close(200, "dispatcher stopping").await;
+        let _ = ch.close(200, "dispatcher stopping".into()).await;
         result
     }
 }
@@ -171,8 +173,8 @@ async fn open(
     );
     let consumer = ch
         .basic_consume(
-            &broker.queue,
-            &tag,
+            broker.queue.as_str().into(),
+            tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -219,7 +221,7 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
         } else {
             // A bug must not strand a delivery unacknowledged (it would hold
             // a prefetch slot forever): a panic becomes an INTERNAL answer.
-            let action = AssertUnwindSafe(decide(&shared, &broker, &delivery, &event_id, started))
+            let action = AssertUnwindSafe(decide(&shared, &broker, &delivery.properties, &delivery.data, &event_id, started))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -234,11 +236,14 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
         let strike = || shared.strikes.add(print.unwrap_or_else(|| fingerprint(&delivery)));
         match outcome {
             Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
-                Ok(()) => {
+                Ok(true) => {
                     if let Some(p) = print {
                         shared.strikes.clear(p);
                     }
                 }
+                // The channel died before the ack: RabbitMQ redelivers. Not
+                // this request's fault, so no strike.
+                Ok(false) => tracing::warn!("channel gone before the ack; RabbitMQ will redeliver"),
                 Err(e) => {
                     strike();
                     tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver");

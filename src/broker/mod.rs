@@ -14,8 +14,7 @@ pub mod topology;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
-use lapin::publisher_confirm::Confirmation;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use rand::Rng;
 use tokio::sync::Mutex;
 
@@ -50,12 +49,11 @@ impl AmqpLink {
         let props = tokio_properties().with_connection_name(self.name.clone().into());
         match tokio::time::timeout(self.timeout, Connection::connect(&self.uri, props)).await {
             Ok(r) => r,
-            Err(_) => Err(lapin::Error::IOError(std::sync::Arc::new(
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no AMQP handshake within {:?}", self.timeout),
-                ),
-            ))),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no AMQP handshake within {:?}", self.timeout),
+            )
+            .into()),
         }
     }
 
@@ -75,24 +73,25 @@ impl AmqpLink {
         let guard = self.conn.lock().await;
         match guard.as_ref() {
             Some(c) => c.create_channel().await,
-            None => Err(lapin::Error::InvalidConnectionState(
-                lapin::ConnectionState::Closed,
-            )),
+            None => {
+                Err(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into())
+            }
         }
     }
 
     pub async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
-            let _ = c.close(200, "BEDS shutting down").await;
+            let _ = c.close(200, "BEDS shutting down".into()).await;
         }
     }
 }
 
-/// Connection properties running lapin on the current Tokio runtime.
+/// Connection properties for every BEDS connection. lapin runs on Tokio
+/// through its `tokio` feature. Its automatic recovery stays off: BEDS's
+/// dispatchers reconnect themselves (wiki/06), so a delivery is acked only on
+/// the channel that carried it and every dispatcher redeclares its topology.
 pub fn tokio_properties() -> ConnectionProperties {
     ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio)
 }
 
 /// Why a publish did not end with RabbitMQ responsible for the message.
@@ -123,7 +122,7 @@ pub async fn publish_confirmed(
         ..Default::default()
     };
     let confirm = channel
-        .basic_publish(exchange, routing_key, opts, body, props)
+        .basic_publish(exchange.into(), routing_key.into(), opts, body, props)
         .await?
         .await?;
     match confirm {

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lapin::message::Delivery;
 use lapin::protocol::basic::AMQPProperties;
 use lapin::types::AMQPValue;
 use sha2::{Digest, Sha256};
@@ -68,12 +67,11 @@ pub(crate) struct Meta {
 pub(crate) async fn decide(
     shared: &Arc<Shared>,
     broker: &BrokerSpec,
-    delivery: &Delivery,
+    props: &AMQPProperties,
+    body: &[u8],
     event_id: &str,
     started: Instant,
 ) -> Action {
-    let props = &delivery.properties;
-    let body = delivery.data.as_slice();
     let meta = read_meta(shared, props, body);
     let fail = |f: Failure| answer_failure(&meta, event_id, f);
 

@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::BasicProperties;
 use serde_json::{json, Value};
@@ -144,6 +143,12 @@ fn broker(name: &str, serves: Access) -> BrokerSpec {
     }
 }
 
+/// What `decide` reads of a delivery: its properties and body.
+struct Delivery {
+    properties: BasicProperties,
+    data: Vec<u8>,
+}
+
 fn delivery(body: Value, headers: Vec<(&str, AMQPValue)>, message_id: Option<&str>) -> Delivery {
     let mut table = FieldTable::default();
     for (k, v) in headers {
@@ -158,18 +163,13 @@ fn delivery(body: Value, headers: Vec<(&str, AMQPValue)>, message_id: Option<&st
         props = props.with_message_id(m.into());
     }
     Delivery {
-        delivery_tag: 1,
-        exchange: "t".into(),
-        routing_key: "".into(),
-        redelivered: false,
         properties: props,
         data: serde_json::to_vec(&body).unwrap(),
-        acker: Default::default(),
     }
 }
 
 async fn decide_on(shared: &Arc<Shared>, b: &BrokerSpec, d: &Delivery) -> Action {
-    decide(shared, b, d, "e", Instant::now()).await
+    decide(shared, b, &d.properties, &d.data, "e", Instant::now()).await
 }
 
 /// The reply body of an answer, and whether it is parked.

@@ -57,7 +57,7 @@ pub async fn declare(ch: &Channel, spec: &TopologySpec<'_>) -> Result<(), String
     };
     let ex = spec.names.exchange();
     ch.exchange_declare(
-        ex,
+        ex.into(),
         ExchangeKind::Topic,
         ExchangeDeclareOptions {
             durable: true,
@@ -100,9 +100,9 @@ pub async fn declare(ch: &Channel, spec: &TopologySpec<'_>) -> Result<(), String
         }
         declare_queue(ch, &work, durable, args).await?;
         ch.queue_bind(
-            &work,
-            ex,
-            broker,
+            work.as_str().into(),
+            ex.into(),
+            broker.as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -146,7 +146,7 @@ async fn declare_queue(
     opts: QueueDeclareOptions,
     args: FieldTable,
 ) -> Result<(), String> {
-    ch.queue_declare(name, opts, args).await.map(|_| ()).map_err(|e| {
+    ch.queue_declare(name.into(), opts, args).await.map(|_| ()).map_err(|e| {
         let hint = if e.to_string().contains("PRECONDITION_FAILED") {
             " (it exists with other arguments: queue type, TTL or limits changed in config; drain and delete it, or restore the old setting)"
         } else {

@@ -447,7 +447,7 @@ where
             op.qualified
         )));
     };
-    let mut q = sqlx::query(call_sql);
+    let mut q = sqlx::query(call_sql.clone());
     for p in params {
         q = match p {
             Param::Null => q.bind(None::<String>),

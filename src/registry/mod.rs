@@ -65,8 +65,9 @@ pub enum Target {
     /// MariaDB: a DBA-owned stored procedure.
     Procedure {
         name: String,
-        /// `CALL proc(?, ?, …)`, built once so no request formats SQL.
-        call_sql: String,
+        /// `CALL proc(?, ?, …)`, built once so no request formats SQL;
+        /// shared, so handing it to sqlx per request copies nothing.
+        call_sql: sqlx::SqlStr,
     },
     /// MongoDB: an action on a collection with template-written documents.
     Mongo(Box<MongoOp>),
@@ -74,7 +75,7 @@ pub enum Target {
 
 impl Op {
     /// The procedure's `CALL` statement, for MariaDB ops.
-    pub fn call_sql(&self) -> Option<&str> {
+    pub fn call_sql(&self) -> Option<&sqlx::SqlStr> {
         match &self.target {
             Target::Procedure { call_sql, .. } => Some(call_sql),
             Target::Mongo(_) => None,
@@ -367,7 +368,10 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
             (Store::Mariadb, Some(proc_name), _) if is_identifier(proc_name) => {
                 let placeholders = vec!["?"; params.len()].join(", ");
                 Target::Procedure {
-                    call_sql: format!("CALL {proc_name}({placeholders})"),
+                    // Safe: the name and arity come from a validated template, never a request.
+                    call_sql: sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(
+                        std::sync::Arc::<str>::from(format!("CALL {proc_name}({placeholders})")),
+                    )),
                     name: proc_name.clone(),
                 }
             }

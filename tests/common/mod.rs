@@ -380,13 +380,13 @@ impl TestEnv {
         let ch = conn.create_channel().await.unwrap();
         let mut out = Vec::new();
         while let Some(m) = ch
-            .basic_get(queue, BasicGetOptions { no_ack: true })
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {
             out.push(m);
         }
-        let _ = conn.close(200, "").await;
+        let _ = conn.close(200, "".into()).await;
         out
     }
 
@@ -396,7 +396,7 @@ impl TestEnv {
         let ch = conn.create_channel().await.unwrap();
         let q = ch
             .queue_declare(
-                queue,
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..Default::default()
@@ -405,7 +405,7 @@ impl TestEnv {
             )
             .await
             .unwrap();
-        let _ = conn.close(200, "").await;
+        let _ = conn.close(200, "".into()).await;
         q.message_count()
     }
 
@@ -472,21 +472,13 @@ impl Drop for Debris {
 }
 
 pub async fn amqp() -> Connection {
-    let props = ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio);
-    Connection::connect(AMQP_URL, props).await.unwrap()
+    Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap()
 }
 
 pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
-    if let Ok(conn) = Connection::connect(
-        AMQP_URL,
-        ConnectionProperties::default()
-            .with_executor(tokio_executor_trait::Tokio::current())
-            .with_reactor(tokio_reactor_trait::Tokio),
-    )
-    .await
-    {
+    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
             for b in BROKERS {
                 let mut names = vec![
@@ -497,15 +489,15 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
                 ];
                 names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
                 for q in names {
-                    let _ = ch.queue_delete(&q, Default::default()).await;
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
             }
             let _ = ch
-                .queue_delete(&format!("{prefix}.test-replies"), Default::default())
+                .queue_delete(format!("{prefix}.test-replies").into(), Default::default())
                 .await;
-            let _ = ch.exchange_delete(prefix, Default::default()).await;
+            let _ = ch.exchange_delete(prefix.into(), Default::default()).await;
         }
-        let _ = conn.close(200, "").await;
+        let _ = conn.close(200, "".into()).await;
     }
     let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
     if let Ok(client) = tokio::time::timeout(Duration::from_secs(5), mongo()).await {
@@ -574,10 +566,14 @@ pub async fn reply_queue(prefix: &str) -> String {
     let conn = amqp().await;
     let ch = conn.create_channel().await.unwrap();
     let q = format!("{prefix}.test-replies");
-    ch.queue_declare(&q, QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
-    let _ = conn.close(200, "").await;
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let _ = conn.close(200, "".into()).await;
     q
 }
 
@@ -603,8 +599,8 @@ pub async fn consume_n(queue: &str, n: usize, secs: u64) -> Vec<lapin::message::
     let ch = conn.create_channel().await.unwrap();
     let mut c = ch
         .basic_consume(
-            queue,
-            "",
+            queue.into(),
+            "".into(),
             lapin::options::BasicConsumeOptions {
                 no_ack: true,
                 ..Default::default()
@@ -623,7 +619,7 @@ pub async fn consume_n(queue: &str, n: usize, secs: u64) -> Vec<lapin::message::
         }
     })
     .await;
-    let _ = conn.close(200, "").await;
+    let _ = conn.close(200, "".into()).await;
     out
 }
 

@@ -226,6 +226,10 @@ pub struct DispatchConfig {
     /// Cap on remembered `message_id`s (memory bound).
     #[serde(default = "default_dedup_max")]
     pub dedup_max_entries: usize,
+    /// How long the durable inbox keeps a write's record (CONTRACT §2:
+    /// 24 h by default); older ones are purged in the background.
+    #[serde(default = "default_inbox_retention")]
+    pub inbox_retention_ms: u64,
     /// Secret used to sign the caller identity a retried request carries
     /// (RabbitMQ forbids republishing another user's `user_id`). Nodes of one
     /// installation should share it; unset, each process makes its own.
@@ -254,6 +258,9 @@ fn default_dedup_window() -> u64 {
 fn default_dedup_max() -> usize {
     100_000
 }
+fn default_inbox_retention() -> u64 {
+    86_400_000
+}
 
 impl Default for DispatchConfig {
     fn default() -> Self {
@@ -265,6 +272,7 @@ impl Default for DispatchConfig {
             drain_timeout_ms: default_drain(),
             dedup_window_ms: default_dedup_window(),
             dedup_max_entries: default_dedup_max(),
+            inbox_retention_ms: default_inbox_retention(),
             retry_key: None,
         }
     }
@@ -414,6 +422,15 @@ pub struct MariaDbConfig {
     /// Optional read replica: `read` ops go there when it is configured.
     #[serde(default)]
     pub replica: Option<ReplicaConfig>,
+    /// Writes with a `message_id` are recorded in the durable inbox
+    /// (`utilities/sql/inbox.sql`, installed by the DBA) in their own
+    /// transaction, so a repeat on any node is answered, not applied again.
+    #[serde(default = "default_true")]
+    pub inbox: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// Where reads of a MongoDB database may go (MongoDB's read preference
@@ -473,6 +490,10 @@ pub struct MongoDbConfig {
     /// retried later and a write whose outcome is unknown is parked.
     #[serde(default = "default_mongo_timeout")]
     pub timeout_ms: u64,
+    /// Writes with a `message_id` are recorded in the `beds_inbox`
+    /// collection (in their transaction where the server has them).
+    #[serde(default = "default_true")]
+    pub inbox: bool,
 }
 
 fn default_mongo_uri() -> String {

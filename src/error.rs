@@ -6,7 +6,7 @@
 //! wrong in that layer's terms. The dispatcher never matches on those enums;
 //! it asks for a [`Failure`], which carries the stable code a client sees.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::broker::payload::PayloadError;
 use crate::namaste::AdapterError;
@@ -14,7 +14,7 @@ use crate::registry::RequestError;
 
 /// The stable error codes of CONTRACT §3. The strings are part of the wire
 /// contract: never rename them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     BadPayload,
@@ -77,7 +77,7 @@ impl std::fmt::Display for ErrorCode {
 
 /// What a request's failure looks like on the wire, plus how the dispatcher
 /// must treat it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     pub code: ErrorCode,
     /// Human-readable, safe to show a client: never SQL text of ours, a

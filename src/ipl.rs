@@ -80,6 +80,8 @@ where
 
 /// A running node.
 pub struct Node {
+    /// Ends the inbox purge.
+    purge_stop: tokio_util::sync::CancellationToken,
     /// Sent once to start the drain.
     shutdown: broadcast::Sender<()>,
     /// Closes when every dispatcher has ended.
@@ -325,11 +327,19 @@ impl Node {
             Ok(())
         })
         .await?;
+        // Inbox records past retention go in the background.
+        let purge_stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::broker::inbox::purge(
+            adapters.clone(),
+            Duration::from_millis(config.dispatch.inbox_retention_ms),
+            purge_stop.clone(),
+        ));
         drop(done_tx);
 
         step(9, "ready", async { Ok(()) }).await?;
         tracing::info!(node = %config.node.name, role = %config.node.role, env = config.env.as_str(), "BEDS node ready");
         Ok(Node {
+            purge_stop,
             shutdown,
             done,
             link,
@@ -343,6 +353,7 @@ impl Node {
     pub async fn stop(mut self) {
         tracing::info!("draining: no new requests, finishing in-flight ones");
         let _ = self.shutdown.send(());
+        self.purge_stop.cancel();
         while self.done.recv().await.is_some() {}
         self.adapters.close().await;
         self.link.close().await;

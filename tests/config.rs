@@ -264,7 +264,18 @@ async fn beds_check_exit_codes_and_problem_lists() {
 
     let tst = std::fs::read_to_string(common::root().join("tests/fixtures/tst.sql")).unwrap();
     common::sql(Some(&prefix), &tst);
+    // Writes need the durable inbox's procedures.
     let (code, out) = beds(&["check", "--online"], &cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("procedure beds_inbox_claim of the durable inbox does not exist")
+            && out.contains("utilities/sql/inbox.sql"),
+        "{out}"
+    );
+    let inbox = std::fs::read_to_string(common::root().join("utilities/sql/inbox.sql")).unwrap();
+    common::sql(Some(&prefix), &inbox);
+    let (code, out) = beds(&["check", "--online"], &cfg);
+    assert!(!out.contains("beds_inbox_"), "{out}");
     assert_eq!(code, 64, "{out}");
     assert!(
         out.contains("collection notes does not exist"),
@@ -295,6 +306,18 @@ async fn beds_check_exit_codes_and_problem_lists() {
     let (db, script) = (
         prefix.clone(),
         common::root().join("utilities/mongo/note.json"),
+    );
+    common::on_own_runtime(async move { common::mongo_script(&db, &script).await });
+    let (code, out) = beds(&["check", "--online"], &cfg);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("collection beds_inbox (the durable inbox")
+            && out.contains("utilities/mongo/inbox.json"),
+        "{out}"
+    );
+    let (db, script) = (
+        prefix.clone(),
+        common::root().join("utilities/mongo/inbox.json"),
     );
     common::on_own_runtime(async move { common::mongo_script(&db, &script).await });
     let (code, out) = beds(&["check", "--online"], &cfg);

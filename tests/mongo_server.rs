@@ -97,8 +97,9 @@ impl Drop for OwnServer {
 async fn node_on(server: &OwnServer, opts: Opts) -> TestEnv {
     let prefix = common::unique("q");
     common::create_db(&prefix);
-    let script = common::root().join("utilities/mongo/note.json");
-    common::mongo_script_at(server.port, &prefix, &script).await;
+    for script in ["utilities/mongo/note.json", "utilities/mongo/inbox.json"] {
+        common::mongo_script_at(server.port, &prefix, &common::root().join(script)).await;
+    }
     TestEnv::start_on(
         prefix,
         Opts {

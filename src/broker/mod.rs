@@ -4,6 +4,7 @@
 pub mod dedup;
 pub mod dispatcher;
 pub mod headers;
+pub mod inbox;
 pub mod outcome;
 pub mod payload;
 pub mod reply;

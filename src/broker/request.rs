@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 
 use lapin::protocol::basic::AMQPProperties;
 use lapin::types::AMQPValue;
-use sha2::{Digest, Sha256};
 
 use super::dedup::{Claim, DedupGuard};
 use super::headers::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
+use super::inbox;
 use super::payload::{self, BrokerPayload, Request};
 use super::reply::{Encoded, Reply};
 use super::shared::{BrokerSpec, Shared};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
-use crate::namaste::{Adapter, Outcome, Session};
+use crate::namaste::{Adapter, AdapterError, InboxKey, Once, Outcome, Session};
 use crate::registry::{values, Op, Param, Registry, RequestError};
 
 /// Largest batch-progress header carried through a retry; beyond it the
@@ -114,47 +114,49 @@ pub(crate) async fn decide(
             _ => fail(f),
         };
     }
-    let action = run(shared, broker, &meta, event_id, started, req, deadline).await;
-    if let Some(g) = guard {
-        remember(g, &action);
+    let job = Job {
+        shared,
+        broker,
+        meta: &meta,
+        event_id,
+        started,
+        deadline,
+        inbox: guard.as_ref().map(|(_, k)| k),
+    };
+    let action = run(job, req).await;
+    if let Some((g, _)) = guard {
+        if let Some(kept) = inbox::kept(&action) {
+            g.complete(kept);
+        }
     }
     action
 }
 
-/// A write with a `message_id` runs once per dedup window: `Ok(Some)` when
-/// this delivery is the one to run it, `Err` with the first execution's
-/// answer for a duplicate (waiting for a concurrent one to finish first).
+/// A write with a `message_id` runs once: `Ok(Some)` when this delivery is
+/// the one to run it (with its inbox key), `Err` with the first execution's
+/// answer for a duplicate this process remembers (waiting for a concurrent
+/// one to finish first). The durable inbox behind it catches the repeats
+/// this process does not know (another node's, or before a restart).
 async fn claim_once(
     shared: &Shared,
     props: &AMQPProperties,
     body: &[u8],
     meta: &Meta,
     req: &Request,
-) -> Result<Option<DedupGuard>, Action> {
+) -> Result<Option<(DedupGuard, InboxKey)>, Action> {
     let Some(mid) = props.message_id().as_ref() else {
         return Ok(None);
     };
     if !is_write(&shared.registry, req) {
         return Ok(None);
     }
-    // The body is part of the key: another request that happens to reuse an
-    // id is not mistaken for a duplicate.
-    let key = format!(
-        "{}\u{0}{}\u{0}{}",
-        meta.user.as_deref().unwrap_or(""),
-        mid,
-        hex::encode(Sha256::digest(body))
-    );
+    let (key, inbox_key) = inbox::keys(meta.user.as_deref(), mid.as_str(), body);
     loop {
         match shared.dedup.claim(key.clone()) {
-            Claim::Fresh(g) => return Ok(Some(g)),
+            Claim::Fresh(g) => return Ok(Some((g, inbox_key))),
             Claim::Cached(reply) => {
                 tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
-                return Err(Action::Answer {
-                    park: reply.park_again.clone(),
-                    parked_entries: reply.parked_entries.clone(),
-                    reply,
-                });
+                return Err(repeat(reply));
             }
             Claim::Busy(mut rx) => {
                 let _ = tokio::time::timeout(Duration::from_secs(30), rx.changed()).await;
@@ -163,17 +165,57 @@ async fn claim_once(
     }
 }
 
+/// A repeat's answer: the first execution's reply, parked as it was.
+fn repeat(reply: Arc<Encoded>) -> Action {
+    Action::Answer {
+        park: reply.park_again.clone(),
+        parked_entries: reply.parked_entries.clone(),
+        reply,
+    }
+}
+
+/// A repeat answered from the durable inbox.
+fn repeat_stored(record: &str, event_id: &str) -> Action {
+    match inbox::answer_from(record) {
+        Ok(reply) => {
+            tracing::info!("duplicate write answered from the durable inbox");
+            repeat(reply)
+        }
+        Err(e) => {
+            let f = Failure {
+                park: true,
+                ..Failure::new(ErrorCode::Internal, e)
+            };
+            answer(Reply::error(event_id.to_string(), &f), Some(f), None)
+        }
+    }
+}
+
+/// One delivery being decided: what every step of [`run`] needs.
+#[derive(Clone, Copy)]
+pub(crate) struct Job<'a> {
+    pub shared: &'a Shared,
+    pub broker: &'a BrokerSpec,
+    pub meta: &'a Meta,
+    /// This execution's event id (replies and logs carry it).
+    pub event_id: &'a str,
+    /// When the delivery arrived, for `elapsed_us`.
+    pub started: Instant,
+    /// The client's `x-beds-deadline`, for held copies' TTL.
+    pub deadline: Option<i64>,
+    /// Set for a write with a `message_id`: run it once, durably.
+    pub inbox: Option<&'a InboxKey>,
+}
+
 /// Runs a parsed request: a single op, a batch, or a hold when its
 /// database is down.
-async fn run(
-    shared: &Shared,
-    broker: &BrokerSpec,
-    meta: &Meta,
-    event_id: &str,
-    started: Instant,
-    req: Request,
-    deadline: Option<i64>,
-) -> Action {
+async fn run(job: Job<'_>, req: Request) -> Action {
+    let Job {
+        shared,
+        meta,
+        deadline,
+        ..
+    } = job;
     let hold = |database: &str, batch_done: Option<String>| Action::Hold {
         database: database.to_string(),
         batch_done,
@@ -185,19 +227,7 @@ async fn run(
         Request::Single(_) => None,
     };
     match req {
-        Request::Single(p) => match execute(shared, broker, meta.user.as_deref(), &p).await {
-            Ok(out) => {
-                tracing::debug!(template = %p.template, op = %p.op, "ok");
-                answer(
-                    Reply::ok(event_id.to_string(), out, micros(started)),
-                    None,
-                    None,
-                )
-            }
-            Err(Stop::Down(db)) => hold(db, None),
-            Err(Stop::Failed(f)) if f.retryable => retry_or_give_up(shared, meta, event_id, f),
-            Err(Stop::Failed(f)) => answer_failure(meta, event_id, f),
-        },
+        Request::Single(p) => single(job, &p).await,
         Request::Batch { .. } if batch_down.is_some() => {
             let db = batch_down.unwrap_or_default();
             let done = (!meta.batch_done.is_empty())
@@ -208,71 +238,78 @@ async fn run(
             entries,
             atomic: true,
             ..
-        } => atomic_batch(shared, broker, meta, event_id, started, entries, deadline).await,
-        Request::Batch { entries, .. } => {
-            batch(shared, broker, meta, event_id, started, entries, deadline).await
-        }
+        } => atomic_batch(job, entries).await,
+        Request::Batch { entries, .. } => batch(job, entries).await,
     }
 }
 
-/// Remembers the answer for duplicates, and how it was parked, so a
-/// duplicate is answered and parked the same way, never run again. Not when
-/// it was parked after its retries ran out (a replay runs again), nor a
-/// retry or a hold (the request has not finished).
-fn remember(guard: DedupGuard, action: &Action) {
-    let Action::Answer {
-        reply,
-        park,
-        parked_entries,
-    } = action
-    else {
-        return;
+/// One op: held while its database is down; with an inbox key, run once
+/// through the durable inbox.
+async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
+    let Job {
+        shared,
+        broker,
+        meta,
+        event_id,
+        started,
+        deadline,
+        inbox,
+    } = job;
+    let hold = |database: &str| Action::Hold {
+        database: database.to_string(),
+        batch_done: None,
+        expires_in_ms: hold_ttl(deadline),
     };
-    match park {
-        None => guard.complete(reply.clone()),
-        Some(f) if f.retryable => {}
-        Some(f) => guard.complete(Arc::new(Encoded {
-            park_again: Some(f.clone()),
-            parked_entries: parked_entries.clone(),
-            ..(**reply).clone()
-        })),
-    }
-}
-
-/// Why [`execute`] did not produce an outcome.
-pub(crate) enum Stop<'s> {
-    /// This database is down: the request should wait for it.
-    Down(&'s str),
-    Failed(Failure),
-}
-
-impl From<Failure> for Stop<'_> {
-    fn from(f: Failure) -> Self {
-        Stop::Failed(f)
-    }
-}
-
-/// Resolves, checks and executes one payload. A request for a database
-/// that is down (before or because of this call) stops with `Down`.
-pub(crate) async fn execute<'s>(
-    shared: &'s Shared,
-    broker: &BrokerSpec,
-    user: Option<&str>,
-    p: &BrokerPayload,
-) -> Result<Outcome, Stop<'s>> {
-    let (template_db, op, params) = resolve(shared, broker, user, p)?;
-    let adapter = adapter(shared, template_db)?;
+    let (db, op, params) = match resolve(shared, broker, meta.user.as_deref(), p) {
+        Ok(r) => r,
+        Err(f) => return answer_failure(meta, event_id, f),
+    };
+    let adapter = match adapter(shared, db) {
+        Ok(a) => a,
+        Err(f) => return answer_failure(meta, event_id, f),
+    };
     if !adapter.health().is_up() {
-        return Err(Stop::Down(template_db));
+        return hold(db);
     }
-    match adapter.call(op, &params).await {
-        Ok(out) => Ok(out),
+    // What a result means for this request.
+    let decide_on = |r: Result<&Outcome, &AdapterError>| match r {
+        Ok(out) => answer(
+            Reply::ok(event_id.to_string(), out.clone(), micros(started)),
+            None,
+            None,
+        ),
         Err(e) => {
-            let f = Failure::from(&e);
+            let f = Failure::from(e);
             if f.retryable && !adapter.health().is_up() {
-                return Err(Stop::Down(template_db));
+                hold(db)
+            } else if f.retryable {
+                retry_or_give_up(shared, meta, event_id, f)
+            } else {
+                answer_failure(meta, event_id, f)
             }
-            Err(Stop::Failed(f))
+        }
+    };
+    match inbox.filter(|_| adapter.inbox()) {
+        None => decide_on(adapter.call(op, &params).await.as_ref()),
+        Some(key) => {
+            let mut decided = None;
+            let ran = adapter
+                .call_once(key, &[(op, &params)], &mut |r| {
+                    let a = decide_on(r.as_ref().map(|o| &o[0]).map_err(|(_, e)| e));
+                    let stored = inbox::record(&a);
+                    decided = Some(a);
+                    stored
+                })
+                .await;
+            match (ran, decided) {
+                (Ok(Once::Ran(_)), Some(a)) => a,
+                (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
+                (Err(e), _) => decide_on(Err(&e)),
+                (Ok(Once::Ran(_)), None) => {
+                    let f = Failure::new(ErrorCode::Internal, "the inbox ran no decision");
+                    answer_failure(meta, event_id, f)
+                }
+            }
         }
     }
 }
@@ -313,7 +350,7 @@ fn adapter<'s>(shared: &'s Shared, db: &str) -> Result<&'s Arc<dyn Adapter>, Fai
         .ok_or_else(|| Failure::new(ErrorCode::Internal, format!("no adapter for database {db}")))
 }
 
-/// [`execute`] for a batch entry, on the batch's session for its database.
+/// One op for a batch entry, on the batch's session for its database.
 /// One session at a time: an entry on another database ends the current one
 /// first, so a batch never holds one pool's connection while it waits for
 /// another's.
@@ -379,14 +416,18 @@ pub(crate) fn is_write(registry: &Registry, req: &Request) -> bool {
 }
 
 pub(crate) async fn batch(
-    shared: &Shared,
-    broker: &BrokerSpec,
-    meta: &Meta,
-    event_id: &str,
-    started: Instant,
+    job: Job<'_>,
     entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
-    deadline: Option<i64>,
 ) -> Action {
+    let Job {
+        shared,
+        broker,
+        meta,
+        event_id,
+        started,
+        deadline,
+        ..
+    } = job;
     // Entries finished on an earlier attempt are not run again.
     let mut results: Vec<Reply> = meta.batch_done.clone();
     results.truncate(entries.len());
@@ -497,14 +538,18 @@ pub(crate) fn park_batch(
 }
 
 pub(crate) async fn atomic_batch(
-    shared: &Shared,
-    broker: &BrokerSpec,
-    meta: &Meta,
-    event_id: &str,
-    started: Instant,
+    job: Job<'_>,
     entries: Vec<Result<BrokerPayload, payload::PayloadError>>,
-    deadline: Option<i64>,
 ) -> Action {
+    let Job {
+        shared,
+        broker,
+        meta,
+        event_id,
+        started,
+        deadline,
+        inbox,
+    } = job;
     // Everything is resolved and validated before anything runs.
     let mut calls = Vec::with_capacity(entries.len());
     let mut database = None;
@@ -540,17 +585,17 @@ pub(crate) async fn atomic_batch(
         return atomic_failed(meta, event_id, entries.len(), 0, f);
     };
     let refs: Vec<(&Op, &[Param])> = calls.iter().map(|(op, p)| (*op, p.as_slice())).collect();
-    match adapter.call_atomic(&refs).await {
+    let decide_on = |r: Result<&[Outcome], (usize, &AdapterError)>| match r {
         Ok(outs) => {
             let results = outs
-                .into_iter()
+                .iter()
                 .enumerate()
-                .map(|(i, o)| Reply::ok(format!("{event_id}.{i}"), o, 0))
+                .map(|(i, o)| Reply::ok(format!("{event_id}.{i}"), o.clone(), 0))
                 .collect();
             answer(batch_reply(event_id, started, results), None, None)
         }
         Err((i, e)) => {
-            let f = Failure::from(&e);
+            let f = Failure::from(e);
             if f.retryable && !adapter.health().is_up() {
                 // The database went down under it: nothing was applied; wait.
                 return Action::Hold {
@@ -564,6 +609,30 @@ pub(crate) async fn atomic_batch(
             }
             let f = if f.retryable { gave_up(meta, f) } else { f };
             atomic_failed(meta, event_id, entries.len(), i, f)
+        }
+    };
+    let Some(key) = inbox.filter(|_| adapter.inbox()) else {
+        return match adapter.call_atomic(&refs).await {
+            Ok(outs) => decide_on(Ok(&outs)),
+            Err((i, e)) => decide_on(Err((i, &e))),
+        };
+    };
+    let mut decided = None;
+    let ran = adapter
+        .call_once(key, &refs, &mut |r| {
+            let a = decide_on(r.as_ref().map(|o| o.as_slice()).map_err(|(i, e)| (*i, e)));
+            let stored = inbox::record(&a);
+            decided = Some(a);
+            stored
+        })
+        .await;
+    match (ran, decided) {
+        (Ok(Once::Ran(_)), Some(a)) => a,
+        (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
+        (Err(e), _) => decide_on(Err((0, &e))),
+        (Ok(Once::Ran(_)), None) => {
+            let f = Failure::new(ErrorCode::Internal, "the inbox ran no decision");
+            atomic_failed(meta, event_id, entries.len(), 0, f)
         }
     }
 }

@@ -26,6 +26,11 @@ struct FakeDb {
     script: Mutex<VecDeque<Result<Outcome, AdapterError>>>,
     calls: AtomicUsize,
     no_transactions: Option<String>,
+    /// Set: a durable inbox (id → record) that outlives any one `Shared`,
+    /// as the real one outlives a node.
+    inbox: Option<Mutex<std::collections::HashMap<String, String>>>,
+    /// The inbox's COMMIT fails with this (retryable) error.
+    commit_fails: bool,
 }
 
 impl FakeDb {
@@ -34,6 +39,18 @@ impl FakeDb {
             script: Mutex::new(answers.into()),
             ..Default::default()
         })
+    }
+
+    fn with_inbox(answers: Vec<Result<Outcome, AdapterError>>) -> Arc<FakeDb> {
+        Arc::new(FakeDb {
+            script: Mutex::new(answers.into()),
+            inbox: Some(Mutex::default()),
+            ..Default::default()
+        })
+    }
+
+    fn records(&self) -> usize {
+        self.inbox.as_ref().map_or(0, |i| i.lock().unwrap().len())
     }
 
     fn next(&self) -> Result<Outcome, AdapterError> {
@@ -75,6 +92,30 @@ impl NamasteCore for FakeDb {
             .enumerate()
             .map(|(i, _)| self.next().map_err(|e| (i, e)))
             .collect()
+    }
+    fn inbox(&self) -> bool {
+        self.inbox.is_some()
+    }
+    async fn call_once(
+        &self,
+        key: &crate::namaste::InboxKey,
+        calls: &[(&Op, &[Param])],
+        record: &mut crate::namaste::Recorder<'_>,
+    ) -> Result<crate::namaste::Once, AdapterError> {
+        use crate::namaste::Once;
+        let inbox = self.inbox.as_ref().expect("an inbox");
+        if let Some(r) = inbox.lock().unwrap().get(&key.id) {
+            return Ok(Once::Repeat(r.clone()));
+        }
+        let result = self.call_atomic(calls).await;
+        let Some(stored) = record(&result) else {
+            return Ok(Once::Ran(result));
+        };
+        if self.commit_fails {
+            return Err(AdapterError::Transient("COMMIT failed".into()));
+        }
+        inbox.lock().unwrap().insert(key.id.clone(), stored);
+        Ok(Once::Ran(result))
     }
     fn session(&self) -> Box<dyn Session + '_> {
         Box::new(FakeSession(self))
@@ -359,4 +400,155 @@ async fn atomic_batches_need_one_database_that_has_transactions() {
         assert_eq!(reply["error"]["code"], "VALIDATION", "{batch}: {reply}");
     }
     assert_eq!(docs.calls.load(Ordering::SeqCst), 0);
+}
+
+// The durable inbox: a second `Shared` stands for another node (or this one
+// after a restart): it shares the database, not the in-process memory.
+
+#[tokio::test]
+async fn a_repeat_on_another_node_is_answered_from_the_inbox() {
+    let primary = FakeDb::with_inbox(vec![Ok(row(json!({"id": 7})))]);
+    let (a, b) = (
+        shared(primary.clone(), FakeDb::answers(vec![])),
+        shared(primary.clone(), FakeDb::answers(vec![])),
+    );
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    let (first, _) = answered(&decide_on(&a, &w, &d).await);
+    let (again, parked) = answered(&decide_on(&b, &w, &d).await);
+    assert_eq!(
+        first, again,
+        "the first execution's reply, event id included"
+    );
+    assert!(!parked);
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 1, "run once");
+    assert_eq!(primary.records(), 1);
+    // Reads and writes without a message_id never touch the inbox.
+    let read = json!({"template": "usr", "op": "read", "data": {"id": 7}});
+    decide_on(
+        &a,
+        &broker("rBroker", Access::Read),
+        &delivery(read, vec![], Some("m-2")),
+    )
+    .await;
+    decide_on(&a, &w, &delivery(usr_create(), vec![], None)).await;
+    assert_eq!(primary.records(), 1);
+}
+
+#[tokio::test]
+async fn a_retryable_failure_is_not_recorded_and_runs_again() {
+    let primary = FakeDb::with_inbox(vec![Err(AdapterError::Transient("deadlock".into()))]);
+    let (a, b) = (
+        shared(primary.clone(), FakeDb::answers(vec![])),
+        shared(primary.clone(), FakeDb::answers(vec![])),
+    );
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    assert!(matches!(
+        decide_on(&a, &w, &d).await,
+        Action::Retry { tier: 1, .. }
+    ));
+    assert_eq!(
+        primary.records(),
+        0,
+        "nothing recorded: the writes rolled back"
+    );
+    let (reply, _) = answered(&decide_on(&b, &w, &d).await);
+    assert_eq!(reply["status"], "ok");
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(primary.records(), 1);
+}
+
+#[tokio::test]
+async fn a_rejected_write_is_recorded_and_its_repeat_gets_the_same_error() {
+    let primary = FakeDb::with_inbox(vec![Err(AdapterError::Conflict("duplicate".into()))]);
+    let (a, b) = (
+        shared(primary.clone(), FakeDb::answers(vec![])),
+        shared(primary.clone(), FakeDb::answers(vec![])),
+    );
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    let (first, _) = answered(&decide_on(&a, &w, &d).await);
+    let (again, _) = answered(&decide_on(&b, &w, &d).await);
+    assert_eq!(first["error"]["code"], "CONFLICT");
+    assert_eq!(first, again);
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_parked_fire_and_forget_write_is_parked_again_on_repeat() {
+    let primary = FakeDb::with_inbox(vec![Err(AdapterError::Rejected("no".into()))]);
+    let (a, b) = (
+        shared(primary.clone(), FakeDb::answers(vec![])),
+        shared(primary.clone(), FakeDb::answers(vec![])),
+    );
+    let w = broker("wBroker", Access::Write);
+    // No reply_to: nobody would see the error, so it is parked.
+    let d = Delivery {
+        properties: BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("m-1".into()),
+        data: serde_json::to_vec(&usr_create()).unwrap(),
+    };
+    let (_, parked) = answered(&decide_on(&a, &w, &d).await);
+    let (_, parked_again) = answered(&decide_on(&b, &w, &d).await);
+    assert!(
+        parked && parked_again,
+        "parked the first time and on repeat"
+    );
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_failed_inbox_commit_is_retried_not_answered() {
+    let primary = Arc::new(FakeDb {
+        inbox: Some(Mutex::default()),
+        commit_fails: true,
+        ..Default::default()
+    });
+    let s = shared(primary.clone(), FakeDb::answers(vec![]));
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    assert!(matches!(
+        decide_on(&s, &w, &d).await,
+        Action::Retry { tier: 1, .. }
+    ));
+    assert_eq!(primary.records(), 0);
+}
+
+#[tokio::test]
+async fn an_unreadable_inbox_record_is_parked_as_internal() {
+    let primary = FakeDb::with_inbox(vec![]);
+    let s = shared(primary.clone(), FakeDb::answers(vec![]));
+    let w = broker("wBroker", Access::Write);
+    let d = delivery(usr_create(), vec![], Some("m-1"));
+    let (_, key) = crate::broker::inbox::keys(None, "m-1", &d.data);
+    primary
+        .inbox
+        .as_ref()
+        .unwrap()
+        .lock()
+        .unwrap()
+        .insert(key.id, "not json".into());
+    let (reply, parked) = answered(&decide_on(&s, &w, &d).await);
+    assert_eq!(reply["error"]["code"], "INTERNAL");
+    assert!(parked);
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 0, "nothing ran");
+}
+
+#[tokio::test]
+async fn an_atomic_batch_runs_once_through_the_inbox() {
+    let primary = FakeDb::with_inbox(vec![]);
+    let (a, b) = (
+        shared(primary.clone(), FakeDb::answers(vec![])),
+        shared(primary.clone(), FakeDb::answers(vec![])),
+    );
+    let w = broker("wBroker", Access::Write);
+    let batch = json!({"batch": [usr_create(), usr_create()], "atomic": true});
+    let d = delivery(batch, vec![], Some("m-1"));
+    let (first, _) = answered(&decide_on(&a, &w, &d).await);
+    let (again, _) = answered(&decide_on(&b, &w, &d).await);
+    assert_eq!(first["status"], "ok");
+    assert_eq!(first, again);
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 2, "two entries, once");
 }

@@ -11,9 +11,19 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolO
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, Connection, Either, Executor, MySql, Row, TypeInfo, ValueRef};
 
-use super::{probe, shape, AdapterError, Health, Lifecycle, NamasteCore, Outcome, Session};
+use super::{
+    probe, shape, AdapterError, Health, InboxKey, Lifecycle, NamasteCore, Once, Outcome, Recorder,
+    Session,
+};
 use crate::config::{Access, MariaDbConfig};
 use crate::registry::{Op, Param, Target, Template};
+
+/// The inbox procedures (`utilities/sql/inbox.sql`) and their arity.
+const INBOX_PROCEDURES: [(&str, usize); 3] = [
+    ("beds_inbox_claim", 2),
+    ("beds_inbox_finish", 2),
+    ("beds_inbox_purge", 2),
+];
 
 /// A pooled connection idle this long is pinged before use: under load none
 /// are, after an outage or a quiet spell all of them.
@@ -26,6 +36,9 @@ pub struct MariaDb {
     schema: String,
     /// Writes and meta ops, and reads when there is no replica.
     primary: MySqlPool,
+    /// Writes with a `message_id` go through the `beds_inbox` procedures
+    /// (`utilities/sql/inbox.sql`).
+    inbox: bool,
     /// Read ops, when configured; falls back to the primary when it is down.
     replica: Option<MySqlPool>,
     /// Pauses the node's dispatchers while the primary is down.
@@ -74,6 +87,7 @@ impl MariaDb {
             name: name.to_string(),
             schema: cfg.name.clone(),
             primary: pool_opts(cfg.max_connections).connect_lazy_with(primary_opts),
+            inbox: cfg.inbox,
             replica,
             health: Arc::new(Health::default()),
             replica_health: Arc::new(Health::default()),
@@ -259,6 +273,92 @@ impl NamasteCore for MariaDb {
         Ok(outs)
     }
 
+    fn inbox(&self) -> bool {
+        self.inbox
+    }
+
+    async fn call_once(
+        &self,
+        key: &InboxKey,
+        calls: &[(&Op, &[Param])],
+        record: &mut Recorder<'_>,
+    ) -> Result<Once, AdapterError> {
+        // Until COMMIT nothing is applied: a connection lost on the way
+        // rolls the transaction back on the server, so every failure before
+        // it is retryable, and after a failed COMMIT the next delivery's
+        // claim finds out whether it happened.
+        let lost = |e: AdapterError| {
+            let e = match e {
+                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
+                other => other,
+            };
+            self.note_unreachable(&e);
+            e
+        };
+        let mut tx = self
+            .primary
+            .begin()
+            .await
+            .map_err(|e| lost(classify_in(&self.primary, e)))?;
+        let found = sqlx::query("CALL beds_inbox_claim(?, ?)")
+            .bind(&key.id)
+            .bind(&key.message_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(|e| lost(classify_in(&self.primary, e)))?;
+        if let Some(row) = found.first() {
+            let stored: Option<String> = row.try_get(0).map_err(|e| lost(classify(e)))?;
+            return stored.map(Once::Repeat).ok_or_else(|| {
+                AdapterError::Internal(format!("inbox record {} has no answer", key.id))
+            });
+        }
+        let mut outs = Vec::with_capacity(calls.len());
+        let mut failed = None;
+        for (i, (op, params)) in calls.iter().enumerate() {
+            match run(&mut *tx, &self.primary, op, params)
+                .await
+                .and_then(|o| shape(op, o))
+            {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    failed = Some((i, lost(e)));
+                    break;
+                }
+            }
+        }
+        let result = match failed {
+            None => Ok(outs),
+            Some(f) => Err(f),
+        };
+        // Dropping `tx` rolls back: nothing to remember, the request runs again.
+        let Some(stored) = record(&result) else {
+            return Ok(Once::Ran(result));
+        };
+        if result.is_err() {
+            tx.execute("ROLLBACK TO SAVEPOINT beds_op")
+                .await
+                .map_err(|e| lost(classify(e)))?;
+        }
+        sqlx::query("CALL beds_inbox_finish(?, ?)")
+            .bind(&key.id)
+            .bind(stored)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| lost(classify(e)))?;
+        tx.commit().await.map_err(|e| lost(classify(e)))?;
+        Ok(Once::Ran(result))
+    }
+
+    async fn purge_inbox(&self, age: Duration, limit: u32) -> Result<u64, AdapterError> {
+        let purged: i64 = sqlx::query_scalar("CALL beds_inbox_purge(?, ?)")
+            .bind(age.as_secs() as i64)
+            .bind(limit)
+            .fetch_one(&self.primary)
+            .await
+            .map_err(classify)?;
+        Ok(purged.max(0) as u64)
+    }
+
     fn session(&self) -> Box<dyn Session + '_> {
         Box::new(MariaSession {
             db: self,
@@ -303,6 +403,14 @@ impl Lifecycle for MariaDb {
                 Target::Mongo(_) => None,
             })
             .collect();
+        let mut procs = procs;
+        let writes = templates
+            .iter()
+            .flat_map(|t| t.ops.values())
+            .any(|op| op.access != Access::Read);
+        if self.inbox && writes {
+            procs.extend(INBOX_PROCEDURES);
+        }
         self.missing_procedures(&procs).await
     }
 
@@ -340,6 +448,10 @@ impl MariaDb {
         let mut missing = Vec::new();
         for (name, argc) in procs {
             match rows.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                None if name.starts_with("beds_inbox_") => missing.push(format!(
+                    "procedure {name} of the durable inbox does not exist in {}.{} (load utilities/sql/inbox.sql, or set databases.{}.inbox = false)",
+                    self.name, self.schema, self.name
+                )),
                 None => missing.push(format!(
                     "procedure {name} does not exist in {}.{} (or the BEDS user may not EXECUTE it)",
                     self.name, self.schema

@@ -65,6 +65,32 @@ pub enum AdapterError {
     Internal(String),
 }
 
+/// The durable inbox record of a write with a `message_id`
+/// (wiki/14-delivery-guarantees.md).
+#[derive(Debug, Clone)]
+pub struct InboxKey {
+    /// SHA-256 (hex) of caller, `message_id` and the body's SHA-256: a
+    /// repeat of the same request has the same id.
+    pub id: String,
+    /// The client's id, stored for operators.
+    pub message_id: String,
+}
+
+/// What [`NamasteCore::call_once`] found.
+#[derive(Debug)]
+pub enum Once {
+    /// First execution: what the calls did (as `call_atomic` reports it).
+    /// The record the caller built for it was committed with the writes.
+    Ran(Result<Vec<Outcome>, (usize, AdapterError)>),
+    /// Executed before: the record stored then. Nothing ran.
+    Repeat(String),
+}
+
+/// Builds what the inbox stores for an execution's result; `None`: store
+/// nothing and roll the writes back (the request will run again).
+pub type Recorder<'a> =
+    dyn FnMut(&Result<Vec<Outcome>, (usize, AdapterError)>) -> Option<String> + Send + 'a;
+
 /// Builds the adapter for one `[databases.*]` entry. Nothing connects yet:
 /// [`Lifecycle::open`] does, so IPL can report each step.
 pub async fn build(name: &str, cfg: &DatabaseConfig) -> Result<Arc<dyn Adapter>, AdapterError> {
@@ -118,6 +144,37 @@ pub trait NamasteCore: Send + Sync {
         &self,
         calls: &[(&Op, &[Param])],
     ) -> Result<Vec<Outcome>, (usize, AdapterError)>;
+
+    /// Whether writes here go through the durable inbox (config `inbox`).
+    fn inbox(&self) -> bool {
+        false
+    }
+
+    /// Runs `calls` once per `key`, all or nothing: in one transaction, the
+    /// claim of `key`, the calls, and the record `record` builds for their
+    /// result commit together. A failed call's writes are undone and only
+    /// the record kept. A key claimed before returns its record without
+    /// running anything; a concurrent claim waits for the first or fails
+    /// retryably. An `Err` means nothing was committed (so nothing
+    /// recorded): the request may run again.
+    async fn call_once(
+        &self,
+        _key: &InboxKey,
+        _calls: &[(&Op, &[Param])],
+        _record: &mut Recorder<'_>,
+    ) -> Result<Once, AdapterError> {
+        Err(AdapterError::Internal("this database has no inbox".into()))
+    }
+
+    /// Removes inbox records older than `age`, at most `limit` at a time;
+    /// returns how many went.
+    async fn purge_inbox(
+        &self,
+        _age: std::time::Duration,
+        _limit: u32,
+    ) -> Result<u64, AdapterError> {
+        Ok(0)
+    }
 
     /// A session for the entries of a non-atomic batch: ops run one after
     /// another, each on its own (no transaction), and the adapter may keep

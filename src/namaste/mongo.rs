@@ -18,7 +18,10 @@ use mongodb::options::{
 use mongodb::{ClientSession, Collection};
 use serde_json::{Map, Number, Value};
 
-use super::{probe, shape, AdapterError, Health, Lifecycle, NamasteCore, Outcome, Row, Session};
+use super::{
+    probe, shape, AdapterError, Health, InboxKey, Lifecycle, NamasteCore, Once, Outcome, Recorder,
+    Row, Session,
+};
 use crate::config::{Access, MongoDbConfig, ReadPreference, WriteConcern};
 use crate::registry::mongo::{render, Absent, Action, Shape};
 use crate::registry::{Index, MongoOp, Op, Param, Template};
@@ -54,7 +57,12 @@ pub struct MongoDb {
     health: Arc<Health>,
     /// Set by `close`, so a running probe stops.
     closed: Arc<AtomicBool>,
+    /// Writes with a `message_id` are recorded in [`INBOX`].
+    inbox: bool,
 }
+
+/// The durable inbox collection (`utilities/mongo/inbox.json`).
+const INBOX: &str = "beds_inbox";
 
 impl MongoDb {
     /// Builds the client; nothing connects until the first operation.
@@ -107,6 +115,7 @@ impl MongoDb {
             timeout,
             health: Arc::new(Health::default()),
             closed: Arc::new(AtomicBool::new(false)),
+            inbox: cfg.inbox,
         })
     }
 
@@ -141,6 +150,229 @@ impl MongoDb {
                 async move { ping(&db, limit).await }
             },
         );
+    }
+
+    fn inbox_coll(&self) -> Collection<Document> {
+        self.db.collection(INBOX)
+    }
+
+    /// The stored record of `key` (`None` while its execution has not
+    /// recorded an answer) and when it was claimed.
+    async fn stored(
+        &self,
+        key: &InboxKey,
+    ) -> Result<(Option<String>, bson::DateTime), AdapterError> {
+        let primary = SelectionCriteria::ReadPreference(DriverReadPreference::Primary);
+        let found = bounded(
+            self.timeout,
+            self.inbox_coll()
+                .find_one(doc! { "_id": &key.id })
+                .selection_criteria(primary),
+        )
+        .await?;
+        let Some(d) = found else {
+            return Err(AdapterError::Transient(format!(
+                "inbox record {} vanished while claimed",
+                key.id
+            )));
+        };
+        let at = d
+            .get_datetime("created_at")
+            .copied()
+            .unwrap_or_else(|_| bson::DateTime::now());
+        Ok((d.get_str("record").ok().map(str::to_string), at))
+    }
+
+    /// [`NamasteCore::call_once`] where the server has transactions: claim,
+    /// calls and record commit together.
+    async fn once_in_transaction(
+        &self,
+        key: &InboxKey,
+        calls: &[(&Op, &[Param])],
+        record: &mut Recorder<'_>,
+    ) -> Result<Once, AdapterError> {
+        let limit = self.timeout;
+        // Nothing of a transaction that did not commit was applied.
+        let lost = |e: AdapterError| {
+            let e = match e {
+                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
+                other => other,
+            };
+            self.note_unreachable(&e);
+            e
+        };
+        let mut session = bounded(limit, self.client.start_session())
+            .await
+            .map_err(lost)?;
+        bounded(
+            limit,
+            session
+                .start_transaction()
+                .write_concern(self.write_concern()),
+        )
+        .await
+        .map_err(lost)?;
+        let claim = doc! {
+            "_id": &key.id,
+            "message_id": &key.message_id,
+            "created_at": bson::DateTime::now(),
+        };
+        let claimed = bounded(
+            limit,
+            self.inbox_coll().insert_one(claim).session(&mut session),
+        )
+        .await;
+        match claimed {
+            Ok(_) => {}
+            Err(AdapterError::Conflict(_)) => {
+                let _ = tokio::time::timeout(limit, session.abort_transaction()).await;
+                return match self.stored(key).await? {
+                    (Some(r), _) => Ok(Once::Repeat(r)),
+                    (None, _) => Err(AdapterError::Transient(format!(
+                        "inbox record {} has no answer yet",
+                        key.id
+                    ))),
+                };
+            }
+            // A concurrent claim of the same id (WriteConflict) is transient.
+            Err(e) => return Err(lost(e)),
+        }
+        let mut outs = Vec::with_capacity(calls.len());
+        let mut failed = None;
+        for (i, (op, params)) in calls.iter().enumerate() {
+            match self.run(op, params, Some(&mut session)).await {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    failed = Some((i, lost(e)));
+                    break;
+                }
+            }
+        }
+        let result = match failed {
+            None => Ok(outs),
+            Some(f) => Err(f),
+        };
+        let Some(stored) = record(&result) else {
+            let _ = tokio::time::timeout(limit, session.abort_transaction()).await;
+            return Ok(Once::Ran(result));
+        };
+        if result.is_err() {
+            // No savepoints here: undo everything, then record the answer on
+            // its own (one document, atomic by itself).
+            let _ = tokio::time::timeout(limit, session.abort_transaction()).await;
+            let doc = doc! {
+                "_id": &key.id,
+                "message_id": &key.message_id,
+                "created_at": bson::DateTime::now(),
+                "record": stored,
+            };
+            return match bounded(limit, self.inbox_coll().insert_one(doc)).await {
+                Ok(_) => Ok(Once::Ran(result)),
+                // Another delivery finished it meanwhile: its answer wins.
+                Err(AdapterError::Conflict(_)) => match self.stored(key).await? {
+                    (Some(r), _) => Ok(Once::Repeat(r)),
+                    (None, _) => Err(AdapterError::Transient(
+                        "inbox record without answer".into(),
+                    )),
+                },
+                Err(e) => Err(lost(e)),
+            };
+        }
+        bounded(
+            limit,
+            self.inbox_coll()
+                .update_one(
+                    doc! { "_id": &key.id },
+                    doc! { "$set": { "record": stored } },
+                )
+                .session(&mut session),
+        )
+        .await
+        .map_err(lost)?;
+        match tokio::time::timeout(limit.saturating_mul(2), session.commit_transaction()).await {
+            Ok(Ok(())) => Ok(Once::Ran(result)),
+            // Committed or not, the next delivery's claim will tell.
+            Ok(Err(e)) => Err(lost(match classify(e, false) {
+                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
+                other => other,
+            })),
+            Err(_) => Err(AdapterError::Transient(format!(
+                "COMMIT not answered within {limit:?}"
+            ))),
+        }
+    }
+
+    /// [`NamasteCore::call_once`] without transactions: the claim is
+    /// written first, the calls run, then the record. A node that dies
+    /// between the calls and the record leaves a claim without an answer:
+    /// its repeats are parked as unknown, never run again (wiki/14).
+    async fn once_in_order(
+        &self,
+        key: &InboxKey,
+        calls: &[(&Op, &[Param])],
+        record: &mut Recorder<'_>,
+    ) -> Result<Once, AdapterError> {
+        let limit = self.timeout;
+        let claim = doc! {
+            "_id": &key.id,
+            "message_id": &key.message_id,
+            "created_at": bson::DateTime::now(),
+        };
+        match bounded(limit, self.inbox_coll().insert_one(claim)).await {
+            Ok(_) => {}
+            Err(AdapterError::Conflict(_)) => {
+                let (stored, at) = self.stored(key).await?;
+                let age = bson::DateTime::now().timestamp_millis() - at.timestamp_millis();
+                return match stored {
+                    Some(r) => Ok(Once::Repeat(r)),
+                    // Longer than any execution may take: it never finished.
+                    None if age > limit.saturating_mul(4).as_millis() as i64 => {
+                        Err(AdapterError::Indeterminate(format!(
+                            "an earlier delivery of this message_id started {} s ago and recorded no answer",
+                            age / 1000
+                        )))
+                    }
+                    None => Err(AdapterError::Transient(
+                        "an earlier delivery of this message_id is still running".into(),
+                    )),
+                };
+            }
+            Err(e) => {
+                self.note_unreachable(&e);
+                return Err(e);
+            }
+        }
+        let mut outs = Vec::with_capacity(calls.len());
+        let mut failed = None;
+        for (i, (op, params)) in calls.iter().enumerate() {
+            match self.run(op, params, None).await {
+                Ok(o) => outs.push(o),
+                Err(e) => {
+                    self.note_unreachable(&e);
+                    failed = Some((i, e));
+                    break;
+                }
+            }
+        }
+        let result = match failed {
+            None => Ok(outs),
+            Some(f) => Err(f),
+        };
+        match record(&result) {
+            Some(stored) => {
+                let set = doc! { "$set": { "record": stored } };
+                bounded(
+                    limit,
+                    self.inbox_coll().update_one(doc! { "_id": &key.id }, set),
+                )
+                .await?;
+            }
+            // The request runs again: release the claim.
+            None => {
+                let _ = bounded(limit, self.inbox_coll().delete_one(doc! { "_id": &key.id })).await;
+            }
+        }
+        Ok(Once::Ran(result))
     }
 
     /// One op, on `session` when given (a transaction). Bounded by the
@@ -502,6 +734,36 @@ impl NamasteCore for MongoDb {
         Ok(outs)
     }
 
+    fn inbox(&self) -> bool {
+        self.inbox
+    }
+
+    async fn call_once(
+        &self,
+        key: &InboxKey,
+        calls: &[(&Op, &[Param])],
+        record: &mut Recorder<'_>,
+    ) -> Result<Once, AdapterError> {
+        if self.atomic_support().is_ok() {
+            self.once_in_transaction(key, calls, record).await
+        } else {
+            self.once_in_order(key, calls, record).await
+        }
+    }
+
+    async fn purge_inbox(&self, age: Duration, _limit: u32) -> Result<u64, AdapterError> {
+        let before = bson::DateTime::from_millis(
+            bson::DateTime::now().timestamp_millis() - age.as_millis() as i64,
+        );
+        let r = bounded(
+            self.timeout,
+            self.inbox_coll()
+                .delete_many(doc! { "created_at": { "$lt": before } }),
+        )
+        .await?;
+        Ok(r.deleted_count)
+    }
+
     fn session(&self) -> Box<dyn Session + '_> {
         // The driver pools connections per server itself; entries run one
         // by one, each with its own retry and timeout.
@@ -568,6 +830,18 @@ impl Lifecycle for MongoDb {
     async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError> {
         let present = bounded(self.timeout, self.db.list_collection_names()).await?;
         let mut problems = Vec::new();
+        let writes = templates
+            .iter()
+            .flat_map(|t| t.ops.values())
+            .any(|op| op.access != Access::Read);
+        if self.inbox && writes && !present.iter().any(|c| c == INBOX) {
+            problems.push(format!(
+                "collection {INBOX} (the durable inbox of writes with a message_id) does not exist in {}.{} (run utilities/mongo/inbox.json, or set databases.{}.inbox = false)",
+                self.name,
+                self.db.name(),
+                self.name
+            ));
+        }
         for t in templates {
             let Some(coll) = &t.collection else { continue };
             if !present.contains(coll) {

@@ -225,12 +225,19 @@ pub fn create_db(db: &str) {
         None,
         &format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"),
     );
-    let schema = std::fs::read_to_string(root().join("utilities/sql/usr.sql")).unwrap();
-    let tst = std::fs::read_to_string(root().join("tests/fixtures/tst.sql")).unwrap();
-    sql(Some(db), &format!("{schema}\n{tst}"));
-    let script = root().join("utilities/mongo/note.json");
+    let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
+    let (schema, inbox) = (
+        read("utilities/sql/usr.sql"),
+        read("utilities/sql/inbox.sql"),
+    );
+    let tst = read("tests/fixtures/tst.sql");
+    sql(Some(db), &format!("{schema}\n{inbox}\n{tst}"));
     let db = db.to_string();
-    on_own_runtime(async move { mongo_script(&db, &script).await });
+    on_own_runtime(async move {
+        for script in ["utilities/mongo/note.json", "utilities/mongo/inbox.json"] {
+            mongo_script(&db, &root().join(script)).await;
+        }
+    });
 }
 
 /// The MongoDB-compatible server the tests use (`BEDS_TEST_MONGO_PORT`,
@@ -743,4 +750,20 @@ pub async fn notes_wait_out_an_outage(
     for b in ["rBroker", "wBroker"] {
         assert_eq!(env.queue_len(&env.dlq(b)).await, 0, "nothing parked");
     }
+}
+
+/// Notes titled `title` and MongoDB inbox records in database `db`.
+pub async fn mongo_count(db: &str, title: String) -> (u64, u64) {
+    let d = mongo().await.database(db);
+    let notes = d
+        .collection::<mongodb::bson::Document>("notes")
+        .count_documents(mongodb::bson::doc! {"title": title})
+        .await
+        .unwrap();
+    let records = d
+        .collection::<mongodb::bson::Document>("beds_inbox")
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap();
+    (notes, records)
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use beds::client::CallOptions;
 use beds::ipl::Node;
-use beds::namaste::{Lifecycle, NamasteCore};
 use common::{Opts, TestEnv};
 use serde_json::json;
 

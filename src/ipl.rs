@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
 
 use crate::broker::dedup::Dedup;
 use crate::broker::dispatcher::Dispatcher;
@@ -20,7 +19,7 @@ use crate::config::DatabaseConfig;
 use crate::config::{Config, ConfigError, Env};
 use crate::namaste::{self, Adapters};
 use crate::registry::{Registry, Template};
-use crate::shutdown::Shutdown;
+use crate::supervisor::Supervisor;
 
 /// Exit codes (sysexits.h), so init systems and scripts can tell a bad
 /// config from a missing service.
@@ -80,12 +79,8 @@ where
 
 /// A running node.
 pub struct Node {
-    /// Ends the inbox purge.
-    purge_stop: tokio_util::sync::CancellationToken,
-    /// Sent once to start the drain.
-    shutdown: broadcast::Sender<()>,
-    /// Closes when every dispatcher has ended.
-    done: mpsc::Receiver<()>,
+    /// Runs, restarts and stops every long-lived task of the node.
+    supervisor: Supervisor,
     link: Arc<AmqpLink>,
     adapters: Adapters,
     pub registry: Arc<Registry>,
@@ -259,8 +254,7 @@ impl Node {
         )
         .await?;
 
-        let (shutdown, _) = broadcast::channel(1);
-        let (done_tx, done) = mpsc::channel(1);
+        let supervisor = Supervisor::new();
         let retry_key = match &config.dispatch.retry_key {
             Some(k) => k.as_bytes().to_vec(),
             // Only in dev (config requires the key elsewhere): retried
@@ -297,10 +291,11 @@ impl Node {
                     broker: spec.clone(),
                     link: link.clone(),
                     id,
-                    shutdown: Shutdown::new(shutdown.subscribe()),
-                    _done: done_tx.clone(),
+                    stop: supervisor.token(),
                 };
-                tokio::spawn(d.run());
+                supervisor.spawn(format!("dispatcher {} #{id}", spec.queue), move || {
+                    d.clone().run()
+                });
             };
             for (name, b) in &brokers {
                 let spec = Arc::new(BrokerSpec {
@@ -328,33 +323,35 @@ impl Node {
         })
         .await?;
         // Inbox records past retention go in the background.
-        let purge_stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn(crate::broker::inbox::purge(
+        let (purged, retention) = (
             adapters.clone(),
             Duration::from_millis(config.dispatch.inbox_retention_ms),
-            purge_stop.clone(),
-        ));
-        drop(done_tx);
+        );
+        let stop = supervisor.token();
+        supervisor.spawn("inbox purge".into(), move || {
+            crate::broker::inbox::purge(purged.clone(), retention, stop.clone())
+        });
 
         step(9, "ready", async { Ok(()) }).await?;
         tracing::info!(node = %config.node.name, role = %config.node.role, env = config.env.as_str(), "BEDS node ready");
         Ok(Node {
-            purge_stop,
-            shutdown,
-            done,
+            supervisor,
             link,
             adapters,
             registry,
         })
     }
 
+    /// Tasks that died and wait to be restarted (empty: the node is whole).
+    pub fn degraded(&self) -> Vec<String> {
+        self.supervisor.degraded()
+    }
+
     /// Stops consuming, lets in-flight requests finish (each dispatcher waits
     /// at most the drain timeout), then closes pools and the connection.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
         tracing::info!("draining: no new requests, finishing in-flight ones");
-        let _ = self.shutdown.send(());
-        self.purge_stop.cancel();
-        while self.done.recv().await.is_some() {}
+        self.supervisor.shutdown().await;
         self.adapters.close().await;
         self.link.close().await;
         tracing::info!("stopped");

@@ -19,4 +19,4 @@ pub mod ipl;
 pub mod logging;
 pub mod namaste;
 pub mod registry;
-pub mod shutdown;
+pub mod supervisor;

@@ -171,6 +171,63 @@ async fn shutdown_with_requests_in_flight_loses_none() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_cut_by_the_drain_timeout_go_back_without_strikes() {
+    let mut env = TestEnv::start(Opts {
+        drain_timeout_ms: 300,
+        ..Default::default()
+    })
+    .await;
+    let replies = common::reply_queue(&env.prefix).await;
+    let k = key();
+    let body =
+        json!({"template": "tst", "op": "sleep", "data": {"ms": 6000, "key": k}}).to_string();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_reply_to(replies.clone().into())
+        .with_correlation_id("slow".into());
+    env.client()
+        .send("wBroker", body.as_bytes(), props)
+        .await
+        .unwrap();
+    // Three stops in the middle of it: each cuts it at the drain timeout
+    // (not when it would have ended) and returns it to the queue untouched.
+    // Two strikes would quarantine it; a stop is not its fault.
+    for round in 0..3 {
+        let q = env.queue("wBroker");
+        common::eventually(10, "the request is taken", || async {
+            env.queue_len(&q).await == 0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t0 = std::time::Instant::now();
+        env.stop_node().await;
+        // Drain timeout 0.3 s, plus at most 2 s for closing the pool whose
+        // connection is still in the cut-off query.
+        assert!(
+            t0.elapsed() < Duration::from_millis(4000),
+            "round {round}: the stop ended at the drain timeout, not with the request ({:?})",
+            t0.elapsed()
+        );
+        assert_eq!(
+            env.queue_len(&q).await,
+            1,
+            "round {round}: back in the queue"
+        );
+        env.start_node().await;
+    }
+    let got = consume_n(&replies, 1, 30).await;
+    assert_eq!(got.len(), 1, "answered in the end");
+    let reply: serde_json::Value = serde_json::from_slice(&got[0].data).unwrap();
+    assert_eq!(reply["status"], "ok", "{reply}");
+    assert_eq!(
+        env.queue_len(&env.dlq("wBroker")).await,
+        0,
+        "never quarantined"
+    );
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_outage_holds_requests_instead_of_flooding_the_dlq() {
     let proxy = Proxy::start(3306).await;
     let env = TestEnv::start(Opts {

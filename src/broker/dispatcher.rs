@@ -22,7 +22,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::Channel;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -31,10 +31,10 @@ use super::outcome::{finish, quarantine};
 use super::reply::Reply;
 use super::request::{answer, decide};
 use super::shared::{BrokerSpec, Shared};
-use super::{AmqpLink, Backoff};
+use super::{AmqpLink, PublishError};
 use crate::error::{ErrorCode, Failure};
 use crate::namaste::Health;
-use crate::shutdown::Shutdown;
+use crate::supervisor::Backoff;
 
 /// Failed attempts (outcome not published, or ack failed) after which a
 /// redelivered request is quarantined instead of tried again.
@@ -43,28 +43,30 @@ const MAX_STRIKES: u8 = 2;
 /// Wait before returning a request whose outcome could not be published.
 const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 
+/// Cheap to clone: the supervisor makes a fresh one from it when a
+/// dispatcher task dies.
+#[derive(Clone)]
 pub struct Dispatcher {
     pub shared: Arc<Shared>,
     pub broker: Arc<BrokerSpec>,
     pub link: Arc<AmqpLink>,
     /// Instance number within this broker's pool, for logs and tags.
     pub id: usize,
-    pub shutdown: Shutdown,
-    /// Dropped when this dispatcher ends: the node waits for all of them.
-    pub _done: mpsc::Sender<()>,
+    /// The node's stop signal: stop consuming and drain.
+    pub stop: CancellationToken,
 }
 
 impl Dispatcher {
     pub async fn run(mut self) {
         let tracker = TaskTracker::new();
         let mut backoff = Backoff::default();
-        while !self.shutdown.is_shutdown() {
+        while !self.stop.is_cancelled() {
             if let Some(health) = gate_health(&self.shared, &self.broker) {
                 if !health.is_up() {
                     tracing::info!(queue = %self.broker.queue, "held requests wait until their database answers");
                     let mut rx = health.subscribe();
                     tokio::select! {
-                        _ = self.shutdown.recv() => break,
+                        _ = self.stop.cancelled() => break,
                         _ = rx.wait_for(|up| *up) => {}
                     }
                     tracing::info!(queue = %self.broker.queue, "database answers: running held requests");
@@ -72,7 +74,7 @@ impl Dispatcher {
             }
             // Opening may hang on a partitioned network: shutdown wins.
             let opened = tokio::select! {
-                _ = self.shutdown.recv() => break,
+                _ = self.stop.cancelled() => break,
                 r = open(&self.link, &self.shared, &self.broker, self.id) => r,
             };
             let served = match opened {
@@ -85,7 +87,7 @@ impl Dispatcher {
                     let wait = backoff.next_delay();
                     tracing::warn!(broker = %self.broker.name, id = self.id, error = %e, ?wait, "consumer lost; reconnecting");
                     tokio::select! {
-                        _ = self.shutdown.recv() => break,
+                        _ = self.stop.cancelled() => break,
                         _ = tokio::time::sleep(wait) => {}
                     }
                 }
@@ -106,11 +108,14 @@ impl Dispatcher {
     ) -> Result<(), lapin::Error> {
         let down = gate_down(&self.shared, &self.broker);
         tokio::pin!(down);
+        // Cancelled when the drain timeout ends: requests still running then
+        // stop where they are, unacknowledged, and go back to the queue.
+        let cut = CancellationToken::new();
         let mut gate_closed = false;
         let result = loop {
             tokio::select! {
                 biased;
-                _ = self.shutdown.recv() => break Ok(()),
+                _ = self.stop.cancelled() => break Ok(()),
                 _ = &mut down => {
                     gate_closed = true;
                     break Ok(());
@@ -118,7 +123,14 @@ impl Dispatcher {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
                         let (shared, broker, ch) = (self.shared.clone(), self.broker.clone(), ch.clone());
-                        tracker.spawn(handle(shared, broker, ch, delivery));
+                        let cut = cut.clone();
+                        tracker.spawn(async move {
+                            tokio::select! {
+                                biased;
+                                _ = cut.cancelled() => {}
+                                _ = handle(shared, broker, ch, delivery, &cut) => {}
+                            }
+                        });
                     }
                     Some(Err(e)) => break Err(e),
                     None => break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()),
@@ -133,10 +145,10 @@ impl Dispatcher {
             // The database went down: requests already started end on their
             // own (adapter calls are bounded) and are held or answered.
             // Closing the channel under them would run them again. Only a
-            // shutdown cuts this wait short, down to the drain timeout.
+            // stop cuts this wait short, down to the drain timeout.
             tokio::select! {
                 _ = tracker.wait() => {}
-                _ = self.shutdown.recv() => {}
+                _ = self.stop.cancelled() => {}
             }
         }
         if tokio::time::timeout(self.shared.limits.drain, tracker.wait())
@@ -144,7 +156,9 @@ impl Dispatcher {
             .is_err()
         {
             tracing::warn!(broker = %self.broker.name, id = self.id, unfinished = tracker.len(),
-                "drain timeout: unfinished requests go back to the queue");
+                "drain timeout: unfinished requests stop and go back to the queue");
+            cut.cancel();
+            tracker.wait().await;
         }
         tracker.reopen();
         let _ = ch.close(200, "dispatcher stopping".into()).await;
@@ -200,7 +214,15 @@ async fn gate_down(shared: &Shared, broker: &BrokerSpec) {
     }
 }
 
-async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, delivery: Delivery) {
+/// One delivery: decide, publish, ack. `cut` is set when BEDS itself is
+/// closing this channel: a publish or ack that fails then is no strike.
+async fn handle(
+    shared: Arc<Shared>,
+    broker: Arc<BrokerSpec>,
+    ch: Channel,
+    delivery: Delivery,
+    cut: &CancellationToken,
+) {
     let event_id = event_id();
     let span = tracing::info_span!("request", event_id = %event_id, broker = %broker.name,
         traceparent = tracing::field::Empty);
@@ -232,8 +254,15 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
             finish(&shared, &broker, &ch, &delivery, &event_id, action).await
         };
         // A failed publish or ack is a strike: the connection may have been
-        // closed because of something in this request.
-        let strike = || shared.strikes.add(print.unwrap_or_else(|| fingerprint(&delivery)));
+        // closed because of something in this request. Not when BEDS closed
+        // it, nor when the connection was lost (a restart, a network cut).
+        let strike = |e: &dyn std::fmt::Display, lost: bool| {
+            if cut.is_cancelled() || lost {
+                tracing::debug!(error = %e, "no strike: the channel was closed, not refused");
+            } else {
+                shared.strikes.add(print.unwrap_or_else(|| fingerprint(&delivery)));
+            }
+        };
         match outcome {
             Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
                 Ok(true) => {
@@ -245,12 +274,13 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
                 // this request's fault, so no strike.
                 Ok(false) => tracing::warn!("channel gone before the ack; RabbitMQ will redeliver"),
                 Err(e) => {
-                    strike();
+                    strike(&e, connection_lost(&e));
                     tracing::warn!(error = %e, "ack failed; RabbitMQ will redeliver");
                 }
             },
             Err(e) => {
-                strike();
+                let lost = matches!(&e, PublishError::Amqp(a) if connection_lost(a));
+                strike(&e, lost);
                 // Pause first: an immediate requeue of a message whose
                 // outcome cannot be published would spin.
                 tracing::warn!(error = %e, "could not publish the outcome; returning the request to the queue");
@@ -266,6 +296,15 @@ async fn handle(shared: Arc<Shared>, broker: Arc<BrokerSpec>, ch: Channel, deliv
     }
     .instrument(span)
     .await
+}
+
+/// The connection itself failed (RabbitMQ restarted, the network cut):
+/// nothing a request can have caused.
+fn connection_lost(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::IOError(_) | lapin::ErrorKind::MissingHeartbeatError
+    ) || matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 320)
 }
 
 /// A UUIDv7 (time-ordered) event id. Its random part comes from the

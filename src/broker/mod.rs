@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use rand::Rng;
 use tokio::sync::Mutex;
 
 /// The node's AMQP connection. Dispatchers take one channel each from it; if
@@ -133,31 +132,5 @@ pub async fn publish_confirmed(
         ))),
         Confirmation::Nack(_) => Err(PublishError::Nacked),
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-    }
-}
-
-/// Jittered exponential backoff for reconnect loops: 100 ms doubling to 10 s,
-/// each wait between half and one and a half of the nominal value.
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            next: Duration::from_millis(100),
-        }
-    }
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        let d = self.next.mul_f64(rand::thread_rng().gen_range(0.5..1.5));
-        self.next = (self.next * 2).min(Duration::from_secs(10));
-        d
-    }
-
-    pub fn reset(&mut self) {
-        self.next = Duration::from_millis(100);
     }
 }

@@ -241,6 +241,9 @@ impl Health {
     }
 }
 
+/// How long closing one adapter may take at shutdown.
+const CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The adapters of a node, by database entry name.
 #[derive(Clone, Default)]
 pub struct Adapters {
@@ -264,9 +267,15 @@ impl Adapters {
         self.by_name.keys()
     }
 
+    /// Closes every adapter, each bounded: a pool waits for connections
+    /// still checked out, and one stuck in a query cut off by the drain
+    /// must not hold the node's exit (the server ends it when the
+    /// connection goes).
     pub async fn close(&self) {
-        for a in self.by_name.values() {
-            a.close().await;
+        for (name, a) in &self.by_name {
+            if tokio::time::timeout(CLOSE_LIMIT, a.close()).await.is_err() {
+                tracing::warn!(database = %name, "close not finished within {CLOSE_LIMIT:?}; leaving its connections to the server");
+            }
         }
     }
 }

@@ -133,6 +133,11 @@ pub(crate) async fn finish(
                 if let Some(cid) = props.correlation_id() {
                     p = p.with_correlation_id(cid.clone());
                 }
+                // A persistent request gets a persistent reply: one waiting
+                // in a durable reply queue then survives a RabbitMQ restart.
+                if props.delivery_mode() == &Some(2) {
+                    p = p.with_delivery_mode(2);
+                }
                 // Not mandatory: a client that went away has no queue left,
                 // and that must not hold the request.
                 publish_confirmed(ch, "", reply_to.as_str(), &reply.body, p, false).await?;

@@ -646,39 +646,7 @@ pub async fn spawn_node(
     let (prefix, dir) = (debris.prefix.clone(), debris.dir.clone());
     create_db(&prefix);
     write_config(&dir, &prefix, &prefix, &Opts::default());
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"));
-    cmd.args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
-        .env("BEDS_ENV", "dev")
-        .env("RUST_LOG", "info")
-        .kill_on_drop(true)
-        .stderr(std::process::Stdio::piped());
-    for (k, v) in env {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
-    let mut child = cmd.spawn().unwrap();
-    use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Ok(Some(l)) = lines.next_line().await {
-            if l.contains("BEDS node ready") {
-                return true;
-            }
-        }
-        false
-    })
-    .await;
-    assert_eq!(ready, Ok(true), "node became ready");
-    // Keep reading (the node must never block on a full pipe).
-    let log = Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = log.clone();
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = lines.next_line().await {
-            sink.lock().unwrap().push_str(&(l + "\n"));
-        }
-    });
+    let (child, log) = spawn_beds(&dir, env).await;
     (child, debris, prefix, log)
 }
 
@@ -766,4 +734,47 @@ pub async fn mongo_count(db: &str, title: String) -> (u64, u64) {
         .await
         .unwrap();
     (notes, records)
+}
+
+/// Runs the `beds` binary on the config in `dir` (as [`write_config`]
+/// writes it) until it is ready; its log is collected in the returned
+/// buffer. Several may run on one config: nodes sharing their queues.
+pub async fn spawn_beds(
+    dir: &Path,
+    env: &[(&str, Option<&str>)],
+) -> (tokio::process::Child, Arc<std::sync::Mutex<String>>) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"));
+    cmd.args(["--config-dir", dir.join("config").to_str().unwrap(), "run"])
+        .env("BEDS_ENV", "dev")
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true)
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd.spawn().unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("BEDS node ready") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(ready, Ok(true), "node became ready");
+    // Keep reading (the node must never block on a full pipe).
+    let log = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            sink.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    (child, log)
 }

@@ -18,12 +18,16 @@ CREATE TABLE IF NOT EXISTS beds_inbox (
 
 DELIMITER //
 
+-- p_id is ascii like the column: with another character set the lookups
+-- could not use the primary key, would scan and lock every record, and
+-- concurrent writes would deadlock.
+
 -- First statement of a guarded write's transaction. Fresh id: no result
 -- set, the row stays locked until COMMIT, and savepoint beds_op marks where
 -- a failed write is rolled back to. Known id: one row, the stored record.
 -- A second claim of an id whose first claim is not committed waits on its
 -- row lock, then gets the committed record (or the id, if it rolled back).
-CREATE OR REPLACE PROCEDURE beds_inbox_claim(IN p_id CHAR(64), IN p_message_id VARCHAR(255))
+CREATE OR REPLACE PROCEDURE beds_inbox_claim(IN p_id CHAR(64) CHARACTER SET ascii, IN p_message_id VARCHAR(255))
 BEGIN
   DECLARE EXIT HANDLER FOR 1062
     SELECT record FROM beds_inbox WHERE id = p_id LOCK IN SHARE MODE;
@@ -32,7 +36,7 @@ BEGIN
 END //
 
 -- Last statement before COMMIT: stores the answer with the write.
-CREATE OR REPLACE PROCEDURE beds_inbox_finish(IN p_id CHAR(64), IN p_record MEDIUMTEXT)
+CREATE OR REPLACE PROCEDURE beds_inbox_finish(IN p_id CHAR(64) CHARACTER SET ascii, IN p_record MEDIUMTEXT)
 BEGIN
   UPDATE beds_inbox SET record = p_record WHERE id = p_id;
 END //

@@ -27,7 +27,7 @@ use common::{Debris, Opts};
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// One scenario at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Replies by request number: every body received for it.
 type Replies = Arc<Mutex<HashMap<usize, Vec<Value>>>>;
@@ -283,7 +283,7 @@ async fn kill9(child: &mut tokio::process::Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_killed_under_load_loses_and_repeats_nothing() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let debris = prepared("k9");
     let (mut node, _log) = common::spawn_beds(&debris.dir, &[]).await;
     let restarted = Arc::new(Mutex::new(None));
@@ -302,7 +302,7 @@ async fn a_node_killed_under_load_loses_and_repeats_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_on_one_queue_with_one_killed_lose_and_repeat_nothing() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let debris = prepared("k2");
     let (mut a, _la) = common::spawn_beds(&debris.dir, &[]).await;
     let (_b, _lb) = common::spawn_beds(&debris.dir, &[]).await;
@@ -316,7 +316,7 @@ async fn two_nodes_on_one_queue_with_one_killed_lose_and_repeat_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rabbitmq_restart_under_load_loses_no_reply() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let debris = prepared("rr");
     let (_node, log) = common::spawn_beds(&debris.dir, &[]).await;
     let prefix = debris.prefix.clone();
@@ -361,7 +361,7 @@ async fn a_rabbitmq_restart_under_load_loses_no_reply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mariadb_restart_under_load_loses_and_repeats_nothing() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL.lock().await;
     let debris = prepared("mr");
     let (_node, log) = common::spawn_beds(&debris.dir, &[]).await;
     let _restore = MariaDbBack;

@@ -71,6 +71,14 @@ pub struct BenchArgs {
     /// the ratios.
     #[arg(long, conflicts_with = "reference")]
     pub compare: bool,
+    /// Give every request its own `message_id`, so writes go through the
+    /// durable inbox.
+    #[arg(long, conflicts_with = "reference")]
+    pub message_ids: bool,
+    /// Measure BEDS without and with message ids, one after the other
+    /// (rounds interleave them): what the durable inbox costs.
+    #[arg(long, conflicts_with_all = ["reference", "compare", "message_ids"])]
+    pub compare_inbox: bool,
     /// Run every mode this many times, interleaved, and report each mode's
     /// median run (a shared machine is noisy).
     #[arg(long, default_value_t = 1)]
@@ -108,6 +116,8 @@ pub enum Reference {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Beds,
+    /// BEDS with a fresh `message_id` on every request.
+    BedsInbox,
     Ref(Reference),
 }
 
@@ -115,6 +125,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Beds => "beds",
+            Mode::BedsInbox => "beds+ids",
             Mode::Ref(Reference::Broker) => "broker",
             Mode::Ref(Reference::Database) => "database",
             Mode::Ref(Reference::Pipeline) => "pipeline",
@@ -210,6 +221,10 @@ async fn bench(
             Mode::Ref(Reference::Broker),
             Mode::Ref(Reference::Database),
         ]
+    } else if args.compare_inbox {
+        vec![Mode::Beds, Mode::BedsInbox]
+    } else if args.message_ids {
+        vec![Mode::BedsInbox]
     } else {
         vec![args.reference.map_or(Mode::Beds, Mode::Ref)]
     };
@@ -333,7 +348,7 @@ impl Run {
         // Never the bound: the client's concurrency is.
         let prefetch = args.concurrency.min(u16::MAX as usize) as u16;
         let (target, server) = match mode {
-            Mode::Beds => {
+            Mode::Beds | Mode::BedsInbox => {
                 let mut routes = Vec::new();
                 let mut used = Vec::new();
                 for access in [Access::Read, Access::Write, Access::Meta] {
@@ -354,8 +369,9 @@ impl Run {
                 preflight(config, &used).await?;
                 let clients = connect(config.amqp.prefix.clone()).await?;
                 let routing = target::Routing::ByAccess(routes);
+                let ids = mode == Mode::BedsInbox;
                 (
-                    Target::amqp(clients, routing, args.persistent, args.timeout),
+                    Target::amqp(clients, routing, args.persistent, args.timeout, ids),
                     None,
                 )
             }
@@ -402,7 +418,7 @@ impl Run {
                 let clients = connect(String::new()).await?;
                 let routing = target::Routing::Queue(q);
                 (
-                    Target::amqp(clients, routing, args.persistent, args.timeout),
+                    Target::amqp(clients, routing, args.persistent, args.timeout, false),
                     Some(child),
                 )
             }
@@ -449,7 +465,7 @@ impl Run {
         // The process serving the requests: the BEDS node or the reference.
         let node_pid = match (&self.server, self.mode) {
             (Some(child), _) => child.id(),
-            (None, Mode::Beds) => args.node_pid.or_else(report::find_node),
+            (None, Mode::Beds | Mode::BedsInbox) => args.node_pid.or_else(report::find_node),
             _ => None,
         };
         let duration = args.duration.unwrap_or(Duration::from_secs(10));

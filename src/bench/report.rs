@@ -324,6 +324,21 @@ pub fn print_comparison(reports: &[Report]) {
             ratio(database, |x| x.ops_per_s),
         );
     }
+    if let (Some(b), Some(i)) = (find("beds"), find("beds+ids")) {
+        if b.requests_per_s > 0.0 {
+            let cpu = match (&b.server, &i.server) {
+                (Some(bs), Some(is)) if bs.cpu_us_per_request > 0.0 => format!(
+                    ", {:.0} % of the node CPU per request",
+                    100.0 * is.cpu_us_per_request / bs.cpu_us_per_request
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "with message ids (writes through the durable inbox): {:.0} % of the throughput{cpu}",
+                100.0 * i.requests_per_s / b.requests_per_s
+            );
+        }
+    }
     if let (Some(b), Some(p)) = (find("beds"), pipeline) {
         if p.latency_us.p99 > 0 {
             println!(

@@ -78,6 +78,8 @@ pub enum Target {
         /// Content type, persistence: the same for every request.
         props: Box<BasicProperties>,
         timeout: Duration,
+        /// Every request gets its own `message_id` (writes use the inbox).
+        message_ids: bool,
     },
     /// Straight to the database (a procedure `CALL`, or the MongoDB
     /// driver's own call): no RabbitMQ, no BEDS.
@@ -90,6 +92,7 @@ impl Target {
         routing: Routing,
         persistent: bool,
         timeout: Duration,
+        message_ids: bool,
     ) -> Target {
         let opts = CallOptions {
             persistent,
@@ -101,6 +104,7 @@ impl Target {
             routing,
             props,
             timeout,
+            message_ids,
         }
     }
 
@@ -123,6 +127,7 @@ impl Target {
                 routing,
                 props,
                 timeout,
+                message_ids,
             } => {
                 let Some(route) = routing.route(wl.mix[job.op].op.access) else {
                     return Outcome::all_failed(job.entries.len(), "NO_BROKER");
@@ -134,7 +139,11 @@ impl Target {
                     + i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX / 2);
                 let mut headers = FieldTable::default();
                 headers.insert(DEADLINE_HEADER.into(), AMQPValue::LongLongInt(deadline));
-                let props = (**props).clone().with_headers(headers);
+                let mut props = (**props).clone().with_headers(headers);
+                if *message_ids {
+                    let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+                    props = props.with_message_id(id.to_string().into());
+                }
                 match client.call_raw(route, &body, props, *timeout).await {
                     Ok(d) => parse_reply(&d.data, job.entries.len(), want_rows),
                     Err(ClientError::Timeout(_)) => {

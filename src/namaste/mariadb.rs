@@ -21,7 +21,7 @@ use crate::registry::{Op, Param, Target, Template};
 /// The inbox procedures (`utilities/sql/inbox.sql`) and their arity.
 const INBOX_PROCEDURES: [(&str, usize); 3] = [
     ("beds_inbox_claim", 2),
-    ("beds_inbox_finish", 2),
+    ("beds_inbox_finish", 3),
     ("beds_inbox_purge", 2),
 ];
 
@@ -295,19 +295,25 @@ impl NamasteCore for MariaDb {
             self.note_unreachable(&e);
             e
         };
-        let mut tx = self
+        // No ping first: a dead connection fails the claim, which is safe
+        // to run again.
+        let conn = self
             .primary
-            .begin()
+            .acquire()
             .await
             .map_err(|e| lost(classify_in(&self.primary, e)))?;
+        let mut tx = InTransaction(Some(conn));
+        // The claim opens the transaction (one round trip, no BEGIN).
         let found = sqlx::query("CALL beds_inbox_claim(?, ?)")
             .bind(&key.id)
             .bind(&key.message_id)
-            .fetch_all(&mut *tx)
+            .fetch_all(tx.conn())
             .await
             .map_err(|e| lost(classify_in(&self.primary, e)))?;
         if let Some(row) = found.first() {
-            let stored: Option<String> = row.try_get(0).map_err(|e| lost(classify(e)))?;
+            // The procedure ended its transaction.
+            tx.ended();
+            let stored: Option<String> = row.try_get(0).map_err(classify)?;
             return stored.map(Once::Repeat).ok_or_else(|| {
                 AdapterError::Internal(format!("inbox record {} has no answer", key.id))
             });
@@ -315,10 +321,8 @@ impl NamasteCore for MariaDb {
         let mut outs = Vec::with_capacity(calls.len());
         let mut failed = None;
         for (i, (op, params)) in calls.iter().enumerate() {
-            match run(&mut *tx, &self.primary, op, params)
-                .await
-                .and_then(|o| shape(op, o))
-            {
+            let out = run(tx.conn(), &self.primary, op, params).await;
+            match out.and_then(|o| shape(op, o)) {
                 Ok(o) => outs.push(o),
                 Err(e) => {
                     failed = Some((i, lost(e)));
@@ -330,22 +334,22 @@ impl NamasteCore for MariaDb {
             None => Ok(outs),
             Some(f) => Err(f),
         };
-        // Dropping `tx` rolls back: nothing to remember, the request runs again.
         let Some(stored) = record(&result) else {
+            // Nothing to remember: undo, the request runs again.
+            let rolled_back = tx.conn().execute("ROLLBACK").await;
+            if rolled_back.is_ok() {
+                tx.ended();
+            }
             return Ok(Once::Ran(result));
         };
-        if result.is_err() {
-            tx.execute("ROLLBACK TO SAVEPOINT beds_op")
-                .await
-                .map_err(|e| lost(classify(e)))?;
-        }
-        sqlx::query("CALL beds_inbox_finish(?, ?)")
+        sqlx::query("CALL beds_inbox_finish(?, ?, ?)")
             .bind(&key.id)
             .bind(stored)
-            .execute(&mut *tx)
+            .bind(result.is_ok())
+            .execute(tx.conn())
             .await
             .map_err(|e| lost(classify(e)))?;
-        tx.commit().await.map_err(|e| lost(classify(e)))?;
+        tx.ended();
         Ok(Once::Ran(result))
     }
 
@@ -464,6 +468,32 @@ impl MariaDb {
             }
         }
         Ok(missing)
+    }
+}
+
+/// A pooled connection inside a transaction the inbox procedures opened
+/// (sqlx does not know of it). Dropped before [`InTransaction::ended`] (an
+/// error on the way, or the request cut off by the drain), the connection is
+/// closed instead of returned: the server rolls the transaction back, and
+/// no later request runs inside it.
+struct InTransaction(Option<PoolConnection<MySql>>);
+
+impl InTransaction {
+    fn conn(&mut self) -> &mut sqlx::MySqlConnection {
+        self.0.as_mut().expect("used before it ended")
+    }
+
+    /// The transaction is over: the connection may go back to the pool.
+    fn ended(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for InTransaction {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            c.close_on_drop();
+        }
     }
 }
 

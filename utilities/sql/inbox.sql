@@ -1,7 +1,8 @@
 -- BEDS's durable inbox on MariaDB (wiki/14-delivery-guarantees.md).
 -- Installed by the DBA beside each domain's script, in every database that
 -- templates with writes use, so BEDS's user stays EXECUTE-only: BEDS only
--- CALLs these procedures, inside the transaction of the write they guard.
+-- CALLs these procedures; claim and finish open and close the transaction
+-- of the write they guard.
 -- Idempotent: safe to load again.
 
 CREATE TABLE IF NOT EXISTS beds_inbox (
@@ -22,23 +23,35 @@ DELIMITER //
 -- could not use the primary key, would scan and lock every record, and
 -- concurrent writes would deadlock.
 
--- First statement of a guarded write's transaction. Fresh id: no result
--- set, the row stays locked until COMMIT, and savepoint beds_op marks where
--- a failed write is rolled back to. Known id: one row, the stored record.
--- A second claim of an id whose first claim is not committed waits on its
--- row lock, then gets the committed record (or the id, if it rolled back).
+-- Starts a guarded write's transaction (one round trip: BEDS sends no
+-- BEGIN). Fresh id: no result set, the transaction stays open with the row
+-- locked until beds_inbox_finish, and savepoint beds_op marks where a
+-- refused write is rolled back to. Known id: one row, the stored record,
+-- and the transaction is over. A second claim of an id whose first claim
+-- is not committed waits on its row lock, then gets the committed record
+-- (or the id, if the first rolled back).
 CREATE OR REPLACE PROCEDURE beds_inbox_claim(IN p_id CHAR(64) CHARACTER SET ascii, IN p_message_id VARCHAR(255))
 BEGIN
   DECLARE EXIT HANDLER FOR 1062
+  BEGIN
     SELECT record FROM beds_inbox WHERE id = p_id LOCK IN SHARE MODE;
+    ROLLBACK;
+  END;
+  START TRANSACTION;
   INSERT INTO beds_inbox (id, message_id) VALUES (p_id, p_message_id);
   SAVEPOINT beds_op;
 END //
 
--- Last statement before COMMIT: stores the answer with the write.
-CREATE OR REPLACE PROCEDURE beds_inbox_finish(IN p_id CHAR(64) CHARACTER SET ascii, IN p_record MEDIUMTEXT)
+-- Ends it: stores the answer and commits it with the write. p_keep = FALSE
+-- (the write was refused) first undoes what the write did, so only the
+-- answer is kept.
+CREATE OR REPLACE PROCEDURE beds_inbox_finish(IN p_id CHAR(64) CHARACTER SET ascii, IN p_record MEDIUMTEXT, IN p_keep BOOLEAN)
 BEGIN
+  IF NOT p_keep THEN
+    ROLLBACK TO SAVEPOINT beds_op;
+  END IF;
   UPDATE beds_inbox SET record = p_record WHERE id = p_id;
+  COMMIT;
 END //
 
 -- Retention: removes at most p_limit records older than p_age_s seconds and

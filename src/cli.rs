@@ -157,7 +157,10 @@ async fn check(dir: &std::path::Path, online: bool) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let problems = ipl::check(&config, online).await;
+    let ipl::Checked { problems, warnings } = ipl::check(&config, online).await;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
     if problems.is_empty() {
         println!(
             "ok: config and templates valid{} (env {}, role {})",

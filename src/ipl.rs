@@ -248,6 +248,9 @@ impl Node {
                 if !problems.is_empty() {
                     return Err(IplError::Templates(problems));
                 }
+                for w in weak_spots(&reg, &adapters).await {
+                    tracing::warn!("{w}");
+                }
                 tracing::info!(templates = reg.len(), "template registry loaded");
                 Ok(Arc::new(reg))
             },
@@ -413,8 +416,9 @@ fn mongo_seeds(uri: &str) -> Vec<String> {
 
 /// `beds check`: every problem with config and templates, and with
 /// `online`, with services and procedures too. Empty means fine.
-pub async fn check(config: &Config, online: bool) -> Vec<String> {
+pub async fn check(config: &Config, online: bool) -> Checked {
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let registry = match Registry::load_dir(&config.node.templates, config) {
         Ok(r) => Some(r),
         Err(p) => {
@@ -423,7 +427,7 @@ pub async fn check(config: &Config, online: bool) -> Vec<String> {
         }
     };
     if !online {
-        return problems;
+        return Checked { problems, warnings };
     }
     let unreachable = reachability(config).await;
     let amqp_down = unreachable
@@ -455,9 +459,34 @@ pub async fn check(config: &Config, online: bool) -> Vec<String> {
         let (missing, errors) = check_objects(&reg, &adapters).await;
         problems.extend(missing);
         problems.extend(errors.iter().map(|e| e.to_string()));
+        if problems.is_empty() {
+            warnings = weak_spots(&reg, &adapters).await;
+        }
         adapters.close().await;
     }
-    problems
+    Checked { problems, warnings }
+}
+
+/// What `beds check` found: problems stop a node, warnings do not.
+pub struct Checked {
+    pub problems: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// Each database's [`crate::namaste::Lifecycle::warnings`] about the
+/// templates that use it.
+async fn weak_spots(reg: &Registry, adapters: &Adapters) -> Vec<String> {
+    let mut by_db: BTreeMap<&str, Vec<&Template>> = BTreeMap::new();
+    for t in reg.templates() {
+        by_db.entry(t.database.as_str()).or_default().push(t);
+    }
+    let mut out = Vec::new();
+    for (db, templates) in by_db {
+        if let Some(a) = adapters.get(db) {
+            out.extend(a.warnings(&templates).await);
+        }
+    }
+    out
 }
 
 /// SIGTERM and SIGINT listeners, made once so every delivered signal is

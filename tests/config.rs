@@ -322,6 +322,12 @@ async fn beds_check_exit_codes_and_problem_lists() {
     common::on_own_runtime(async move { common::mongo_script(&db, &script).await });
     let (code, out) = beds(&["check", "--online"], &cfg);
     assert_eq!(code, 0, "{out}");
+    // A warning, not a failure: a write procedure that commits on its own.
+    assert!(
+        out.contains("warning: procedure") && out.contains("tst_commits runs COMMIT itself"),
+        "{out}"
+    );
+    assert!(!out.contains("tst_half runs"), "{out}");
 
     // A broken template and a config typo: both reported, exit 64.
     std::fs::write(dir.join("templates/zzz.toml"), "name = \"zzz\"\n").unwrap();

@@ -18,6 +18,68 @@ use super::{
 use crate::config::{Access, MariaDbConfig};
 use crate::registry::{Op, Param, Target, Template};
 
+/// The statement in a procedure body that ends or starts a transaction
+/// (COMMIT, ROLLBACK other than to a savepoint, START TRANSACTION, or DDL,
+/// which commits implicitly), if any. Words inside quotes and comments are
+/// skipped; good enough to warn, not a parser.
+fn ends_transaction(body: &str) -> Option<&'static str> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut quote: Option<char> = None;
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' | '`' => quote = Some(c),
+            '-' if chars.peek() == Some(&'-') => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        break;
+                    }
+                }
+            }
+            c if c.is_ascii_alphanumeric() || c == '_' => {
+                word.push(c.to_ascii_uppercase());
+                continue;
+            }
+            _ => {}
+        }
+        if !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let next = |i: usize| words.get(i + 1).map(String::as_str);
+    for (i, w) in words.iter().enumerate() {
+        match (w.as_str(), next(i)) {
+            ("COMMIT", _) => return Some("COMMIT"),
+            ("ROLLBACK", Some("TO")) => {}
+            ("ROLLBACK", _) => return Some("ROLLBACK"),
+            ("START", Some("TRANSACTION")) => return Some("START TRANSACTION"),
+            ("CREATE" | "ALTER" | "DROP" | "RENAME", Some("TABLE" | "INDEX" | "DATABASE")) => {
+                return Some("DDL (an implicit COMMIT)")
+            }
+            ("TRUNCATE", _) => return Some("TRUNCATE (an implicit COMMIT)"),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The inbox procedures (`utilities/sql/inbox.sql`) and their arity.
 const INBOX_PROCEDURES: [(&str, usize); 3] = [
     ("beds_inbox_claim", 2),
@@ -418,6 +480,61 @@ impl Lifecycle for MariaDb {
         self.missing_procedures(&procs).await
     }
 
+    async fn warnings(&self, templates: &[&Template]) -> Vec<String> {
+        let writes: Vec<&str> = templates
+            .iter()
+            .flat_map(|t| t.ops.values())
+            .filter(|op| op.access != Access::Read)
+            .filter_map(|op| match &op.target {
+                Target::Procedure { name, .. } => Some(name.as_str()),
+                Target::Mongo(_) => None,
+            })
+            .collect();
+        if writes.is_empty() {
+            return Vec::new();
+        }
+        let rows: Vec<(String, Option<String>)> = match sqlx::query_as(
+            "SELECT ROUTINE_NAME, ROUTINE_DEFINITION FROM information_schema.ROUTINES \
+              WHERE ROUTINE_SCHEMA = ? AND ROUTINE_TYPE = 'PROCEDURE'",
+        )
+        .bind(&self.schema)
+        .fetch_all(&self.primary)
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return vec![format!(
+                    "{}: could not read procedure definitions: {e}",
+                    self.name
+                )]
+            }
+        };
+        let mut out = Vec::new();
+        let mut unreadable = Vec::new();
+        for name in writes {
+            match rows.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+                Some((_, Some(def))) => {
+                    if let Some(what) = ends_transaction(def) {
+                        out.push(format!(
+                            "procedure {}.{name} runs {what} itself: its writes commit apart from BEDS's transaction, so the inbox cannot make its repeats exactly once (wiki/14)",
+                            self.schema
+                        ));
+                    }
+                }
+                Some((_, None)) => unreadable.push(name),
+                None => {}
+            }
+        }
+        if !unreadable.is_empty() {
+            out.push(format!(
+                "{}: this login cannot read the definitions of {} to check that they do not commit on their own (the DBA can: see wiki/14)",
+                self.name,
+                unreadable.join(", ")
+            ));
+        }
+        out
+    }
+
     fn health(&self) -> &Health {
         &self.health
     }
@@ -727,5 +844,32 @@ pub fn classify(e: sqlx::Error) -> AdapterError {
             }
         }
         other => AdapterError::Internal(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn procedures_that_commit_on_their_own_are_found() {
+        let f = ends_transaction;
+        assert_eq!(
+            f("BEGIN INSERT INTO t VALUES (1); COMMIT; END"),
+            Some("COMMIT")
+        );
+        assert_eq!(
+            f("BEGIN start  transaction; END"),
+            Some("START TRANSACTION")
+        );
+        assert_eq!(
+            f("BEGIN TRUNCATE t; END"),
+            Some("TRUNCATE (an implicit COMMIT)")
+        );
+        assert_eq!(f("BEGIN ROLLBACK; END"), Some("ROLLBACK"));
+        assert!(f("BEGIN CREATE TEMPORARY TABLE x (i INT); END").is_none());
+        assert!(f("BEGIN ROLLBACK TO SAVEPOINT a; END").is_none());
+        assert!(f("BEGIN SELECT 'commit' AS c; -- commit\n END").is_none());
+        assert!(f("BEGIN INSERT INTO usr (committed) VALUES (1); END").is_none());
     }
 }

@@ -121,6 +121,13 @@ pub trait Lifecycle: Send + Sync {
     /// is a readable problem; empty means all there.
     async fn missing_objects(&self, templates: &[&Template]) -> Result<Vec<String>, AdapterError>;
 
+    /// Things these templates do that weaken BEDS's guarantees without
+    /// stopping it (a procedure that commits on its own); for `beds check`
+    /// and the IPL log.
+    async fn warnings(&self, _templates: &[&Template]) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Up/down state of this database: requests for it wait while it is
     /// down.
     fn health(&self) -> &Health;

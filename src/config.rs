@@ -677,6 +677,11 @@ impl Config {
         if d.max_batch == 0 {
             p.push("dispatch.max_batch must be at least 1".into());
         }
+        // CONTRACT §2 promises the dedup for the configured retention: below
+        // a minute the purge would race requests still being retried.
+        if !(60_000..=366 * 86_400_000).contains(&d.inbox_retention_ms) {
+            p.push("dispatch.inbox_retention_ms must be between 60000 (1 min) and 31622400000 (366 days)".into());
+        }
         for (name, db) in &self.databases {
             if !is_amqp_name(name) {
                 // Database names are part of hold queue names.

@@ -122,7 +122,7 @@ fn every_cross_check_problem_is_listed() {
             "brokers = [\"rBroker\", \"zBroker\"]",
         )
         .replace("instances = 2", "instances = 0")
-        .replace("prefetch = 10", "prefetch = 0");
+        .replace("prefetch = 10", "prefetch = 0\ninbox_retention_ms = 1000");
     std::fs::write(d.join("beds.toml"), text).unwrap();
     let e = load(&d, Env::Dev).unwrap_err();
     let ConfigError::Invalid(problems) = e else {
@@ -135,6 +135,7 @@ fn every_cross_check_problem_is_listed() {
         "prefetch",
         "amqp.pass",
         "databases.primary.pass",
+        "dispatch.inbox_retention_ms must be between",
     ] {
         assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
     }

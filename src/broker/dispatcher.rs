@@ -330,3 +330,29 @@ fn fingerprint(d: &Delivery) -> [u8; 32] {
     }
     h.finalize().into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::AMQPError;
+
+    #[test]
+    fn only_a_refusal_is_a_strike_not_a_lost_connection() {
+        let refused = |code| -> lapin::Error {
+            lapin::ErrorKind::ProtocolError(AMQPError::from_id(code, "x".into()).unwrap()).into()
+        };
+        let io: lapin::Error = std::io::Error::from(std::io::ErrorKind::ConnectionReset).into();
+        // RabbitMQ stopping (320) or the network failing: nothing the
+        // request did.
+        assert!(connection_lost(&io));
+        assert!(connection_lost(&refused(320)));
+        assert!(connection_lost(
+            &lapin::ErrorKind::MissingHeartbeatError.into()
+        ));
+        // RabbitMQ refusing what was published (a hostile reply address
+        // closes the connection with 541; a bad header with 406 or 505).
+        assert!(!connection_lost(&refused(541)));
+        assert!(!connection_lost(&refused(406)));
+        assert!(!connection_lost(&refused(505)));
+    }
+}

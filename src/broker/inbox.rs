@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use super::action::Action;
 use super::reply::Encoded;
-use super::request::Action;
 use crate::error::Failure;
 use crate::namaste::{Adapters, InboxKey};
 

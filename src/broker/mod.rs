@@ -1,6 +1,7 @@
 //! Everything AMQP: the connection (`AmqpLink`), the topology of CONTRACT §1,
 //! and the dispatchers that consume the broker queues.
 
+pub mod action;
 pub mod dedup;
 pub mod dispatcher;
 pub mod headers;

@@ -5,11 +5,11 @@ use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 
+use super::action::Action;
 use super::headers::{
     republish_props, text, traceparent, ATTEMPT_HEADER, BATCH_DONE_HEADER, BATCH_ENTRIES_HEADER,
     ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, EVENT_ID_HEADER, TRACEPARENT_HEADER,
 };
-use super::request::Action;
 use super::shared::{BrokerSpec, Shared};
 use super::{publish_confirmed, PublishError};
 use crate::error::ErrorCode;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use lapin::protocol::basic::AMQPProperties;
 use lapin::types::AMQPValue;
 
+pub(crate) use super::action::Action;
 use super::dedup::{Claim, DedupGuard};
 use super::headers::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
 use super::inbox;
@@ -23,35 +24,6 @@ use crate::registry::{values, Op, Param, Registry, RequestError};
 /// Largest batch-progress header carried through a retry; beyond it the
 /// batch is answered at once instead (headers must fit one AMQP frame).
 pub(crate) const MAX_BATCH_DONE_BYTES: usize = 32 * 1024;
-
-/// What finishing a delivery requires, decided before anything is sent.
-pub(crate) enum Action {
-    /// Reply (when there is a `reply_to`); park the message first when
-    /// `park` holds the reason.
-    Answer {
-        reply: Arc<Encoded>,
-        park: Option<Failure>,
-        /// Batches: the entries the parked copy keeps (those a replay
-        /// should run), so a replay never re-runs finished entries.
-        parked_entries: Option<Vec<usize>>,
-    },
-    /// Move to the hold queue of `database`, which is down: the request
-    /// waits there (not failed, not parked) until it answers again.
-    Hold {
-        database: String,
-        /// Batches: the results of entries already run, kept with the copy.
-        batch_done: Option<String>,
-        /// Until the request's deadline; a held copy past it goes back to
-        /// the work queue and is answered EXPIRED.
-        expires_in_ms: Option<i64>,
-    },
-    /// Republish to retry tier `tier` (1-based).
-    Retry {
-        tier: usize,
-        failure: Failure,
-        batch_done: Option<String>,
-    },
-}
 
 /// What the dispatcher knows about a delivery beyond its body.
 pub(crate) struct Meta {

@@ -244,13 +244,13 @@ async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
         return hold(db);
     }
     // What a result means for this request.
-    let decide_on = |r: Result<&Outcome, &AdapterError>| match r {
-        Ok(out) => answer(
-            Reply::ok(event_id.to_string(), out.clone(), micros(started)),
+    let decide_on = |r: Ran<'_>| match r {
+        Ok(outs) => answer(
+            Reply::ok(event_id.to_string(), outs[0].clone(), micros(started)),
             None,
             None,
         ),
-        Err(e) => {
+        Err((_, e)) => {
             let f = Failure::from(e);
             if f.retryable && !adapter.health().is_up() {
                 hold(db)
@@ -262,26 +262,44 @@ async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
         }
     };
     match inbox.filter(|_| adapter.inbox()) {
-        None => decide_on(adapter.call(op, &params).await.as_ref()),
-        Some(key) => {
-            let mut decided = None;
-            let ran = adapter
-                .call_once(key, &[(op, &params)], &mut |r| {
-                    let a = decide_on(r.as_ref().map(|o| &o[0]).map_err(|(_, e)| e));
-                    let stored = inbox::record(&a);
-                    decided = Some(a);
-                    stored
-                })
-                .await;
-            match (ran, decided) {
-                (Ok(Once::Ran(_)), Some(a)) => a,
-                (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
-                (Err(e), _) => decide_on(Err(&e)),
-                (Ok(Once::Ran(_)), None) => {
-                    let f = Failure::new(ErrorCode::Internal, "the inbox ran no decision");
-                    answer_failure(meta, event_id, f)
-                }
-            }
+        None => match adapter.call(op, &params).await {
+            Ok(out) => decide_on(Ok(std::slice::from_ref(&out))),
+            Err(e) => decide_on(Err((0, &e))),
+        },
+        Some(key) => run_once(adapter, key, &[(op, &params)], event_id, decide_on).await,
+    }
+}
+
+/// What calls produced, as [`run_once`]'s decisions see it.
+type Ran<'a> = Result<&'a [Outcome], (usize, &'a AdapterError)>;
+
+/// Runs `calls` once through the durable inbox: the answer `decide_on`
+/// gives their result is recorded and committed with them; a repeat is
+/// answered from its record; a failure of the inbox itself is decided like
+/// a failure of the first call (nothing was committed).
+async fn run_once(
+    adapter: &Arc<dyn Adapter>,
+    key: &InboxKey,
+    calls: &[(&Op, &[Param])],
+    event_id: &str,
+    decide_on: impl Fn(Ran<'_>) -> Action + Send + Sync,
+) -> Action {
+    let mut decided = None;
+    let ran = adapter
+        .call_once(key, calls, &mut |r| {
+            let a = decide_on(r.as_ref().map(Vec::as_slice).map_err(|(i, e)| (*i, e)));
+            let stored = inbox::record(&a);
+            decided = Some(a);
+            stored
+        })
+        .await;
+    match (ran, decided) {
+        (Ok(Once::Ran(_)), Some(a)) => a,
+        (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
+        (Err(e), _) => decide_on(Err((0, &e))),
+        (Ok(Once::Ran(_)), None) => {
+            let e = AdapterError::Internal("the inbox ran no decision".into());
+            decide_on(Err((0, &e)))
         }
     }
 }
@@ -557,7 +575,7 @@ pub(crate) async fn atomic_batch(
         return atomic_failed(meta, event_id, entries.len(), 0, f);
     };
     let refs: Vec<(&Op, &[Param])> = calls.iter().map(|(op, p)| (*op, p.as_slice())).collect();
-    let decide_on = |r: Result<&[Outcome], (usize, &AdapterError)>| match r {
+    let decide_on = |r: Ran<'_>| match r {
         Ok(outs) => {
             let results = outs
                 .iter()
@@ -583,29 +601,12 @@ pub(crate) async fn atomic_batch(
             atomic_failed(meta, event_id, entries.len(), i, f)
         }
     };
-    let Some(key) = inbox.filter(|_| adapter.inbox()) else {
-        return match adapter.call_atomic(&refs).await {
+    match inbox.filter(|_| adapter.inbox()) {
+        None => match adapter.call_atomic(&refs).await {
             Ok(outs) => decide_on(Ok(&outs)),
             Err((i, e)) => decide_on(Err((i, &e))),
-        };
-    };
-    let mut decided = None;
-    let ran = adapter
-        .call_once(key, &refs, &mut |r| {
-            let a = decide_on(r.as_ref().map(|o| o.as_slice()).map_err(|(i, e)| (*i, e)));
-            let stored = inbox::record(&a);
-            decided = Some(a);
-            stored
-        })
-        .await;
-    match (ran, decided) {
-        (Ok(Once::Ran(_)), Some(a)) => a,
-        (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
-        (Err(e), _) => decide_on(Err((0, &e))),
-        (Ok(Once::Ran(_)), None) => {
-            let f = Failure::new(ErrorCode::Internal, "the inbox ran no decision");
-            atomic_failed(meta, event_id, entries.len(), 0, f)
-        }
+        },
+        Some(key) => run_once(adapter, key, &refs, event_id, decide_on).await,
     }
 }
 

@@ -75,6 +75,9 @@ pub struct Config {
     pub databases: BTreeMap<String, DatabaseConfig>,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// The event log in MongoDB (CONTRACT §7).
+    #[serde(default)]
+    pub events: EventsConfig,
     /// Which environment was loaded; set by the loader, not by a file.
     #[serde(skip, default = "default_env")]
     pub env: Env,
@@ -197,6 +200,93 @@ fn pct(s: &str) -> String {
         }
     }
     out
+}
+
+/// The event log (CONTRACT §7): one document per request, written by each
+/// node to MongoDB off the request path, spooled to disk while MongoDB does
+/// not answer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// The `[databases.*]` entry (kind `mongodb`) the log goes to; `""`
+    /// turns the event log off. Unset: `docs` when that is a MongoDB entry,
+    /// else off.
+    #[serde(default)]
+    pub database: Option<String>,
+    #[serde(default = "default_events_collection")]
+    pub collection: String,
+    /// Events older than this are removed by MongoDB (a TTL index on `ts`).
+    #[serde(default = "default_events_retention_days")]
+    pub retention_days: u32,
+    /// Events held in memory for the writer; when full, new events are
+    /// dropped and counted (requests never wait for the log).
+    #[serde(default = "default_events_queue")]
+    pub queue: usize,
+    /// Most events in one insert.
+    #[serde(default = "default_events_batch")]
+    pub batch: usize,
+    /// Longest an event waits in memory before its batch is written.
+    #[serde(default = "default_events_flush_ms")]
+    pub flush_ms: u64,
+    /// Where events wait while MongoDB does not answer (a folder per node
+    /// name is made inside).
+    #[serde(default = "default_events_spool_dir")]
+    pub spool_dir: PathBuf,
+    /// Bound on the spool; past it the oldest spooled events are dropped,
+    /// loudly.
+    #[serde(default = "default_events_spool_max")]
+    pub spool_max_bytes: u64,
+}
+
+fn default_events_collection() -> String {
+    "msLogs".into()
+}
+fn default_events_retention_days() -> u32 {
+    30
+}
+fn default_events_queue() -> usize {
+    50_000
+}
+fn default_events_batch() -> usize {
+    500
+}
+fn default_events_flush_ms() -> u64 {
+    200
+}
+fn default_events_spool_dir() -> PathBuf {
+    "spool".into()
+}
+fn default_events_spool_max() -> u64 {
+    256 * 1024 * 1024
+}
+
+impl Config {
+    /// The database entry the event log goes to, if the log is on.
+    pub fn event_database(&self) -> Option<&str> {
+        match self.events.database.as_deref() {
+            Some("") => None,
+            Some(db) => Some(db),
+            None => match self.databases.get("docs") {
+                Some(DatabaseConfig::Mongodb(_)) => Some("docs"),
+                _ => None,
+            },
+        }
+    }
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            database: None,
+            collection: default_events_collection(),
+            retention_days: default_events_retention_days(),
+            queue: default_events_queue(),
+            batch: default_events_batch(),
+            flush_ms: default_events_flush_ms(),
+            spool_dir: default_events_spool_dir(),
+            spool_max_bytes: default_events_spool_max(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -676,6 +766,40 @@ impl Config {
         }
         if d.max_batch == 0 {
             p.push("dispatch.max_batch must be at least 1".into());
+        }
+        let ev = &self.events;
+        if let Some(db) = ev.database.as_deref().filter(|d| !d.is_empty()) {
+            match self.databases.get(db) {
+                Some(DatabaseConfig::Mongodb(_)) => {}
+                Some(_) => p.push(format!(
+                    "events.database = \"{db}\" must name a [databases.*] entry of kind mongodb"
+                )),
+                None => p.push(format!(
+                    "events.database = \"{db}\" names no [databases.*] entry (set it to a mongodb entry, or to \"\" to turn the event log off)"
+                )),
+            }
+        }
+        if self.event_database().is_some() {
+            if ev.collection.is_empty()
+                || ev.collection.contains('$')
+                || ev.collection.starts_with("system.")
+            {
+                p.push("events.collection must be a plain collection name".into());
+            }
+            if ev.retention_days == 0 || ev.retention_days > 3660 {
+                p.push("events.retention_days must be between 1 and 3660".into());
+            }
+            if ev.queue == 0 || ev.batch == 0 || ev.batch > 100_000 {
+                p.push(
+                    "events.queue must be at least 1 and events.batch between 1 and 100000".into(),
+                );
+            }
+            if ev.flush_ms == 0 || ev.flush_ms > 60_000 {
+                p.push("events.flush_ms must be between 1 and 60000".into());
+            }
+            if ev.spool_max_bytes < 1024 * 1024 {
+                p.push("events.spool_max_bytes must be at least 1048576 (1 MiB)".into());
+            }
         }
         // CONTRACT §2 promises the dedup for the configured retention: below
         // a minute the purge would race requests still being retried.

@@ -17,6 +17,7 @@ use crate::broker::topology::{self, Names, TopologySpec};
 use crate::broker::AmqpLink;
 use crate::config::DatabaseConfig;
 use crate::config::{Config, ConfigError, Env};
+use crate::logger::{self, EventLog, Writer};
 use crate::namaste::{self, Adapters};
 use crate::registry::{Registry, Template};
 use crate::supervisor::Supervisor;
@@ -47,12 +48,17 @@ pub enum IplError {
     Topology(String),
     #[error("database {name}: {reason} (config: databases.{name})")]
     Database { name: String, reason: String },
+    #[error("event log: {0} (config: events)")]
+    Events(String),
 }
 
 impl IplError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            IplError::Config(_) | IplError::Templates(_) | IplError::Topology(_) => EX_USAGE,
+            IplError::Config(_)
+            | IplError::Templates(_)
+            | IplError::Topology(_)
+            | IplError::Events(_) => EX_USAGE,
             IplError::Unreachable { .. }
             | IplError::AmqpAuth { .. }
             | IplError::Database { .. } => EX_UNAVAILABLE,
@@ -63,7 +69,7 @@ impl IplError {
 const STEPS: usize = 9;
 
 /// Logs one IPL step with its number and duration.
-async fn step<T, F>(n: usize, name: &str, f: F) -> Result<T, IplError>
+async fn step<T, F>(events: &EventLog, n: usize, name: &str, f: F) -> Result<T, IplError>
 where
     F: Future<Output = Result<T, IplError>>,
 {
@@ -71,8 +77,18 @@ where
     let r = f.await;
     let ms = t.elapsed().as_millis();
     match &r {
-        Ok(_) => tracing::info!("IPL {n}/{STEPS} {name}: ok ({ms} ms)"),
-        Err(e) => tracing::error!("IPL {n}/{STEPS} {name}: FAILED after {ms} ms: {e}"),
+        Ok(_) => {
+            tracing::info!("IPL {n}/{STEPS} {name}: ok ({ms} ms)");
+            events.lifecycle("ok", "ipl", format!("IPL {n}/{STEPS} {name}: ok ({ms} ms)"));
+        }
+        Err(e) => {
+            tracing::error!("IPL {n}/{STEPS} {name}: FAILED after {ms} ms: {e}");
+            events.lifecycle(
+                "error",
+                "ipl",
+                format!("IPL {n}/{STEPS} {name}: FAILED after {ms} ms: {e}"),
+            );
+        }
     }
     r
 }
@@ -81,6 +97,10 @@ where
 pub struct Node {
     /// Runs, restarts and stops every long-lived task of the node.
     supervisor: Supervisor,
+    /// The event log, for the node's own lifecycle events.
+    events: EventLog,
+    /// Writes the event log; stopped last, so the drain's events get out.
+    writer: Writer,
     link: Arc<AmqpLink>,
     adapters: Adapters,
     pub registry: Arc<Registry>,
@@ -163,7 +183,34 @@ impl Node {
     /// Runs IPL steps 3-9 (config and logging are steps 1-2, done by the
     /// caller) and returns once every dispatcher is consuming.
     pub async fn start(config: &Config) -> Result<Node, IplError> {
-        step(3, "service reachability", async {
+        // First, so every IPL step is in the log (it waits in memory or in
+        // the spool until MongoDB answers).
+        let (events, writer) = logger::start(config).await.map_err(IplError::Events)?;
+        events.lifecycle("ok", "ipl", "IPL 1/9 load config: ok");
+        events.lifecycle("ok", "ipl", "IPL 2/9 logging: ok");
+        match Node::ipl(config, &events, &writer).await {
+            Ok(parts) => Ok(Node {
+                supervisor: parts.0,
+                events,
+                writer,
+                link: parts.1,
+                adapters: parts.2,
+                registry: parts.3,
+            }),
+            Err(e) => {
+                writer.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// IPL steps 3-9.
+    async fn ipl(
+        config: &Config,
+        events: &EventLog,
+        writer: &Writer,
+    ) -> Result<(Supervisor, Arc<AmqpLink>, Adapters, Arc<Registry>), IplError> {
+        step(events, 3, "service reachability", async {
             for (optional, err) in reachability(config).await {
                 if optional && config.env == Env::Dev {
                     tracing::warn!("{err}; continuing without it (dev)");
@@ -176,7 +223,7 @@ impl Node {
         .await?;
 
         let amqp_addr = format!("{}:{}", config.amqp.host, config.amqp.port);
-        let link = step(4, "AMQP connect and authenticate", async {
+        let link = step(events, 4, "AMQP connect and authenticate", async {
             AmqpLink::connect(
                 config.amqp.uri(),
                 format!("beds {} ({})", config.node.name, config.node.role),
@@ -195,7 +242,7 @@ impl Node {
             prefix: config.amqp.prefix.clone(),
         };
         let brokers = config.node_brokers();
-        step(5, "declare queue topology", async {
+        step(events, 5, "declare queue topology", async {
             let ch = link
                 .channel()
                 .await
@@ -220,7 +267,7 @@ impl Node {
         })
         .await?;
 
-        let adapters = step(6, "open databases", async {
+        let adapters = step(events, 6, "open databases", async {
             let mut adapters = Adapters::default();
             for (name, db) in &config.databases {
                 let fail = |e: namaste::AdapterError| IplError::Database {
@@ -231,11 +278,24 @@ impl Node {
                 adapter.open(config.env == Env::Dev).await.map_err(fail)?;
                 adapters.insert(name.clone(), adapter);
             }
+            // BEDS owns the event log's collection: its indexes are made here.
+            if let Some(coll) = writer.collection() {
+                logger::ensure_indexes(coll, config.events.retention_days)
+                    .await
+                    .map_err(|reason| IplError::Database {
+                        name: config.event_database().unwrap_or_default().to_string(),
+                        reason: format!(
+                            "event log indexes on {}: {reason}",
+                            config.events.collection
+                        ),
+                    })?;
+            }
             Ok(adapters)
         })
         .await?;
 
         let registry = step(
+            events,
             7,
             "load templates and check their database objects",
             async {
@@ -286,8 +346,9 @@ impl Node {
             retry_key,
             node: config.node.name.clone(),
             strikes: Default::default(),
+            events: events.clone(),
         });
-        step(8, "spawn dispatcher pools", async {
+        step(events, 8, "spawn dispatcher pools", async {
             let spawn = |spec: &Arc<BrokerSpec>, id: usize| {
                 let d = Dispatcher {
                     shared: shared.clone(),
@@ -335,14 +396,9 @@ impl Node {
             crate::broker::inbox::purge(purged.clone(), retention, stop.clone())
         });
 
-        step(9, "ready", async { Ok(()) }).await?;
+        step(events, 9, "ready", async { Ok(()) }).await?;
         tracing::info!(node = %config.node.name, role = %config.node.role, env = config.env.as_str(), "BEDS node ready");
-        Ok(Node {
-            supervisor,
-            link,
-            adapters,
-            registry,
-        })
+        Ok((supervisor, link, adapters, registry))
     }
 
     /// Tasks that died and wait to be restarted (empty: the node is whole).
@@ -354,9 +410,17 @@ impl Node {
     /// at most the drain timeout), then closes pools and the connection.
     pub async fn stop(self) {
         tracing::info!("draining: no new requests, finishing in-flight ones");
+        self.events.lifecycle(
+            "ok",
+            "drain",
+            "draining: no new requests, finishing in-flight ones",
+        );
         self.supervisor.shutdown().await;
         self.adapters.close().await;
         self.link.close().await;
+        self.events.lifecycle("ok", "stop", "stopped");
+        // Last: the dispatchers' final events are queued by now.
+        self.writer.stop().await;
         tracing::info!("stopped");
     }
 }

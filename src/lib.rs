@@ -16,6 +16,7 @@ pub mod cmdline;
 pub mod config;
 pub mod error;
 pub mod ipl;
+pub mod logger;
 pub mod logging;
 pub mod namaste;
 pub mod registry;

@@ -127,6 +127,7 @@ mod tests {
             body: b"r".to_vec(),
             park_again: None,
             parked_entries: None,
+            outline: Default::default(),
         });
         g.complete(r.clone());
         assert!(matches!(d.claim("a".into()), Claim::Cached(c) if c == r));

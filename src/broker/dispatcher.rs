@@ -26,13 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::action::Action;
 use super::headers::traceparent;
 use super::outcome::{finish, quarantine};
-use super::reply::Reply;
-use super::request::{answer, decide};
+use super::reply::{Outline, Reply};
+use super::request::{answer, decide, Trail};
 use super::shared::{BrokerSpec, Shared};
 use super::{AmqpLink, PublishError};
 use crate::error::{ErrorCode, Failure};
+use crate::logger::Event;
 use crate::namaste::Health;
 use crate::supervisor::Backoff;
 
@@ -231,19 +233,24 @@ async fn handle(
     }
     async move {
         let started = Instant::now();
+        let received = crate::logger::now_ms();
         // Only a redelivery can have failed attempts behind it: first
         // deliveries skip the hashing and the lock.
         let print = delivery.redelivered.then(|| fingerprint(&delivery));
         let strikes = print.map_or(0, |p| shared.strikes.get(p));
-        let outcome = if strikes >= MAX_STRIKES {
+        let mut trail = Trail::default();
+        let (outcome, mut events) = if strikes >= MAX_STRIKES {
             // Publishing this request's outcome never completed, twice: the
             // connection closed under it (RabbitMQ rejected something in it).
             // Repeating it would stop the node again; park a bare copy.
-            quarantine(&shared, &broker, &ch, &delivery, &event_id).await
+            let done = quarantine(&shared, &broker, &ch, &delivery, &event_id).await;
+            let e = Report::new(&broker, &delivery, &event_id, received, started, &trail)
+                .event("error", Some("INTERNAL"), Some("quarantined: publishing its outcome failed repeatedly"), Some("quarantined"));
+            (done, vec![e])
         } else {
             // A bug must not strand a delivery unacknowledged (it would hold
             // a prefetch slot forever): a panic becomes an INTERNAL answer.
-            let action = AssertUnwindSafe(decide(&shared, &broker, &delivery.properties, &delivery.data, &event_id, started))
+            let action = AssertUnwindSafe(decide(&shared, &broker, &delivery.properties, &delivery.data, &event_id, started, &mut trail))
                 .catch_unwind()
                 .await
                 .unwrap_or_else(|_| {
@@ -251,7 +258,12 @@ async fn handle(
                     let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
                     answer(Reply::error(event_id.clone(), &f), Some(f), None)
                 });
-            finish(&shared, &broker, &ch, &delivery, &event_id, action).await
+            let events = if shared.events.is_on() {
+                Report::new(&broker, &delivery, &event_id, received, started, &trail).events(&action)
+            } else {
+                Vec::new()
+            };
+            (finish(&shared, &broker, &ch, &delivery, &event_id, action).await, events)
         };
         // A failed publish or ack is a strike: the connection may have been
         // closed because of something in this request. Not when BEDS closed
@@ -263,6 +275,7 @@ async fn handle(
                 shared.strikes.add(print.unwrap_or_else(|| fingerprint(&delivery)));
             }
         };
+        let outcome_failed = outcome.is_err();
         match outcome {
             Ok(()) => match delivery.ack(BasicAckOptions::default()).await {
                 Ok(true) => {
@@ -293,9 +306,126 @@ async fn handle(
                     .await;
             }
         }
+        if outcome_failed {
+            if let Some(top) = events.first_mut() {
+                top.outcome = Some("requeued".into());
+            }
+        }
+        for e in events {
+            shared.events.emit(e);
+        }
     }
     .instrument(span)
     .await
+}
+
+/// The event log's view of one delivery: what every event of it shares.
+struct Report<'a> {
+    broker: &'a BrokerSpec,
+    delivery: &'a Delivery,
+    event_id: &'a str,
+    received: i64,
+    started: Instant,
+    trail: &'a Trail,
+}
+
+impl<'a> Report<'a> {
+    fn new(
+        broker: &'a BrokerSpec,
+        delivery: &'a Delivery,
+        event_id: &'a str,
+        received: i64,
+        started: Instant,
+        trail: &'a Trail,
+    ) -> Report<'a> {
+        Report {
+            broker,
+            delivery,
+            event_id,
+            received,
+            started,
+            trail,
+        }
+    }
+
+    /// The delivery's own event.
+    fn event(
+        &self,
+        status: &str,
+        code: Option<&str>,
+        message: Option<&str>,
+        outcome: Option<&str>,
+    ) -> Event {
+        let props = &self.delivery.properties;
+        let s = |v: Option<&str>| v.map(str::to_string);
+        Event {
+            event_id: self.event_id.to_string(),
+            parent_event_id: self.trail.parent.clone(),
+            kind: "request".into(),
+            ts_ms: self.received,
+            broker: Some(self.broker.name.clone()),
+            template: self.trail.template.clone(),
+            op: self.trail.op.clone(),
+            context: self.trail.context.clone(),
+            status: status.to_string(),
+            code: s(code),
+            message: s(message),
+            elapsed_us: self.started.elapsed().as_micros().min(u64::MAX as u128) as u64,
+            attempt: self.trail.attempt.max(1),
+            message_id: props.message_id().as_ref().map(|m| m.to_string()),
+            user_id: self.trail.user.clone(),
+            traceparent: traceparent(props).map(str::to_string),
+            outcome: s(outcome),
+            ..Default::default()
+        }
+    }
+
+    /// The events an action makes: the delivery's own, and one per entry
+    /// of a batch that was answered.
+    fn events(&self, action: &Action) -> Vec<Event> {
+        match action {
+            Action::Answer { reply, park, .. } => {
+                let o = &reply.outline;
+                let status = if o.ok { "ok" } else { "error" };
+                let parked = park.as_ref().map(|_| "parked");
+                let mut out =
+                    vec![self.event(status, o.code.as_deref(), o.message.as_deref(), parked)];
+                out.extend(o.entries.iter().enumerate().map(|(j, e)| self.entry(j, e)));
+                out
+            }
+            Action::Retry { failure, tier, .. } => vec![self.event(
+                "error",
+                Some(failure.code.as_str()),
+                Some(&format!("{} (to retry tier {tier})", failure.message)),
+                Some("retry"),
+            )],
+            Action::Hold { database, .. } => vec![self.event(
+                "error",
+                Some(ErrorCode::Unavailable.as_str()),
+                Some(&format!(
+                    "database {database} is down: held until it answers"
+                )),
+                Some("held"),
+            )],
+        }
+    }
+
+    fn entry(&self, j: usize, o: &Outline) -> Event {
+        let (template, op) = self.trail.entries.get(j).cloned().unwrap_or_default();
+        Event {
+            event_id: format!("{}.{j}", self.event_id),
+            parent_event_id: Some(self.event_id.to_string()),
+            template,
+            op,
+            entry: Some(j as u32),
+            ..self.event(
+                if o.ok { "ok" } else { "error" },
+                o.code.as_deref(),
+                o.message.as_deref(),
+                None,
+            )
+        }
+    }
 }
 
 /// The connection itself failed (RabbitMQ restarted, the network cut):

@@ -86,6 +86,7 @@ pub(crate) fn answer_from(record: &str) -> Result<Arc<Encoded>, String> {
     let r: Record =
         serde_json::from_str(record).map_err(|e| format!("unreadable inbox record: {e}"))?;
     Ok(Arc::new(Encoded {
+        outline: super::reply::Outline::parse(r.reply.as_bytes()),
         event_id: r.event_id,
         body: r.reply.into_bytes(),
         park_again: r.park,
@@ -150,6 +151,7 @@ mod tests {
                 body: br#"{"status":"error"}"#.to_vec(),
                 park_again: None,
                 parked_entries: None,
+                outline: Default::default(),
             }),
             park: Some(f.clone()),
             parked_entries: Some(vec![2]),

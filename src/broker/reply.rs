@@ -88,4 +88,51 @@ pub struct Encoded {
     pub park_again: Option<crate::error::Failure>,
     /// With `park_again` on a batch: the entries its parked copy kept.
     pub parked_entries: Option<Vec<usize>>,
+    /// What the event log keeps of it, taken before serializing.
+    pub outline: Outline,
+}
+
+/// What the event log keeps of a reply: its status, error code and message,
+/// and the same for each batch entry. Never the data.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outline {
+    pub ok: bool,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub entries: Vec<Outline>,
+}
+
+impl Outline {
+    pub fn of(r: &Reply) -> Outline {
+        Outline {
+            ok: r.is_ok(),
+            code: r.error.as_ref().map(|e| e.code.clone()),
+            message: r.error.as_ref().map(|e| e.message.clone()),
+            entries: r.results.iter().flatten().map(Outline::of).collect(),
+        }
+    }
+
+    /// From a serialized reply (a repeat answered from the inbox); the data
+    /// is skipped, not kept.
+    pub fn parse(body: &[u8]) -> Outline {
+        #[derive(Deserialize)]
+        struct Wire {
+            status: Status,
+            #[serde(default)]
+            error: Option<ErrorBody>,
+            #[serde(default)]
+            results: Option<Vec<Wire>>,
+        }
+        fn of(w: Wire) -> Outline {
+            Outline {
+                ok: w.status == Status::Ok,
+                code: w.error.as_ref().map(|e| e.code.clone()),
+                message: w.error.map(|e| e.message),
+                entries: w.results.into_iter().flatten().map(of).collect(),
+            }
+        }
+        serde_json::from_slice::<Wire>(body)
+            .map(of)
+            .unwrap_or_default()
+    }
 }

@@ -14,7 +14,7 @@ use super::dedup::{Claim, DedupGuard};
 use super::headers::{signed_user, ATTEMPT_HEADER, BATCH_DONE_HEADER};
 use super::inbox;
 use super::payload::{self, BrokerPayload, Request};
-use super::reply::{Encoded, Reply};
+use super::reply::{Encoded, Outline, Reply};
 use super::shared::{BrokerSpec, Shared};
 use crate::config::Access;
 use crate::error::{clip, ErrorCode, Failure, MAX_MESSAGE_BYTES};
@@ -34,8 +34,26 @@ pub(crate) struct Meta {
     batch_done: Vec<Reply>,
 }
 
+/// What the event log needs to know of a delivery beyond its answer,
+/// filled in by [`decide`] as it learns it.
+#[derive(Debug, Default)]
+pub(crate) struct Trail {
+    pub template: Option<String>,
+    pub op: Option<String>,
+    pub context: Option<String>,
+    pub parent: Option<String>,
+    /// The verified or signed caller.
+    pub user: Option<String>,
+    /// 1 for the first delivery, higher after retry tiers.
+    pub attempt: u32,
+    /// A batch's entries: (template, op) each (none for one that did not
+    /// parse).
+    pub entries: Vec<(Option<String>, Option<String>)>,
+}
+
 /// Decides what one delivery needs: envelope and body checks, the dedup
 /// claim of a write, the deadline, then [`run`], and what dedup remembers.
+/// `trail` collects what the event log will say about it.
 pub(crate) async fn decide(
     shared: &Arc<Shared>,
     broker: &BrokerSpec,
@@ -43,8 +61,11 @@ pub(crate) async fn decide(
     body: &[u8],
     event_id: &str,
     started: Instant,
+    trail: &mut Trail,
 ) -> Action {
     let meta = read_meta(shared, props, body);
+    trail.user.clone_from(&meta.user);
+    trail.attempt = meta.attempt as u32 + 1;
     let fail = |f: Failure| answer_failure(&meta, event_id, f);
 
     let deadline = match payload::check_envelope(props, body.len(), shared.limits.max_payload) {
@@ -55,11 +76,23 @@ pub(crate) async fn decide(
         Ok(r) => r,
         Err(e) => return fail(Failure::from(&e)),
     };
-    tracing::debug!(
-        parent_event_id = req.parent_event_id(),
-        context = req.context(),
-        "request"
-    );
+    trail.parent = req.parent_event_id().map(str::to_string);
+    trail.context = Some(req.context().to_string());
+    match &req {
+        Request::Single(p) => {
+            trail.template = Some(p.template.clone());
+            trail.op = Some(p.op.clone());
+        }
+        Request::Batch { entries, .. } => {
+            trail.entries = entries
+                .iter()
+                .map(|e| match e {
+                    Ok(p) => (Some(p.template.clone()), Some(p.op.clone())),
+                    Err(_) => (None, None),
+                })
+                .collect();
+        }
+    }
     let guard = match claim_once(shared, props, body, &meta, &req).await {
         Ok(g) => g,
         Err(cached) => return cached,
@@ -699,12 +732,14 @@ pub(crate) fn answer(
     let body = serde_json::to_vec(&reply).unwrap_or_else(|e| {
         format!(r#"{{"status":"error","event_id":"{}","error":{{"code":"INTERNAL","message":"reply not serializable: {e}","retryable":false}}}}"#, reply.event_id).into_bytes()
     });
+    let outline = Outline::of(&reply);
     Action::Answer {
         reply: Arc::new(Encoded {
             event_id: reply.event_id,
             body,
             park_again: None,
             parked_entries: None,
+            outline,
         }),
         park,
         parked_entries,

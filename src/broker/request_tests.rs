@@ -172,6 +172,7 @@ fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
         retry_key: b"0123456789abcdef".to_vec(),
         node: "t".into(),
         strikes: Default::default(),
+        events: crate::logger::EventLog::off(),
     })
 }
 
@@ -210,7 +211,16 @@ fn delivery(body: Value, headers: Vec<(&str, AMQPValue)>, message_id: Option<&st
 }
 
 async fn decide_on(shared: &Arc<Shared>, b: &BrokerSpec, d: &Delivery) -> Action {
-    decide(shared, b, &d.properties, &d.data, "e", Instant::now()).await
+    decide(
+        shared,
+        b,
+        &d.properties,
+        &d.data,
+        "e",
+        Instant::now(),
+        &mut Trail::default(),
+    )
+    .await
 }
 
 /// The reply body of an answer, and whether it is parked.

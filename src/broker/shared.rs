@@ -31,6 +31,8 @@ pub struct Shared {
     pub node: String,
     /// Poison-message guard: attempts whose outcome was never published.
     pub strikes: Strikes,
+    /// Where every handled request is logged (CONTRACT §7); never waits.
+    pub events: crate::logger::EventLog,
 }
 
 /// Numbers from `[dispatch]` that bound each request.

@@ -68,31 +68,7 @@ impl MongoDb {
     /// Builds the client; nothing connects until the first operation.
     pub async fn new(name: &str, cfg: &MongoDbConfig) -> Result<MongoDb, AdapterError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        // Async only for mongodb+srv URIs (a DNS lookup).
-        let mut opts = ClientOptions::parse(&cfg.uri)
-            .await
-            .map_err(|e| AdapterError::Internal(format!("databases.{name}.uri: {e}")))?;
-        opts.app_name = Some("beds".into());
-        opts.max_pool_size = Some(cfg.max_connections);
-        opts.server_selection_timeout = Some(timeout);
-        opts.connect_timeout = Some(timeout);
-        // One attempt per write: a driver retry on another member could
-        // return that member's "not primary" for a write the first one
-        // applied, and BEDS would run it again. Every write error then
-        // describes the one attempt, so an unknown outcome is reported as
-        // unknown.
-        opts.retry_writes = Some(false);
-        if let Some(user) = &cfg.user {
-            opts.credential = Some(
-                Credential::builder()
-                    .username(user.clone())
-                    .password(cfg.pass.clone().filter(|p| !p.is_empty()))
-                    .source(cfg.auth_source.clone())
-                    .build(),
-            );
-        }
-        let client = mongodb::Client::with_options(opts)
-            .map_err(|e| AdapterError::Internal(format!("databases.{name}: {e}")))?;
+        let client = client(name, cfg, "beds").await?;
         let reads = SelectionCriteria::ReadPreference(match cfg.read_preference {
             ReadPreference::Primary => DriverReadPreference::Primary,
             ReadPreference::PrimaryPreferred => {
@@ -628,6 +604,42 @@ fn update_doc(b: Option<Bson>) -> Option<Document> {
         .filter(|(_, v)| !matches!(v, Bson::Document(inner) if inner.is_empty()))
         .collect();
     (!d.is_empty()).then_some(d)
+}
+
+/// A driver client for the `[databases.<name>]` entry `cfg` (also the event
+/// log writer's and `beds logs`'s); nothing connects until the first
+/// operation. `app` is the name the server sees.
+pub async fn client(
+    name: &str,
+    cfg: &MongoDbConfig,
+    app: &str,
+) -> Result<mongodb::Client, AdapterError> {
+    let timeout = Duration::from_millis(cfg.timeout_ms);
+    // Async only for mongodb+srv URIs (a DNS lookup).
+    let mut opts = ClientOptions::parse(&cfg.uri)
+        .await
+        .map_err(|e| AdapterError::Internal(format!("databases.{name}.uri: {e}")))?;
+    opts.app_name = Some(app.into());
+    opts.max_pool_size = Some(cfg.max_connections);
+    opts.server_selection_timeout = Some(timeout);
+    opts.connect_timeout = Some(timeout);
+    // One attempt per write: a driver retry on another member could
+    // return that member's "not primary" for a write the first one
+    // applied, and BEDS would run it again. Every write error then
+    // describes the one attempt, so an unknown outcome is reported as
+    // unknown.
+    opts.retry_writes = Some(false);
+    if let Some(user) = &cfg.user {
+        opts.credential = Some(
+            Credential::builder()
+                .username(user.clone())
+                .password(cfg.pass.clone().filter(|p| !p.is_empty()))
+                .source(cfg.auth_source.clone())
+                .build(),
+        );
+    }
+    mongodb::Client::with_options(opts)
+        .map_err(|e| AdapterError::Internal(format!("databases.{name}: {e}")))
 }
 
 async fn ping(db: &mongodb::Database, limit: Duration) -> Result<(), AdapterError> {

@@ -161,6 +161,9 @@ max_payload_bytes = {max_payload}
 [logging]
 level = "warn"
 
+[events]
+spool_dir = "{spool}"
+
 [roles.appServer]
 brokers = ["rBroker", "wBroker", "mBroker"]
 
@@ -183,6 +186,7 @@ max_connections = 8
 timeout_ms = 2000
 "#,
         mongo_port = o.mongo_port,
+        spool = dir.join("spool").display(),
         templates = dir.join("templates").display(),
         prefetch = o.prefetch,
         tiers = o.retry_tiers_ms,

@@ -44,6 +44,8 @@ pub enum Command {
     Call(CallArgs),
     /// Load a node (or a reference) and report throughput, latency, cost.
     Bench(crate::bench::BenchArgs),
+    /// Read the event log: tail, chain, show.
+    Logs(crate::logger::command::LogsArgs),
     /// A `beds bench` reference server (started by the bench itself).
     #[command(hide = true)]
     BenchServe(crate::bench::reference::ServeArgs),
@@ -69,6 +71,10 @@ pub struct CallArgs {
     /// message_id, for write dedup.
     #[arg(long)]
     pub message_id: Option<String>,
+    /// The event that caused this request (an earlier reply's event_id):
+    /// the event log chains them.
+    #[arg(long)]
+    pub parent: Option<String>,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -90,6 +96,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Check { online } => check(&cli.config_dir, online).await,
             Command::Call(args) => call(&cli.config_dir, args).await,
             Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
+            Command::Logs(args) => crate::logger::command::run(&cli.config_dir, args).await,
             Command::BenchServe(args) => {
                 let config = match load_quiet(&cli.config_dir) {
                     Ok(c) => c,
@@ -250,6 +257,7 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
     let opts = CallOptions {
         timeout: args.timeout,
         message_id: args.message_id.clone(),
+        parent_event_id: args.parent.clone(),
         ..Default::default()
     };
     let result = client.call(&broker, &payload, &opts).await;

@@ -45,6 +45,10 @@ pub struct CallOptions {
     pub user_id: Option<String>,
     /// Delivery mode 2: the request survives a RabbitMQ restart.
     pub persistent: bool,
+    /// The event that caused this request (the `event_id` of an earlier
+    /// reply): sent as the payload's `parent_event_id`, so the event log
+    /// ties the two into one chain.
+    pub parent_event_id: Option<String>,
 }
 
 impl Default for CallOptions {
@@ -55,6 +59,7 @@ impl Default for CallOptions {
             deadline_ms: None,
             user_id: None,
             persistent: false,
+            parent_event_id: None,
         }
     }
 }
@@ -148,6 +153,16 @@ impl Client {
         payload: &serde_json::Value,
         opts: &CallOptions,
     ) -> Result<Reply, ClientError> {
+        let with_parent;
+        let payload = match (&opts.parent_event_id, payload) {
+            (Some(p), serde_json::Value::Object(o)) if !o.contains_key("parent_event_id") => {
+                let mut o = o.clone();
+                o.insert("parent_event_id".into(), p.clone().into());
+                with_parent = serde_json::Value::Object(o);
+                &with_parent
+            }
+            _ => payload,
+        };
         let body = serde_json::to_vec(payload).map_err(|e| ClientError::Publish(e.to_string()))?;
         let d = self
             .call_raw(broker, &body, self.properties(opts), opts.timeout)

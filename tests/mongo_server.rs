@@ -159,7 +159,67 @@ async fn a_server_without_transactions_refuses_atomic_batches_with_validation() 
         .call("wBroker", json!({"batch": [create("a"), create("b")]}))
         .await;
     assert!(r.is_ok(), "{r:?}");
-    let r = env.call("rBroker", by_user).await;
+    let r = env.call("rBroker", by_user.clone()).await;
     assert_eq!(r.data.map(|d| d.len()), Some(2));
+    // The inbox without transactions: claim, write, record, in that order;
+    // a repeat still gets the first answer and writes nothing.
+    let once = beds::client::CallOptions {
+        message_id: Some("st-1".into()),
+        ..Default::default()
+    };
+    let first = env.call_opts("wBroker", create("c"), once.clone()).await;
+    let again = env.call_opts("wBroker", create("c"), once).await;
+    assert!(first.is_ok(), "{first:?}");
+    assert_eq!(again, first);
+    let r = env.call("rBroker", by_user).await;
+    assert_eq!(r.data.map(|d| d.len()), Some(3));
+    env.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_log_waits_out_a_mongodb_outage_and_writes_each_event_once() {
+    let mut server = OwnServer::start(&[]).await;
+    let env = node_on(&server, Opts::default()).await;
+    let coll = common::mongo_at(server.port)
+        .await
+        .database(&env.db)
+        .collection::<mongodb::bson::Document>("msLogs");
+    server.stop();
+    // 2,000 usr reads (MariaDB) while the log's MongoDB is away: every one
+    // is answered at once.
+    let read = |i: i64| json!({"template": "usr", "op": "read", "data": {"id": 800000 + i}});
+    let mut ids = Vec::new();
+    for chunk in 0..40 {
+        let calls = (0..50).map(|i| env.call("rBroker", read(chunk * 50 + i)));
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(
+                r.code(),
+                Some("NOT_FOUND"),
+                "answered during the outage: {r:?}"
+            );
+            ids.push(r.event_id);
+        }
+    }
+    let spool = env.dir.join("spool").join(&env.prefix);
+    common::eventually(30, "events are spooled while MongoDB is away", || async {
+        std::fs::read_dir(&spool).is_ok_and(|d| d.count() > 0)
+    })
+    .await;
+    server.spawn().await;
+    common::eventually(60, "every event reaches the collection", || async {
+        coll.count_documents(mongodb::bson::doc! {"_id": {"$in": &ids}})
+            .await
+            .is_ok_and(|n| n == 2000)
+    })
+    .await;
+    let requests = coll
+        .count_documents(mongodb::bson::doc! {"kind": "request"})
+        .await
+        .unwrap();
+    assert_eq!(requests, 2000, "each event exactly once");
+    common::eventually(30, "the spool is emptied", || async {
+        std::fs::read_dir(&spool).is_ok_and(|d| d.count() == 0)
+    })
+    .await;
     env.finish().await;
 }

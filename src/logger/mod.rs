@@ -4,6 +4,7 @@
 //! MongoDB does not answer, keeps them in an on-disk spool and writes them
 //! when it is back (wiki/15-event-log.md).
 
+pub mod command;
 pub mod query;
 mod spool;
 mod writer;

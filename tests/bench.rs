@@ -293,3 +293,50 @@ async fn bench_on_mongodb_note_and_its_references() {
     let _ = conn.close(200, "".into()).await;
     let _ = node.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_log_runs_its_own_nodes_with_and_without_the_event_log() {
+    let debris = Debris::new("benchlog");
+    create_db(&debris.prefix);
+    write_config(
+        &debris.dir,
+        &debris.prefix,
+        &debris.prefix,
+        &Opts::default(),
+    );
+    let (code, r, err) = bench(
+        &debris.dir,
+        "--compare-log --mix create --count 30 --warmup 0s -c 4 --json",
+    )
+    .await;
+    assert_eq!(code, Some(0), "{err}");
+    let runs = r["runs"].as_array().expect("two runs");
+    let modes: Vec<&str> = runs.iter().map(|r| r["mode"].as_str().unwrap()).collect();
+    assert_eq!(modes, ["beds+log", "beds-log"]);
+    for run in runs {
+        assert_eq!(n(run, "ok_ops"), 30, "{run}");
+        assert!(run["server"].is_object(), "the own node is measured: {run}");
+    }
+    // Only the node with the log wrote events: 30 creates (and no more).
+    let logged = mongo()
+        .await
+        .database(&debris.prefix)
+        .collection::<mongodb::bson::Document>("msLogs")
+        .count_documents(mongodb::bson::doc! {"kind": "request", "op": "create"})
+        .await
+        .unwrap();
+    assert_eq!(logged, 30);
+    // The own nodes' queues are gone (their prefix is <prefix>b<8 hex>).
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name"])
+        .output()
+        .expect("rabbitmqctl must be installed to list the queues");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let own = format!("{}b", debris.prefix);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.lines().any(|l| l.starts_with(&own)), "{text}");
+}

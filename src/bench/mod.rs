@@ -79,6 +79,12 @@ pub struct BenchArgs {
     /// (rounds interleave them): what the durable inbox costs.
     #[arg(long, conflicts_with_all = ["reference", "compare", "message_ids"])]
     pub compare_inbox: bool,
+    /// Start two nodes of the bench's own on this config, one with the
+    /// event log and one without (`events.database = ""`), and measure
+    /// them one after the other (rounds interleave them): what the event
+    /// log costs.
+    #[arg(long, conflicts_with_all = ["reference", "compare", "compare_inbox"])]
+    pub compare_log: bool,
     /// Run every mode this many times, interleaved, and report each mode's
     /// median run (a shared machine is noisy).
     #[arg(long, default_value_t = 1)]
@@ -118,6 +124,10 @@ enum Mode {
     Beds,
     /// BEDS with a fresh `message_id` on every request.
     BedsInbox,
+    /// A node the bench starts itself, with or without the event log.
+    Node {
+        log: bool,
+    },
     Ref(Reference),
 }
 
@@ -126,6 +136,8 @@ impl Mode {
         match self {
             Mode::Beds => "beds",
             Mode::BedsInbox => "beds+ids",
+            Mode::Node { log: true } => "beds+log",
+            Mode::Node { log: false } => "beds-log",
             Mode::Ref(Reference::Broker) => "broker",
             Mode::Ref(Reference::Database) => "database",
             Mode::Ref(Reference::Pipeline) => "pipeline",
@@ -221,6 +233,8 @@ async fn bench(
             Mode::Ref(Reference::Broker),
             Mode::Ref(Reference::Database),
         ]
+    } else if args.compare_log {
+        vec![Mode::Node { log: true }, Mode::Node { log: false }]
     } else if args.compare_inbox {
         vec![Mode::Beds, Mode::BedsInbox]
     } else if args.message_ids {
@@ -309,8 +323,11 @@ async fn bench(
 struct Run {
     mode: Mode,
     target: Arc<Target>,
-    /// The reference process (`beds bench-serve`) of broker and pipeline.
+    /// The reference process (`beds bench-serve`) of broker and pipeline,
+    /// or the node the bench started itself.
     server: Option<tokio::process::Child>,
+    /// The own node's exchange and queues, removed after its run.
+    own_topology: Option<(String, Vec<String>, std::path::PathBuf)>,
 }
 
 impl Run {
@@ -347,6 +364,7 @@ impl Run {
         };
         // Never the bound: the client's concurrency is.
         let prefetch = args.concurrency.min(u16::MAX as usize) as u16;
+        let mut own_topology = None;
         let (target, server) = match mode {
             Mode::Beds | Mode::BedsInbox => {
                 let mut routes = Vec::new();
@@ -373,6 +391,27 @@ impl Run {
                 (
                     Target::amqp(clients, routing, args.persistent, args.timeout, ids),
                     None,
+                )
+            }
+            Mode::Node { log } => {
+                let (child, prefix) = own_node(dir, config, log).await?;
+                let spool = config.events.spool_dir.join(&prefix);
+                own_topology = Some((uri.clone(), own_queues(config, &prefix), spool));
+                let routes = [Access::Read, Access::Write, Access::Meta]
+                    .iter()
+                    .map(|a| config.broker_for(*a))
+                    .collect();
+                let clients = connect(prefix).await?;
+                let ids = args.message_ids;
+                (
+                    Target::amqp(
+                        clients,
+                        target::Routing::ByAccess(routes),
+                        args.persistent,
+                        args.timeout,
+                        ids,
+                    ),
+                    Some(child),
                 )
             }
             Mode::Ref(Reference::Database) => (
@@ -427,6 +466,7 @@ impl Run {
             mode,
             target: Arc::new(target),
             server,
+            own_topology,
         })
     }
 
@@ -445,6 +485,11 @@ impl Run {
         }
         if let Ok(t) = Arc::try_unwrap(self.target) {
             t.close().await;
+        }
+        if let Some((uri, names, spool)) = self.own_topology {
+            remove_topology(&uri, &names).await;
+            // Empty once the node wrote its events: only then removed.
+            let _ = std::fs::remove_dir(spool);
         }
     }
 
@@ -888,4 +933,97 @@ impl Progress {
             eprint!("\r\x1b[2K");
         }
     }
+}
+
+/// Starts `beds run` on this config with a prefix and node name of its own
+/// (and without the event log unless `log`), and waits until it is ready.
+async fn own_node(
+    dir: &std::path::Path,
+    config: &Config,
+    log: bool,
+) -> Result<(tokio::process::Child, String), Fail> {
+    let unavailable = |m: String| Fail(EX_UNAVAILABLE, m);
+    let prefix = format!(
+        "{}b{}",
+        config.amqp.prefix,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut cmd = tokio::process::Command::new(
+        std::env::current_exe().map_err(|e| unavailable(e.to_string()))?,
+    );
+    cmd.arg("--config-dir")
+        .arg(dir)
+        .arg("run")
+        .env("BEDS__AMQP__PREFIX", &prefix)
+        .env("BEDS__NODE__NAME", &prefix)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if !log {
+        cmd.env("BEDS__EVENTS__DATABASE", "");
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| unavailable(format!("cannot start a node: {e}")))?;
+    let stderr = child.stderr.take();
+    let ready = tokio::time::timeout(Duration::from_secs(60), async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr?).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.contains("BEDS node ready") {
+                // Keep reading: the node must never block on a full pipe.
+                tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                return Some(());
+            }
+            if l.contains("IPL failed") || l.contains("FAILED") {
+                eprintln!("beds bench: own node: {l}");
+            }
+        }
+        None
+    })
+    .await;
+    if !matches!(ready, Ok(Some(()))) {
+        return Err(unavailable(
+            "the bench's own node did not become ready".into(),
+        ));
+    }
+    Ok((child, prefix))
+}
+
+/// Every queue a node on `prefix` declares, and its exchange (last).
+fn own_queues(config: &Config, prefix: &str) -> Vec<String> {
+    let names = crate::broker::topology::Names {
+        prefix: prefix.to_string(),
+    };
+    let mut out = Vec::new();
+    for (b, _) in config.node_brokers() {
+        out.push(names.work(&b));
+        out.push(names.dlq(&b));
+        for n in 1..=config.dispatch.retry_tiers_ms.len() {
+            out.push(names.retry(&b, n));
+        }
+        for db in config.databases.keys() {
+            out.push(names.hold(&b, db));
+        }
+    }
+    out.push(names.exchange().to_string());
+    out
+}
+
+async fn remove_topology(uri: &str, names: &[String]) {
+    let Ok(conn) = lapin::Connection::connect(uri, crate::broker::tokio_properties()).await else {
+        return;
+    };
+    if let Ok(ch) = conn.create_channel().await {
+        let (exchange, queues) = names.split_last().expect("the exchange is last");
+        for q in queues {
+            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+        }
+        let _ = ch
+            .exchange_delete(exchange.as_str().into(), Default::default())
+            .await;
+    }
+    let _ = conn.close(200, "bench done".into()).await;
 }

@@ -339,6 +339,21 @@ pub fn print_comparison(reports: &[Report]) {
             );
         }
     }
+    if let (Some(on), Some(off)) = (find("beds+log"), find("beds-log")) {
+        if off.requests_per_s > 0.0 {
+            let cpu = match (&off.server, &on.server) {
+                (Some(o), Some(l)) if o.cpu_us_per_request > 0.0 => format!(
+                    ", {:.0} % of the node CPU per request",
+                    100.0 * l.cpu_us_per_request / o.cpu_us_per_request
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "with the event log: {:.0} % of the throughput without it{cpu}",
+                100.0 * on.requests_per_s / off.requests_per_s
+            );
+        }
+    }
     if let (Some(b), Some(p)) = (find("beds"), pipeline) {
         if p.latency_us.p99 > 0 {
             println!(

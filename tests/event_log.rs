@@ -159,6 +159,31 @@ async fn every_answer_and_error_code_is_logged_with_its_fields() {
         .await
         .unwrap();
     let traced: beds::broker::reply::Reply = serde_json::from_slice(&d.data).unwrap();
+    // The caller's trace rides along through the retry tiers.
+    let tp2 = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let mut h = lapin::types::FieldTable::default();
+    h.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(tp2.into()),
+    );
+    let busy = format!(
+        r#"{{"template": "tst", "op": "busy", "data": {{"key": "{}-2"}}}}"#,
+        env.db
+    );
+    let props2 = env
+        .client()
+        .properties(&CallOptions::default())
+        .with_headers(h);
+    env.client()
+        .call_raw("wBroker", busy.as_bytes(), props2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    common::eventually(
+        20,
+        "three attempts with the caller's traceparent",
+        || async { count(&env.db, doc! {"op": "busy", "traceparent": tp2}).await == 3 },
+    )
+    .await;
     let json_props = BasicProperties::default().with_content_type("application/json".into());
     let d = env
         .client()
@@ -203,13 +228,13 @@ async fn every_answer_and_error_code_is_logged_with_its_fields() {
             if *code == Some("UNAVAILABLE") { 3 } else { 1 }
         );
     }
-    // The two retried attempts of tst.busy before the final one.
-    let busy = count(
+    // Two retried attempts of each tst.busy before its final one.
+    let retried = count(
         &env.db,
         doc! {"template": "tst", "op": "busy", "outcome": "retry"},
     )
     .await;
-    assert_eq!(busy, 2, "one event per attempt");
+    assert_eq!(retried, 4, "one event per attempt, two requests");
     assert_eq!(s(&got[&ids[8]], "outcome"), Some("parked"));
     let t = &got[&traced.event_id];
     assert_eq!(s(t, "traceparent"), Some(tp), "the caller's trace is kept");

@@ -71,13 +71,17 @@ pub(crate) fn republish_props(
             kept
         }
         Some(h) => {
-            // Ours must fit in the same frame: keep only the deadline.
+            // Ours must fit in the same frame: keep only the deadline and
+            // the trace context.
             tracing::warn!(
                 "client headers too large to copy onto the retried/parked message; dropped"
             );
             let mut kept = FieldTable::default();
             if let Some(d) = h.inner().get(payload::DEADLINE_HEADER) {
                 kept.insert(payload::DEADLINE_HEADER.into(), d.clone());
+            }
+            if let Some(tp) = traceparent(props) {
+                kept.insert(TRACEPARENT_HEADER.into(), text(tp));
             }
             kept
         }

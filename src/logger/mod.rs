@@ -126,6 +126,67 @@ impl Event {
     }
 }
 
+/// An event as the collection stores it, serialized straight to BSON by
+/// the driver (no `Document` built per event): the same fields as
+/// [`Event::to_document`], which a test keeps equal.
+#[derive(Serialize)]
+pub struct Stored<'a> {
+    #[serde(rename = "_id")]
+    id: &'a str,
+    event_id: &'a str,
+    parent_event_id: Option<&'a str>,
+    root_event_id: &'a str,
+    kind: &'a str,
+    ts: DateTime,
+    node: &'a str,
+    role: &'a str,
+    broker: Option<&'a str>,
+    template: Option<&'a str>,
+    op: Option<&'a str>,
+    context: Option<&'a str>,
+    status: &'a str,
+    code: Option<&'a str>,
+    message: Option<&'a str>,
+    elapsed_us: i64,
+    attempt: i64,
+    message_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    entry: Option<i64>,
+}
+
+impl Event {
+    pub fn stored(&self) -> Stored<'_> {
+        Stored {
+            id: &self.event_id,
+            event_id: &self.event_id,
+            parent_event_id: self.parent_event_id.as_deref(),
+            root_event_id: self.root_event_id.as_deref().unwrap_or(&self.event_id),
+            kind: &self.kind,
+            ts: DateTime::from_millis(self.ts_ms),
+            node: &self.node,
+            role: &self.role,
+            broker: self.broker.as_deref(),
+            template: self.template.as_deref(),
+            op: self.op.as_deref(),
+            context: self.context.as_deref(),
+            status: &self.status,
+            code: self.code.as_deref(),
+            message: self.message.as_deref(),
+            elapsed_us: self.elapsed_us as i64,
+            attempt: self.attempt as i64,
+            message_id: self.message_id.as_deref(),
+            user_id: self.user_id.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+            outcome: self.outcome.as_deref(),
+            entry: self.entry.map(i64::from),
+        }
+    }
+}
+
 /// The dispatchers' side of the log: hands events to the writer without
 /// ever waiting. Cheap to clone.
 #[derive(Clone)]
@@ -262,6 +323,8 @@ mod tests {
             1_700_000_000_123
         );
         assert_eq!(Event::from_document(&d), e);
+        // What the writer sends is the same document.
+        assert_eq!(mongodb::bson::to_document(&e.stored()).unwrap(), d);
         // Without a parent the root is the event itself.
         let solo = Event {
             event_id: "s".into(),

@@ -269,8 +269,9 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
 /// One unordered insert; events already there (a spool replayed twice)
 /// count as written.
 async fn insert(ctx: &Ctx, events: &[Event]) -> Result<(), String> {
-    let docs: Vec<Document> = events.iter().map(Event::to_document).collect();
-    let sent = tokio::time::timeout(ctx.timeout, ctx.coll.insert_many(docs).ordered(false)).await;
+    let coll = ctx.coll.clone_with_type::<super::Stored<'_>>();
+    let docs = events.iter().map(Event::stored);
+    let sent = tokio::time::timeout(ctx.timeout, coll.insert_many(docs).ordered(false)).await;
     match sent {
         Err(_) => Err(format!("no answer within {:?}", ctx.timeout)),
         Ok(Ok(_)) => Ok(()),

@@ -223,3 +223,68 @@ async fn the_event_log_waits_out_a_mongodb_outage_and_writes_each_event_once() {
     .await;
     env.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_drops_the_oldest_events_and_says_so() {
+    let mut server = OwnServer::start(&[]).await;
+    let env = node_on(
+        &server,
+        Opts {
+            spool_max_bytes: 1024 * 1024,
+            ..Default::default()
+        },
+    )
+    .await;
+    server.stop();
+    // About 6,000 events of some 300 bytes: more than the 1 MiB spool.
+    let read = |i: i64| json!({"template": "usr", "op": "read", "data": {"id": 700000 + i}});
+    for chunk in 0..120 {
+        let calls = (0..50).map(|i| env.call("rBroker", read(chunk * 50 + i)));
+        for r in futures::future::join_all(calls).await {
+            assert_eq!(
+                r.code(),
+                Some("NOT_FOUND"),
+                "requests never wait for the log"
+            );
+        }
+    }
+    let spool = env.dir.join("spool").join(&env.prefix);
+    let size = || -> u64 {
+        std::fs::read_dir(&spool)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    common::eventually(30, "the spool reaches its bound", || async {
+        size() > 900 * 1024
+    })
+    .await;
+    // The last batches reach the spool within a flush or two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // One batch file may go over while the oldest are removed.
+    assert!(size() <= 1024 * 1024 + 600 * 500, "bounded: {}", size());
+    server.spawn().await;
+    let coll = common::mongo_at(server.port)
+        .await
+        .database(&env.db)
+        .collection::<mongodb::bson::Document>("msLogs");
+    common::eventually(60, "a spool_full lifecycle event", || async {
+        coll.count_documents(mongodb::bson::doc! {"kind": "lifecycle", "op": "spool_full"})
+            .await
+            .is_ok_and(|n| n >= 1)
+    })
+    .await;
+    let kept = coll
+        .count_documents(mongodb::bson::doc! {"kind": "request"})
+        .await
+        .unwrap();
+    assert!(
+        kept > 0 && kept < 6000,
+        "the oldest dropped, the rest written: {kept}"
+    );
+    env.finish().await;
+}

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::spool::Spool;
 use super::{derived_traceparent, Event, EventLog};
 use crate::config::{Config, DatabaseConfig};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Backoff, Supervisor};
 
 /// How many event → root pairs the writer remembers for lineage.
 const ROOTS_KEPT: usize = 200_000;
@@ -69,6 +69,11 @@ struct Ctx {
     roots: Mutex<HashMap<String, String>>,
     /// Announces a full spool in the log itself.
     log: EventLog,
+    /// While MongoDB does not answer: when to try it again, and the
+    /// backoff. Until then batches go straight to the spool, so an outage
+    /// costs no insert timeout per batch and events do not pile up in
+    /// memory (where a `kill -9` would lose them).
+    retry: Mutex<(Option<tokio::time::Instant>, Backoff)>,
 }
 
 /// The event log's collection, from config: `None` when the log is off.
@@ -117,6 +122,7 @@ pub async fn start(config: &Config) -> Result<(EventLog, Writer), String> {
         timeout,
         roots: Mutex::new(HashMap::new()),
         log: log.clone(),
+        retry: Mutex::new((None, Backoff::default())),
     });
     let supervisor = Supervisor::new();
     let stop = supervisor.token();
@@ -222,27 +228,41 @@ async fn run(ctx: Arc<Ctx>, stop: CancellationToken) {
 /// otherwise.
 async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
     let mut spool = ctx.spool.lock().await;
-    for _ in 0..REPLAY_PER_TICK {
-        let Some((n, events)) = spool.oldest() else {
-            break;
-        };
-        if insert(ctx, &events).await.is_err() {
-            break;
-        }
-        spool.remove(n);
-        if spool.is_empty() {
-            tracing::info!("event spool written to MongoDB");
+    let mut retry = ctx.retry.lock().await;
+    let now = tokio::time::Instant::now();
+    let waiting = retry.0.is_some_and(|at| now < at);
+    let failed = |retry: &mut (Option<tokio::time::Instant>, Backoff)| {
+        retry.0 = Some(tokio::time::Instant::now() + retry.1.next_delay());
+    };
+    if !waiting {
+        for _ in 0..REPLAY_PER_TICK {
+            let Some((n, events)) = spool.oldest() else {
+                break;
+            };
+            if insert(ctx, &events).await.is_err() {
+                failed(&mut retry);
+                break;
+            }
+            *retry = (None, Backoff::default());
+            spool.remove(n);
+            if spool.is_empty() {
+                tracing::info!("event spool written to MongoDB");
+            }
         }
     }
     if batch.is_empty() {
         return;
     }
     lineage(ctx, &mut batch).await;
-    if spool.is_empty() {
+    if spool.is_empty() && retry.0.is_none_or(|at| tokio::time::Instant::now() >= at) {
         match insert(ctx, &batch).await {
-            Ok(()) => return,
+            Ok(()) => {
+                *retry = (None, Backoff::default());
+                return;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, events = batch.len(), "event log: MongoDB does not take events; spooling them")
+                failed(&mut retry);
+                tracing::warn!(error = %e, events = batch.len(), "event log: MongoDB does not take events; spooling them");
             }
         }
     }

@@ -95,6 +95,8 @@ pub struct Opts {
     pub replica_port: Option<u16>,
     /// Point the node's MongoDB entry at this port (an outage proxy).
     pub mongo_port: u16,
+    /// `events.spool_max_bytes`.
+    pub spool_max_bytes: u64,
 }
 
 impl Default for Opts {
@@ -111,6 +113,7 @@ impl Default for Opts {
             db_login: None,
             replica_port: None,
             mongo_port: mongo_port(),
+            spool_max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -163,6 +166,7 @@ level = "warn"
 
 [events]
 spool_dir = "{spool}"
+spool_max_bytes = {spool_max}
 
 [roles.appServer]
 brokers = ["rBroker", "wBroker", "mBroker"]
@@ -187,6 +191,7 @@ timeout_ms = 2000
 "#,
         mongo_port = o.mongo_port,
         spool = dir.join("spool").display(),
+        spool_max = o.spool_max_bytes,
         templates = dir.join("templates").display(),
         prefetch = o.prefetch,
         tiers = o.retry_tiers_ms,

@@ -71,13 +71,23 @@ impl OwnServer {
         panic!("the test's own MongoDB-compatible server did not listen within 60 s");
     }
 
-    /// Stops the server the way an operator does (SIGTERM), and waits.
+    /// Stops the server the way an operator does (SIGTERM), and waits; one
+    /// that has not exited after 10 s (SecantusDB's shutdown hung once
+    /// under load) is killed.
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = std::process::Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
-            let _ = c.wait();
+            let t0 = std::time::Instant::now();
+            while c.try_wait().ok().flatten().is_none() {
+                if t0.elapsed() > Duration::from_secs(10) {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }

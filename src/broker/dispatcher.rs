@@ -239,14 +239,20 @@ async fn handle(
         let print = delivery.redelivered.then(|| fingerprint(&delivery));
         let strikes = print.map_or(0, |p| shared.strikes.get(p));
         let mut trail = Trail::default();
-        let (outcome, mut events) = if strikes >= MAX_STRIKES {
+        // Sent when this future ends, also when the drain timeout cuts it.
+        let mut pending = Pending::new(&shared.events, || {
+            Report::new(&broker, &delivery, &event_id, received, started, &Trail::default())
+                .event("error", None, Some("cut by the drain timeout before it was decided; it runs again"), Some("cut"))
+        });
+        let outcome = if strikes >= MAX_STRIKES {
             // Publishing this request's outcome never completed, twice: the
             // connection closed under it (RabbitMQ rejected something in it).
             // Repeating it would stop the node again; park a bare copy.
             let done = quarantine(&shared, &broker, &ch, &delivery, &event_id).await;
             let e = Report::new(&broker, &delivery, &event_id, received, started, &trail)
                 .event("error", Some("INTERNAL"), Some("quarantined: publishing its outcome failed repeatedly"), Some("quarantined"));
-            (done, vec![e])
+            pending.set(vec![e]);
+            done
         } else {
             // A bug must not strand a delivery unacknowledged (it would hold
             // a prefetch slot forever): a panic becomes an INTERNAL answer.
@@ -258,12 +264,10 @@ async fn handle(
                     let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
                     answer(Reply::error(event_id.clone(), &f), Some(f), None)
                 });
-            let events = if shared.events.is_on() {
-                Report::new(&broker, &delivery, &event_id, received, started, &trail).events(&action)
-            } else {
-                Vec::new()
-            };
-            (finish(&shared, &broker, &ch, &delivery, &event_id, action).await, events)
+            if shared.events.is_on() {
+                pending.set(Report::new(&broker, &delivery, &event_id, received, started, &trail).events(&action));
+            }
+            finish(&shared, &broker, &ch, &delivery, &event_id, action).await
         };
         // A failed publish or ack is a strike: the connection may have been
         // closed because of something in this request. Not when BEDS closed
@@ -306,17 +310,61 @@ async fn handle(
                     .await;
             }
         }
-        if outcome_failed {
-            if let Some(top) = events.first_mut() {
-                top.outcome = Some("requeued".into());
-            }
-        }
-        for e in events {
-            shared.events.emit(e);
-        }
+        pending.done(outcome_failed.then_some("requeued"));
     }
     .instrument(span)
     .await
+}
+
+/// A delivery's events, sent to the log when dropped: at the end of
+/// `handle`, or when the drain timeout cuts it (the events are then marked
+/// `cut`, or, if it was not decided yet, one `cut` event stands in).
+struct Pending<'a, F: Fn() -> Event> {
+    log: &'a crate::logger::EventLog,
+    events: Vec<Event>,
+    /// Makes the stand-in event; only called when needed.
+    stand_in: F,
+    finished: bool,
+}
+
+impl<'a, F: Fn() -> Event> Pending<'a, F> {
+    fn new(log: &'a crate::logger::EventLog, stand_in: F) -> Self {
+        Pending {
+            log,
+            events: Vec::new(),
+            stand_in,
+            finished: false,
+        }
+    }
+
+    fn set(&mut self, events: Vec<Event>) {
+        self.events = events;
+    }
+
+    /// `handle` got to its end; `outcome` overrides the first event's.
+    fn done(&mut self, outcome: Option<&str>) {
+        if let (Some(o), Some(top)) = (outcome, self.events.first_mut()) {
+            top.outcome = Some(o.to_string());
+        }
+        self.finished = true;
+    }
+}
+
+impl<F: Fn() -> Event> Drop for Pending<'_, F> {
+    fn drop(&mut self) {
+        if !self.log.is_on() {
+            return;
+        }
+        if !self.finished {
+            match self.events.first_mut() {
+                Some(top) => top.outcome = Some("cut".into()),
+                None => self.events.push((self.stand_in)()),
+            }
+        }
+        for e in self.events.drain(..) {
+            self.log.emit(e);
+        }
+    }
 }
 
 /// The event log's view of one delivery: what every event of it shares.
@@ -433,7 +481,11 @@ impl<'a> Report<'a> {
 fn connection_lost(e: &lapin::Error) -> bool {
     matches!(
         e.kind(),
-        lapin::ErrorKind::IOError(_) | lapin::ErrorKind::MissingHeartbeatError
+        lapin::ErrorKind::IOError(_)
+            | lapin::ErrorKind::MissingHeartbeatError
+            // A publish started after the channel or connection was gone.
+            | lapin::ErrorKind::InvalidChannelState(..)
+            | lapin::ErrorKind::InvalidConnectionState(_)
     ) || matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == 320)
 }
 

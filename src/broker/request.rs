@@ -329,7 +329,17 @@ async fn run_once(
     match (ran, decided) {
         (Ok(Once::Ran(_)), Some(a)) => a,
         (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
-        (Err(e), _) => decide_on(Err((0, &e))),
+        // Nothing was committed: the request must be able to run again (a
+        // final answer here could differ from what another node gives it).
+        (Err(e), _) => {
+            let e = match e {
+                e @ (AdapterError::Unreachable(_)
+                | AdapterError::Transient(_)
+                | AdapterError::Indeterminate(_)) => e,
+                other => AdapterError::Transient(format!("durable inbox: {other}")),
+            };
+            decide_on(Err((0, &e)))
+        }
         (Ok(Once::Ran(_)), None) => {
             let e = AdapterError::Internal("the inbox ran no decision".into());
             decide_on(Err((0, &e)))
@@ -430,7 +440,9 @@ pub(crate) fn is_write(registry: &Registry, req: &Request) -> bool {
             .get(&p.template)
             .ok()
             .and_then(|t| t.op(&p.op).ok())
-            .is_some_and(|op| op.access == Access::Write)
+            // Meta ops change things too (CONTRACT §2 dedups every
+            // operation that is not a read).
+            .is_some_and(|op| op.access != Access::Read)
     };
     match req {
         Request::Single(p) => write(p),

@@ -95,16 +95,24 @@ impl Spool {
         Ok(out)
     }
 
-    /// The oldest file's events, with its number for [`Spool::remove`].
-    pub fn oldest(&self) -> Option<(u64, Vec<Event>)> {
-        let (n, _) = *self.files.first()?;
-        match self.read(n) {
-            Ok(events) => Some((n, events)),
-            Err(e) => {
-                tracing::error!(error = %e, file = n, "cannot read the event spool");
-                None
+    /// The oldest file's events, with its number for [`Spool::remove`]. A
+    /// file that cannot be read or holds no event is set aside as `.bad`
+    /// (kept for a person, never retried), so it cannot wedge the log.
+    pub fn oldest(&mut self) -> Option<(u64, Vec<Event>)> {
+        while let Some(&(n, _)) = self.files.first() {
+            match self.read(n) {
+                Ok(events) if !events.is_empty() => return Some((n, events)),
+                outcome => {
+                    let why = outcome
+                        .err()
+                        .map_or("no readable event".to_string(), |e| e.to_string());
+                    tracing::error!(file = n, error = %why, "event spool file set aside as .bad");
+                    let _ = std::fs::rename(self.path(n), self.dir.join(format!("{n:020}.bad")));
+                    self.files.remove(0);
+                }
             }
         }
+        None
     }
 
     /// Forgets a file once its events are in MongoDB.
@@ -139,6 +147,14 @@ mod tests {
         s.remove(n);
         assert_eq!(s.oldest().unwrap().1, vec![ev(3)]);
         assert!(!dir.join("00000000000000000009.tmp").exists());
+        // A file of garbage is set aside, not retried forever.
+        s.push(&[ev(4)]).unwrap();
+        std::fs::write(dir.join(format!("{:020}.jsonl", 2)), "garbage\n").unwrap();
+        let (n, next) = s.oldest().unwrap();
+        assert_eq!(next, vec![ev(4)]);
+        assert!(dir.join(format!("{:020}.bad", 2)).exists());
+        s.remove(n);
+        assert!(s.oldest().is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -236,7 +236,7 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
     };
     if !waiting {
         for _ in 0..REPLAY_PER_TICK {
-            let Some((n, events)) = spool.oldest() else {
+            let Some((n, events)) = blocking(|| spool.oldest()) else {
                 break;
             };
             if insert(ctx, &events).await.is_err() {
@@ -253,7 +253,9 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
     if batch.is_empty() {
         return;
     }
-    lineage(ctx, &mut batch).await;
+    // No parent look-ups while MongoDB is away: each would wait its timeout.
+    let answering = retry.0.is_none();
+    lineage(ctx, &mut batch, answering).await;
     if spool.is_empty() && retry.0.is_none_or(|at| tokio::time::Instant::now() >= at) {
         match insert(ctx, &batch).await {
             Ok(()) => {
@@ -266,7 +268,7 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
             }
         }
     }
-    match spool.push(&batch) {
+    match blocking(|| spool.push(&batch)) {
         Ok(0) => {}
         Ok(dropped) => {
             tracing::error!(
@@ -314,7 +316,7 @@ async fn insert(ctx: &Ctx, events: &[Event]) -> Result<(), String> {
 /// in what this writer saw, then in the collection (one query per batch);
 /// a parent found nowhere (another node has not written it yet) stands in
 /// for the root.
-async fn lineage(ctx: &Ctx, batch: &mut [Event]) {
+async fn lineage(ctx: &Ctx, batch: &mut [Event], look_up: bool) {
     let mut roots = ctx.roots.lock().await;
     if roots.len() > ROOTS_KEPT {
         roots.clear();
@@ -324,7 +326,7 @@ async fn lineage(ctx: &Ctx, batch: &mut [Event]) {
         .filter_map(|e| e.parent_event_id.as_deref())
         .filter(|p| !roots.contains_key(*p) && !batch.iter().any(|e| e.event_id == *p))
         .collect();
-    if !unknown.is_empty() {
+    if look_up && !unknown.is_empty() {
         let found = tokio::time::timeout(ctx.timeout, async {
             ctx.coll
                 .find(doc! {"_id": {"$in": &unknown}})
@@ -352,5 +354,14 @@ async fn lineage(ctx: &Ctx, batch: &mut [Event]) {
             e.traceparent = derived_traceparent(&root, &e.event_id);
         }
         e.root_event_id = Some(root);
+    }
+}
+
+/// Runs disk work (the spool: write, fsync, rename, read) without stalling
+/// the runtime thread the dispatchers share, where the runtime allows it.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }

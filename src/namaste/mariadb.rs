@@ -29,7 +29,9 @@ fn ends_transaction(body: &str) -> Option<&'static str> {
     let mut chars = body.chars().peekable();
     while let Some(c) = chars.next() {
         if let Some(q) = quote {
-            if c == q {
+            if c == '\\' && q != '`' {
+                chars.next();
+            } else if c == q {
                 quote = None;
             }
             continue;
@@ -48,6 +50,15 @@ fn ends_transaction(body: &str) -> Option<&'static str> {
                     if c == '\n' {
                         break;
                     }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                let mut last = ' ';
+                for c in chars.by_ref() {
+                    if last == '*' && c == '/' {
+                        break;
+                    }
+                    last = c;
                 }
             }
             c if c.is_ascii_alphanumeric() || c == '_' => {
@@ -70,10 +81,15 @@ fn ends_transaction(body: &str) -> Option<&'static str> {
             ("ROLLBACK", Some("TO")) => {}
             ("ROLLBACK", _) => return Some("ROLLBACK"),
             ("START", Some("TRANSACTION")) => return Some("START TRANSACTION"),
-            ("CREATE" | "ALTER" | "DROP" | "RENAME", Some("TABLE" | "INDEX" | "DATABASE")) => {
+            ("BEGIN", Some("WORK")) => return Some("BEGIN WORK"),
+            ("CREATE" | "DROP", Some("TEMPORARY")) => {}
+            ("CREATE" | "ALTER" | "DROP" | "RENAME", Some(_)) => {
                 return Some("DDL (an implicit COMMIT)")
             }
             ("TRUNCATE", _) => return Some("TRUNCATE (an implicit COMMIT)"),
+            ("LOCK", Some("TABLES" | "TABLE")) => return Some("LOCK TABLES (an implicit COMMIT)"),
+            ("GRANT" | "REVOKE", _) => return Some("GRANT/REVOKE (an implicit COMMIT)"),
+            ("SET", Some("AUTOCOMMIT")) => return Some("SET autocommit"),
             _ => {}
         }
     }
@@ -871,5 +887,17 @@ mod tests {
         assert!(f("BEGIN ROLLBACK TO SAVEPOINT a; END").is_none());
         assert!(f("BEGIN SELECT 'commit' AS c; -- commit\n END").is_none());
         assert!(f("BEGIN INSERT INTO usr (committed) VALUES (1); END").is_none());
+        assert!(f("BEGIN DROP TEMPORARY TABLE IF EXISTS x; END").is_none());
+        assert_eq!(
+            f("BEGIN CREATE UNIQUE INDEX i ON t (a); END"),
+            Some("DDL (an implicit COMMIT)")
+        );
+        assert_eq!(f("BEGIN SELECT 'it\\'s'; COMMIT; END"), Some("COMMIT"));
+        assert!(f("BEGIN /* COMMIT */ SELECT 1; END").is_none());
+        assert_eq!(
+            f("BEGIN LOCK TABLES t WRITE; END"),
+            Some("LOCK TABLES (an implicit COMMIT)")
+        );
+        assert_eq!(f("BEGIN SET autocommit = 1; END"), Some("SET autocommit"));
     }
 }

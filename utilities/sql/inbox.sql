@@ -45,12 +45,21 @@ END //
 -- Ends it: stores the answer and commits it with the write. p_keep = FALSE
 -- (the write was refused) first undoes what the write did, so only the
 -- answer is kept.
+-- If the write's procedure ended the transaction itself (its own COMMIT or
+-- ROLLBACK), the claim is gone: nothing is recorded and the call fails
+-- loudly instead of committing a half.
 CREATE OR REPLACE PROCEDURE beds_inbox_finish(IN p_id CHAR(64) CHARACTER SET ascii, IN p_record MEDIUMTEXT, IN p_keep BOOLEAN)
 BEGIN
+  IF @@in_transaction = 0 THEN
+    SIGNAL SQLSTATE 'HY000' SET MESSAGE_TEXT = 'beds_inbox_finish: the write ended its transaction itself (COMMIT or ROLLBACK in the procedure); nothing recorded';
+  END IF;
   IF NOT p_keep THEN
     ROLLBACK TO SAVEPOINT beds_op;
   END IF;
   UPDATE beds_inbox SET record = p_record WHERE id = p_id;
+  IF ROW_COUNT() = 0 THEN
+    SIGNAL SQLSTATE 'HY000' SET MESSAGE_TEXT = 'beds_inbox_finish: the claim is gone (the write rolled back its transaction); nothing recorded';
+  END IF;
   COMMIT;
 END //
 

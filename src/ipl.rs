@@ -280,15 +280,28 @@ impl Node {
             }
             // BEDS owns the event log's collection: its indexes are made here.
             if let Some(coll) = writer.collection() {
-                logger::ensure_indexes(coll, config.events.retention_days)
-                    .await
-                    .map_err(|reason| IplError::Database {
-                        name: config.event_database().unwrap_or_default().to_string(),
-                        reason: format!(
-                            "event log indexes on {}: {reason}",
-                            config.events.collection
-                        ),
-                    })?;
+                // Bounded: a MongoDB that accepts connections but does not
+                // answer must fail IPL, not hang it.
+                let limit = match config
+                    .event_database()
+                    .and_then(|d| config.databases.get(d))
+                {
+                    Some(DatabaseConfig::Mongodb(c)) => Duration::from_millis(c.timeout_ms) * 4,
+                    _ => Duration::from_secs(20),
+                };
+                let made = tokio::time::timeout(
+                    limit,
+                    logger::ensure_indexes(coll, config.events.retention_days),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")));
+                made.map_err(|reason| IplError::Database {
+                    name: config.event_database().unwrap_or_default().to_string(),
+                    reason: format!(
+                        "event log indexes on {}: {reason}",
+                        config.events.collection
+                    ),
+                })?;
             }
             Ok(adapters)
         })

@@ -403,6 +403,25 @@ async fn chains_batches_and_fire_and_forget_are_logged() {
     assert!(out.contains("no event no-such-event"), "{out}");
     let (code, out) = logs(&cfg, &["tail", "--status", "maybe"]);
     assert_eq!(code, 64, "{out}");
+    // MongoDB not there: 69 and where it looked.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_beds"))
+        .arg("--config-dir")
+        .arg(&cfg)
+        .args(["logs", "tail"])
+        .env("BEDS_ENV", "dev")
+        .env(
+            "BEDS__DATABASES__DOCS__URI",
+            "mongodb://127.0.0.1:1/?directConnection=true",
+        )
+        .env("BEDS__DATABASES__DOCS__TIMEOUT_MS", "500")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("MongoDB does not answer") && err.contains("databases.docs"),
+        "{err}"
+    );
     env.finish().await;
 }
 

@@ -87,32 +87,59 @@ pub async fn run(dir: &std::path::Path, args: LogsArgs) -> ExitCode {
         eprintln!("beds logs: MongoDB does not answer for {where_}: {e}");
         ExitCode::from(EX_UNAVAILABLE)
     };
+    // Every query is bounded: a server that accepts connections but does
+    // not answer is reported, not waited on.
+    let limit = match config
+        .event_database()
+        .and_then(|d| config.databases.get(d))
+    {
+        Some(crate::config::DatabaseConfig::Mongodb(c)) => Duration::from_millis(c.timeout_ms) * 4,
+        _ => Duration::from_secs(20),
+    };
+    let late = || -> mongodb::error::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {limit:?}"),
+        )
+        .into()
+    };
     match args.command {
-        LogsCommand::Tail(t) => tail(&coll, t).await.unwrap_or_else(unreachable),
-        LogsCommand::Show { event_id } => match query::show(&coll, &event_id).await {
-            Ok(Some(d)) => {
-                let v = mongodb::bson::Bson::Document(d).into_relaxed_extjson();
-                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Ok(None) => unknown(&event_id),
-            Err(e) => unreachable(e),
-        },
-        LogsCommand::Chain { event_id, json } => match query::chain(&coll, &event_id).await {
-            Ok(Some(c)) if json => {
-                let v = serde_json::json!({"asked": c.asked, "root": c.root, "events": c.events});
-                println!("{v}");
-                ExitCode::SUCCESS
-            }
-            Ok(Some(c)) => {
-                for l in c.render() {
-                    println!("{l}");
+        LogsCommand::Tail(t) => tail(&coll, t, limit).await.unwrap_or_else(unreachable),
+        LogsCommand::Show { event_id } => {
+            match tokio::time::timeout(limit, query::show(&coll, &event_id))
+                .await
+                .unwrap_or_else(|_| Err(late()))
+            {
+                Ok(Some(d)) => {
+                    let v = mongodb::bson::Bson::Document(d).into_relaxed_extjson();
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Ok(None) => unknown(&event_id),
+                Err(e) => unreachable(e),
             }
-            Ok(None) => unknown(&event_id),
-            Err(e) => unreachable(e),
-        },
+        }
+        LogsCommand::Chain { event_id, json } => {
+            match tokio::time::timeout(limit, query::chain(&coll, &event_id))
+                .await
+                .unwrap_or_else(|_| Err(late()))
+            {
+                Ok(Some(c)) if json => {
+                    let v =
+                        serde_json::json!({"asked": c.asked, "root": c.root, "events": c.events});
+                    println!("{v}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Some(c)) => {
+                    for l in c.render() {
+                        println!("{l}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(None) => unknown(&event_id),
+                Err(e) => unreachable(e),
+            }
+        }
     }
 }
 
@@ -123,7 +150,25 @@ fn unknown(id: &str) -> ExitCode {
     ExitCode::from(1)
 }
 
-async fn tail(coll: &Collection<Document>, t: TailArgs) -> Result<ExitCode, mongodb::error::Error> {
+async fn tail(
+    coll: &Collection<Document>,
+    t: TailArgs,
+    limit: Duration,
+) -> Result<ExitCode, mongodb::error::Error> {
+    let bounded = |f: &Filter, n: i64| {
+        let f = f.clone();
+        async move {
+            tokio::time::timeout(limit, query::tail(coll, &f, n))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within {limit:?}"),
+                    )
+                    .into())
+                })
+        }
+    };
     if t.status
         .as_deref()
         .is_some_and(|s| s != "ok" && s != "error")
@@ -153,7 +198,7 @@ async fn tail(coll: &Collection<Document>, t: TailArgs) -> Result<ExitCode, mong
             println!("{}", query::line(e));
         }
     };
-    let events = query::tail(coll, &f, t.limit).await?;
+    let events = bounded(&f, t.limit).await?;
     events.iter().for_each(print);
     if !t.follow {
         return Ok(ExitCode::SUCCESS);
@@ -167,7 +212,7 @@ async fn tail(coll: &Collection<Document>, t: TailArgs) -> Result<ExitCode, mong
         f.after = last
             .clone()
             .or(Some((f.since_ms.unwrap_or(0), String::new())));
-        let new = query::tail(coll, &f, 10_000).await?;
+        let new = bounded(&f, 10_000).await?;
         new.iter().for_each(print);
         if let Some(e) = new.last() {
             last = Some((e.ts_ms, e.event_id.clone()));

@@ -366,10 +366,7 @@ impl NamasteCore for MariaDb {
         // it is retryable, and after a failed COMMIT the next delivery's
         // claim finds out whether it happened.
         let lost = |e: AdapterError| {
-            let e = match e {
-                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
-                other => other,
-            };
+            let e = e.uncommitted();
             self.note_unreachable(&e);
             e
         };

@@ -91,6 +91,18 @@ pub enum Once {
 pub type Recorder<'a> =
     dyn FnMut(&Result<Vec<Outcome>, (usize, AdapterError)>) -> Option<String> + Send + 'a;
 
+impl AdapterError {
+    /// This failure inside a transaction that never committed: nothing of
+    /// it was applied, so a write whose outcome looked unknown was simply
+    /// cut off, and may run again.
+    pub fn uncommitted(self) -> AdapterError {
+        match self {
+            AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
+            other => other,
+        }
+    }
+}
+
 /// Builds the adapter for one `[databases.*]` entry. Nothing connects yet:
 /// [`Lifecycle::open`] does, so IPL can report each step.
 pub async fn build(name: &str, cfg: &DatabaseConfig) -> Result<Arc<dyn Adapter>, AdapterError> {

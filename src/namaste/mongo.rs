@@ -170,10 +170,7 @@ impl MongoDb {
         let limit = self.timeout;
         // Nothing of a transaction that did not commit was applied.
         let lost = |e: AdapterError| {
-            let e = match e {
-                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
-                other => other,
-            };
+            let e = e.uncommitted();
             self.note_unreachable(&e);
             e
         };
@@ -268,10 +265,7 @@ impl MongoDb {
         match tokio::time::timeout(limit.saturating_mul(2), session.commit_transaction()).await {
             Ok(Ok(())) => Ok(Once::Ran(result)),
             // Committed or not, the next delivery's claim will tell.
-            Ok(Err(e)) => Err(lost(match classify(e, false) {
-                AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
-                other => other,
-            })),
+            Ok(Err(e)) => Err(lost(classify(e, false))),
             Err(_) => Err(AdapterError::Transient(format!(
                 "COMMIT not answered within {limit:?}"
             ))),
@@ -721,11 +715,7 @@ impl NamasteCore for MongoDb {
                     // Unfinished, the server aborts it itself.
                     let _ = tokio::time::timeout(limit, session.abort_transaction()).await;
                     // Nothing of an aborted transaction was applied.
-                    let e = match e {
-                        AdapterError::Indeterminate(m) => AdapterError::Unreachable(m),
-                        other => other,
-                    };
-                    return Err((i, e));
+                    return Err((i, e.uncommitted()));
                 }
             }
         }

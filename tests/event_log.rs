@@ -251,6 +251,33 @@ async fn every_answer_and_error_code_is_logged_with_its_fields() {
     )
     .await;
     assert_eq!(lifecycle, 1, "IPL steps are logged");
+    // The indexes BEDS made at IPL, the TTL at the default 30 days.
+    let mut idx = common::mongo()
+        .await
+        .database(&env.db)
+        .collection::<Document>("msLogs")
+        .list_indexes()
+        .await
+        .unwrap();
+    let mut names = Vec::new();
+    while idx.advance().await.unwrap() {
+        let m = idx.deserialize_current().unwrap();
+        let o = m.options.unwrap();
+        if o.name.as_deref() == Some("ts_ttl") {
+            assert_eq!(o.expire_after, Some(Duration::from_secs(30 * 86_400)));
+        }
+        names.push(o.name.unwrap());
+    }
+    for n in [
+        "root_ts",
+        "template_op_ts",
+        "status_code_ts",
+        "node_ts",
+        "message_id",
+        "ts_ttl",
+    ] {
+        assert!(names.iter().any(|x| x == n), "{n} in {names:?}");
+    }
     env.finish().await;
 }
 

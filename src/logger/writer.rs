@@ -146,36 +146,51 @@ pub async fn ensure_indexes(
     retention_days: u32,
 ) -> Result<(), String> {
     let ttl = Duration::from_secs(u64::from(retention_days) * 86_400);
+    // What is there already (none when the collection does not exist yet):
+    // only missing indexes are created, so a restart sends no index build
+    // to a collection that may hold millions of events.
+    let have: Vec<IndexModel> = match coll.list_indexes().await {
+        Ok(c) => c.try_collect().await.map_err(|e| e.to_string())?,
+        Err(e) if matches!(*e.kind, ErrorKind::Command(ref c) if c.code == 26) => Vec::new(),
+        Err(e) => return Err(e.to_string()),
+    };
+    let existing = |name: &str| {
+        have.iter()
+            .find(|m| m.options.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
+    };
     let named = |name: &str, keys: Document| {
         IndexModel::builder()
             .keys(keys)
             .options(IndexOptions::builder().name(name.to_string()).build())
             .build()
     };
-    let models = vec![
+    let models: Vec<IndexModel> = vec![
         named("root_ts", doc! {"root_event_id": 1, "ts": 1}),
         named("template_op_ts", doc! {"template": 1, "op": 1, "ts": -1}),
         named("status_code_ts", doc! {"status": 1, "code": 1, "ts": -1}),
         named("node_ts", doc! {"node": 1, "ts": -1}),
         named("message_id", doc! {"message_id": 1}),
-    ];
-    coll.create_indexes(models)
-        .await
-        .map_err(|e| e.to_string())?;
-    let ttl_index = IndexModel::builder()
-        .keys(doc! {"ts": 1})
-        .options(
-            IndexOptions::builder()
-                .name("ts_ttl".to_string())
-                .expire_after(ttl)
-                .build(),
+    ]
+    .into_iter()
+    .filter(|m| {
+        existing(
+            m.options
+                .as_ref()
+                .and_then(|o| o.name.as_deref())
+                .unwrap_or(""),
         )
-        .build();
-    match coll.create_index(ttl_index).await {
-        Ok(_) => Ok(()),
-        // The retention changed: IndexOptionsConflict (85) or
-        // IndexKeySpecsConflict (86); change the TTL in place.
-        Err(e) if matches!(*e.kind, ErrorKind::Command(ref c) if c.code == 85 || c.code == 86) => {
+        .is_none()
+    })
+    .collect();
+    if !models.is_empty() {
+        coll.create_indexes(models)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    match existing("ts_ttl").map(|m| m.options.as_ref().and_then(|o| o.expire_after)) {
+        Some(Some(current)) if current == ttl => Ok(()),
+        // The retention changed: change the TTL in place.
+        Some(_) => {
             let cmd = doc! {"collMod": coll.name(), "index": {"name": "ts_ttl", "expireAfterSeconds": ttl.as_secs() as i64}};
             coll.client()
                 .database(&coll.namespace().db)
@@ -184,7 +199,21 @@ pub async fn ensure_indexes(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }
-        Err(e) => Err(e.to_string()),
+        None => {
+            let ttl_index = IndexModel::builder()
+                .keys(doc! {"ts": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name("ts_ttl".to_string())
+                        .expire_after(ttl)
+                        .build(),
+                )
+                .build();
+            coll.create_index(ttl_index)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
     }
 }
 

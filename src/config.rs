@@ -78,6 +78,10 @@ pub struct Config {
     /// The event log in MongoDB (CONTRACT §7).
     #[serde(default)]
     pub events: EventsConfig,
+    /// Health, readiness, metrics and reload over HTTP, apart from the
+    /// message path.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Which environment was loaded; set by the loader, not by a file.
     #[serde(skip, default = "default_env")]
     pub env: Env,
@@ -95,7 +99,8 @@ pub struct NodeConfig {
     /// This node's name in logs and event ids; several nodes may share a role.
     #[serde(default = "default_node_name")]
     pub name: String,
-    /// Folder of REC template files (`*.toml`), relative to the working dir.
+    /// Folder of REC template files (`*.toml`); a relative path is taken
+    /// from the config folder, so a unit file started anywhere finds it.
     #[serde(default = "default_templates")]
     pub templates: PathBuf,
 }
@@ -142,6 +147,108 @@ pub struct AmqpConfig {
     pub heartbeat_secs: u16,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_ms: u64,
+    /// `amqps`: encrypt the connection and check RabbitMQ's certificate.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// TLS to a service (`[amqp.tls]`, `[databases.<name>.tls]`). Relative
+/// paths are taken from the config folder.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Encrypt the connection; off by default (loopback in dev).
+    #[serde(default)]
+    pub enabled: bool,
+    /// PEM file of the CA(s) that signed the server's certificate; unset:
+    /// the system's trusted roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a server that wants one (mutual TLS).
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`: a secret, so in prod it must not be
+    /// readable by group or others.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl TlsConfig {
+    fn problems(&self, key: &str, p: &mut Vec<String>) {
+        if !self.enabled {
+            if self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some() {
+                p.push(format!(
+                    "{key}: files are set but enabled = false (set enabled = true to use TLS)"
+                ));
+            }
+            return;
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            p.push(format!(
+                "{key}: cert_file and key_file go together (mutual TLS needs both)"
+            ));
+        }
+        for (name, f) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if let Some(f) = f {
+                if !f.is_file() {
+                    p.push(format!("{key}.{name} = {}: no such file", f.display()));
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, dir: &Path) {
+        for f in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            *f = under(dir, f);
+        }
+    }
+}
+
+/// `path` taken from `dir` when relative.
+fn under(dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        dir.join(path)
+    }
+}
+
+/// The node's own HTTP listener (`/healthz`, `/readyz`, `/metrics`,
+/// `POST /reload`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port`; `""` turns the listener off. Loopback by default: open
+    /// it wider only for a Prometheus on another machine.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+    /// How often readiness asks RabbitMQ and each database whether they
+    /// answer (also the pace of the systemd watchdog's proof of life).
+    #[serde(default = "default_probe_interval")]
+    pub probe_interval_ms: u64,
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:9464".into()
+}
+fn default_probe_interval() -> u64 {
+    5_000
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_http_listen(),
+            probe_interval_ms: default_probe_interval(),
+        }
+    }
 }
 
 fn default_host() -> String {
@@ -179,7 +286,8 @@ impl AmqpConfig {
             pct(&self.vhost)
         };
         format!(
-            "amqp://{}:{}@{}:{}/{}?heartbeat={}",
+            "{}://{}:{}@{}:{}/{}?heartbeat={}",
+            if self.tls.enabled { "amqps" } else { "amqp" },
             pct(&self.user),
             pct(self.pass.as_deref().unwrap_or("")),
             self.host,
@@ -517,6 +625,10 @@ pub struct MariaDbConfig {
     /// transaction, so a repeat on any node is answered, not applied again.
     #[serde(default = "default_true")]
     pub inbox: bool,
+    /// TLS to the primary and the replica; with it on, the server's
+    /// certificate and host name are verified.
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 fn default_true() -> bool {
@@ -584,6 +696,10 @@ pub struct MongoDbConfig {
     /// collection (in their transaction where the server has them).
     #[serde(default = "default_true")]
     pub inbox: bool,
+    /// TLS to every member (the driver's `tls` options, set from here so
+    /// relative paths work and the URI stays free of file names).
+    #[serde(default)]
+    pub tls: TlsConfig,
 }
 
 fn default_mongo_uri() -> String {
@@ -679,11 +795,29 @@ impl Config {
             .try_deserialize()
             .map_err(|e| ConfigError::Parse(e.to_string()))?;
         cfg.env = env;
-        let problems = cfg.problems();
+        cfg.resolve_paths(dir);
+        let mut problems = cfg.problems();
+        if env == Env::Prod {
+            problems.extend(secret_file_problems(&cfg, &base, &overlay));
+        }
         if problems.is_empty() {
             Ok(cfg)
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Relative paths (templates, spool, TLS files) are taken from the
+    /// config folder, not from wherever the process was started.
+    fn resolve_paths(&mut self, dir: &Path) {
+        self.node.templates = under(dir, &self.node.templates);
+        self.events.spool_dir = under(dir, &self.events.spool_dir);
+        self.amqp.tls.resolve(dir);
+        for db in self.databases.values_mut() {
+            match db {
+                DatabaseConfig::Mariadb(c) => c.tls.resolve(dir),
+                DatabaseConfig::Mongodb(c) => c.tls.resolve(dir),
+            }
         }
     }
 
@@ -736,6 +870,17 @@ impl Config {
                 "amqp.pass is not set: put it in config/env_<BEDS_ENV>.toml or BEDS__AMQP__PASS"
                     .into(),
             );
+        }
+        self.amqp.tls.problems("amqp.tls", &mut p);
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            p.push(format!(
+                "http.listen = {:?} must be ip:port (e.g. 127.0.0.1:9464), or \"\" for no listener",
+                self.http.listen
+            ));
+        }
+        if !(100..=600_000).contains(&self.http.probe_interval_ms) {
+            p.push("http.probe_interval_ms must be between 100 and 600000".into());
         }
         if self.amqp.queue_type == QueueType::Quorum && self.amqp.delivery_limit == 0 {
             p.push("amqp.delivery_limit must be at least 1 with quorum queues".into());
@@ -820,8 +965,17 @@ impl Config {
                 ));
             }
             let (max_connections, schema) = match db {
-                DatabaseConfig::Mariadb(c) => (c.max_connections, &c.name),
+                DatabaseConfig::Mariadb(c) => {
+                    c.tls.problems(&format!("databases.{name}.tls"), &mut p);
+                    (c.max_connections, &c.name)
+                }
                 DatabaseConfig::Mongodb(c) => {
+                    c.tls.problems(&format!("databases.{name}.tls"), &mut p);
+                    if c.uri.contains("tlsCAFile") || c.uri.contains("tlsCertificateKeyFile") {
+                        p.push(format!(
+                            "databases.{name}.uri names TLS files: use [databases.{name}.tls] ca_file, cert_file, key_file"
+                        ));
+                    }
                     if !c.uri.starts_with("mongodb://") && !c.uri.starts_with("mongodb+srv://") {
                         p.push(format!(
                             "databases.{name}.uri must start with mongodb:// or mongodb+srv://"
@@ -884,6 +1038,74 @@ impl Config {
 }
 
 /// Names that go into exchange and queue names unquoted.
+/// In prod, where the secrets may live: the overlay and key files readable
+/// only by their owner, and none in the checked-in `beds.toml`.
+fn secret_file_problems(cfg: &Config, base: &Path, overlay: &Path) -> Vec<String> {
+    let mut p = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(base) {
+        if let Ok(v) = text.parse::<toml::Table>() {
+            for key in secrets_in(&v) {
+                p.push(format!(
+                    "{} holds {key}, a secret: move it to {} (mode 0600) or to an environment variable (BEDS__…)",
+                    base.display(),
+                    overlay.display()
+                ));
+            }
+        }
+    }
+    let mut files = vec![overlay.to_path_buf()];
+    let tls = std::iter::once(&cfg.amqp.tls).chain(cfg.databases.values().map(|d| match d {
+        DatabaseConfig::Mariadb(c) => &c.tls,
+        DatabaseConfig::Mongodb(c) => &c.tls,
+    }));
+    files.extend(tls.filter_map(|t| t.key_file.clone()));
+    for f in files {
+        if let Some(mode) = loose_mode(&f) {
+            p.push(format!(
+                "{} holds secrets but is readable by group or others (mode {mode:o}): run `chmod 600 {}` (owned by the user BEDS runs as)",
+                f.display(),
+                f.display()
+            ));
+        }
+    }
+    p
+}
+
+/// The dotted keys of `v` that hold secrets.
+fn secrets_in(v: &toml::Table) -> Vec<String> {
+    let mut out = Vec::new();
+    let has = |t: Option<&toml::Value>, k: &str| t.and_then(|t| t.get(k)).is_some();
+    if has(v.get("amqp"), "pass") {
+        out.push("amqp.pass".to_string());
+    }
+    if has(v.get("dispatch"), "retry_key") {
+        out.push("dispatch.retry_key".to_string());
+    }
+    if let Some(dbs) = v.get("databases").and_then(|d| d.as_table()) {
+        for (name, db) in dbs {
+            if db.get("pass").is_some() {
+                out.push(format!("databases.{name}.pass"));
+            }
+            if has(db.get("replica"), "pass") {
+                out.push(format!("databases.{name}.replica.pass"));
+            }
+        }
+    }
+    out
+}
+
+/// The permission bits of `f` when group or others may read it.
+#[cfg(unix)]
+fn loose_mode(f: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(f).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+#[cfg(not(unix))]
+fn loose_mode(_: &Path) -> Option<u32> {
+    None
+}
+
 pub fn is_amqp_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
@@ -930,11 +1152,100 @@ mod tests {
             delivery_limit: 20,
             heartbeat_secs: 30,
             connect_timeout_ms: 1000,
+            tls: TlsConfig::default(),
         };
         assert_eq!(
             a.uri(),
             "amqp://u%40x:p%2Fw%3Ad@127.0.0.1:5672/%2f?heartbeat=30"
         );
+        let tls = AmqpConfig {
+            tls: TlsConfig {
+                enabled: true,
+                ..Default::default()
+            },
+            ..a
+        };
+        assert!(tls.uri().starts_with("amqps://"));
+    }
+
+    /// A config folder with the shipped beds.toml (its secrets removed)
+    /// and `overlay` as env_prod.toml and env_dev.toml.
+    fn folder(name: &str, base_extra: &str, overlay: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("beds-cfg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let base =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/beds.toml"))
+                .unwrap();
+        std::fs::write(dir.join("beds.toml"), format!("{base}\n{base_extra}")).unwrap();
+        std::fs::write(dir.join("env_prod.toml"), overlay).unwrap();
+        std::fs::write(dir.join("env_dev.toml"), overlay).unwrap();
+        dir
+    }
+
+    const PROD_SECRETS: &str = "[amqp]\npass = \"x\"\n[dispatch]\nretry_key = \"0123456789abcdef0\"\n[databases.primary]\npass = \"x\"\n";
+
+    #[cfg(unix)]
+    fn chmod(f: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn prod_refuses_secrets_readable_by_others_and_in_the_base_file() {
+        let dir = folder("loose", "", PROD_SECRETS);
+        let overlay = dir.join("env_prod.toml");
+        chmod(&overlay, 0o644);
+        let err = Config::load(&dir, Env::Prod).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "env_prod.toml holds secrets but is readable by group or others (mode 644)"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("chmod 600"), "{err}");
+        // Dev does not care; prod with 0600 starts.
+        chmod(&dir.join("env_dev.toml"), 0o644);
+        assert!(Config::load(&dir, Env::Dev).is_ok());
+        chmod(&overlay, 0o600);
+        let cfg = Config::load(&dir, Env::Prod).unwrap();
+        // Relative paths are the config folder's, not the working dir's.
+        assert_eq!(cfg.node.templates, dir.join("../templates"));
+        assert_eq!(cfg.events.spool_dir, dir.join("spool"));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        let dir = folder("inbase", "", PROD_SECRETS);
+        let base = std::fs::read_to_string(dir.join("beds.toml")).unwrap();
+        let base = base.replacen("[databases.docs]", "[databases.docs]\npass = \"y\"", 1);
+        std::fs::write(dir.join("beds.toml"), base).unwrap();
+        chmod(&dir.join("env_prod.toml"), 0o600);
+        let err = Config::load(&dir, Env::Prod).unwrap_err().to_string();
+        assert!(
+            err.contains("beds.toml holds databases.docs.pass, a secret"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_and_http_settings_are_checked() {
+        let dir = folder(
+            "tls",
+            "",
+            "[http]\nlisten = \"nowhere\"\n[amqp]\npass = \"x\"\n[amqp.tls]\nenabled = true\nca_file = \"ca.pem\"\ncert_file = \"c.pem\"\n[databases.primary]\npass = \"x\"\n[databases.primary.tls]\nca_file = \"ca.pem\"\n",
+        );
+        let err = Config::load(&dir, Env::Dev).unwrap_err().to_string();
+        for want in [
+            "http.listen = \"nowhere\" must be ip:port",
+            "amqp.tls: cert_file and key_file go together",
+            "amqp.tls.ca_file = ",
+            "ca.pem: no such file",
+            "databases.primary.tls: files are set but enabled = false",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -246,7 +246,15 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
         }
     };
 
-    let client = match Client::connect(&config.amqp.uri(), &config.amqp.prefix).await {
+    let tls = match crate::broker::tls_config(&config.amqp.tls) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("beds call: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let client = match Client::connect_tls(&config.amqp.uri(), &config.amqp.prefix, true, tls).await
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("beds call: {e}");

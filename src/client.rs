@@ -93,8 +93,23 @@ impl Client {
         prefix: &str,
         confirms: bool,
     ) -> Result<Client, ClientError> {
+        Client::connect_tls(uri, prefix, confirms, Default::default()).await
+    }
+
+    /// [`Client::connect_with`] over `amqps` with a private CA or a client
+    /// certificate (`crate::broker::tls_config`).
+    pub async fn connect_tls(
+        uri: &str,
+        prefix: &str,
+        confirms: bool,
+        tls: lapin::tcp::OwnedTLSConfig,
+    ) -> Result<Client, ClientError> {
         let props = crate::broker::tokio_properties();
-        let conn = tokio::time::timeout(Duration::from_secs(10), Connection::connect(uri, props))
+        let connect = async {
+            Connection::connect_with_config(uri, props, tls, lapin::runtime::default_runtime()?)
+                .await
+        };
+        let conn = tokio::time::timeout(Duration::from_secs(10), connect)
             .await
             .map_err(|_| ClientError::Connect("timed out".into()))?
             .map_err(|e| ClientError::Connect(e.to_string()))?;

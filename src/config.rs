@@ -971,6 +971,11 @@ impl Config {
                 }
                 DatabaseConfig::Mongodb(c) => {
                     c.tls.problems(&format!("databases.{name}.tls"), &mut p);
+                    if c.tls.cert_file != c.tls.key_file {
+                        p.push(format!(
+                            "databases.{name}.tls: MongoDB reads the client certificate and its key from one PEM file: set cert_file and key_file to that same file"
+                        ));
+                    }
                     if c.uri.contains("tlsCAFile") || c.uri.contains("tlsCertificateKeyFile") {
                         p.push(format!(
                             "databases.{name}.uri names TLS files: use [databases.{name}.tls] ca_file, cert_file, key_file"

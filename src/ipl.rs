@@ -7,6 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use rand::RngCore;
 use tokio::net::TcpStream;
 
@@ -103,7 +104,8 @@ pub struct Node {
     writer: Writer,
     link: Arc<AmqpLink>,
     adapters: Adapters,
-    pub registry: Arc<Registry>,
+    /// The template set; a reload swaps it.
+    pub registry: Arc<ArcSwap<Registry>>,
 }
 
 /// Everything the services step found, so `beds check --online` can report
@@ -209,7 +211,7 @@ impl Node {
         config: &Config,
         events: &EventLog,
         writer: &Writer,
-    ) -> Result<(Supervisor, Arc<AmqpLink>, Adapters, Arc<Registry>), IplError> {
+    ) -> Result<(Supervisor, Arc<AmqpLink>, Adapters, Arc<ArcSwap<Registry>>), IplError> {
         step(events, 3, "service reachability", async {
             for (optional, err) in reachability(config).await {
                 if optional && config.env == Env::Dev {
@@ -228,6 +230,7 @@ impl Node {
                 config.amqp.uri(),
                 format!("beds {} ({})", config.node.name, config.node.role),
                 Duration::from_millis(config.amqp.connect_timeout_ms),
+                config.amqp.tls.clone(),
             )
             .await
             .map(Arc::new)
@@ -325,7 +328,7 @@ impl Node {
                     tracing::warn!("{w}");
                 }
                 tracing::info!(templates = reg.len(), "template registry loaded");
-                Ok(Arc::new(reg))
+                Ok(Arc::new(ArcSwap::from_pointee(reg)))
             },
         )
         .await?;
@@ -516,6 +519,7 @@ pub async fn check(config: &Config, online: bool) -> Checked {
             config.amqp.uri(),
             "beds check".into(),
             Duration::from_millis(config.amqp.connect_timeout_ms),
+            config.amqp.tls.clone(),
         )
         .await
         {

@@ -16,8 +16,11 @@ pub mod topology;
 use std::time::Duration;
 
 use lapin::options::BasicPublishOptions;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
+
+use crate::config::TlsConfig;
 
 /// The node's AMQP connection. Dispatchers take one channel each from it; if
 /// the connection drops, the next `channel()` call reconnects.
@@ -27,6 +30,9 @@ pub struct AmqpLink {
     /// Shown in the RabbitMQ management UI.
     name: String,
     timeout: Duration,
+    /// `[amqp.tls]`: the CA and client certificate files, read at each
+    /// connect (a renewed certificate is picked up on reconnect).
+    tls: TlsConfig,
     conn: Mutex<Option<Connection>>,
 }
 
@@ -35,11 +41,13 @@ impl AmqpLink {
         uri: String,
         name: String,
         timeout: Duration,
+        tls: TlsConfig,
     ) -> Result<AmqpLink, lapin::Error> {
         let link = AmqpLink {
             uri,
             name,
             timeout,
+            tls,
             conn: Mutex::new(None),
         };
         link.connection().await?;
@@ -48,7 +56,17 @@ impl AmqpLink {
 
     async fn open(&self) -> Result<Connection, lapin::Error> {
         let props = tokio_properties().with_connection_name(self.name.clone().into());
-        match tokio::time::timeout(self.timeout, Connection::connect(&self.uri, props)).await {
+        let connect = async {
+            let tls = tls_config(&self.tls)?;
+            Connection::connect_with_config(
+                &self.uri,
+                props,
+                tls,
+                lapin::runtime::default_runtime()?,
+            )
+            .await
+        };
+        match tokio::time::timeout(self.timeout, connect).await {
             Ok(r) => r,
             Err(_) => Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -80,11 +98,49 @@ impl AmqpLink {
         }
     }
 
+    /// Whether the connection is open now (readiness). Waits while a
+    /// reconnect is under way.
+    pub async fn is_connected(&self) -> bool {
+        self.conn
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|c| c.status().connected())
+    }
+
     pub async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
             let _ = c.close(200, "BEDS shutting down".into()).await;
         }
     }
+}
+
+/// lapin's TLS settings from `[amqp.tls]`: the CA added to the public
+/// roots, and the client certificate and key (PEM) for mutual TLS. Unused
+/// for an `amqp://` URI.
+pub fn tls_config(tls: &TlsConfig) -> Result<OwnedTLSConfig, lapin::Error> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| {
+            lapin::Error::from(std::io::Error::new(
+                e.kind(),
+                format!("amqp.tls: {}: {e}", p.display()),
+            ))
+        })
+    };
+    let mut out = OwnedTLSConfig::default();
+    if !tls.enabled {
+        return Ok(out);
+    }
+    if let Some(ca) = &tls.ca_file {
+        out.cert_chain = Some(String::from_utf8_lossy(&read(ca)?).into_owned());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        out.identity = Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            key: read(key)?,
+        });
+    }
+    Ok(out)
 }
 
 /// Connection properties for every BEDS connection. lapin runs on Tokio

@@ -93,7 +93,10 @@ pub(crate) async fn decide(
                 .collect();
         }
     }
-    let guard = match claim_once(shared, props, body, &meta, &req).await {
+    // One template set for the whole request: a reload swaps the set, and
+    // a request in flight finishes on the one it started with.
+    let registry = shared.registry.load_full();
+    let guard = match claim_once(shared, &registry, props, body, &meta, &req).await {
         Ok(g) => g,
         Err(cached) => return cached,
     };
@@ -121,6 +124,7 @@ pub(crate) async fn decide(
     }
     let job = Job {
         shared,
+        registry: &registry,
         broker,
         meta: &meta,
         event_id,
@@ -144,6 +148,7 @@ pub(crate) async fn decide(
 /// this process does not know (another node's, or before a restart).
 async fn claim_once(
     shared: &Shared,
+    registry: &Registry,
     props: &AMQPProperties,
     body: &[u8],
     meta: &Meta,
@@ -152,7 +157,7 @@ async fn claim_once(
     let Some(mid) = props.message_id().as_ref() else {
         return Ok(None);
     };
-    if !is_write(&shared.registry, req) {
+    if !is_write(registry, req) {
         return Ok(None);
     }
     let (key, inbox_key) = inbox::keys(meta.user.as_deref(), mid.as_str(), body);
@@ -200,6 +205,8 @@ fn repeat_stored(record: &str, event_id: &str) -> Action {
 #[derive(Clone, Copy)]
 pub(crate) struct Job<'a> {
     pub shared: &'a Shared,
+    /// The template set this request started with.
+    pub registry: &'a Registry,
     pub broker: &'a BrokerSpec,
     pub meta: &'a Meta,
     /// This execution's event id (replies and logs carry it).
@@ -217,6 +224,7 @@ pub(crate) struct Job<'a> {
 async fn run(job: Job<'_>, req: Request) -> Action {
     let Job {
         shared,
+        registry,
         meta,
         deadline,
         ..
@@ -228,7 +236,7 @@ async fn run(job: Job<'_>, req: Request) -> Action {
     };
     // A batch waits whole when a database an unfinished entry needs is down.
     let batch_down = match &req {
-        Request::Batch { entries, .. } => first_down(shared, unfinished(meta, entries)),
+        Request::Batch { entries, .. } => first_down(registry, shared, unfinished(meta, entries)),
         Request::Single(_) => None,
     };
     match req {
@@ -253,6 +261,7 @@ async fn run(job: Job<'_>, req: Request) -> Action {
 async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
     let Job {
         shared,
+        registry,
         broker,
         meta,
         event_id,
@@ -265,7 +274,7 @@ async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
         batch_done: None,
         expires_in_ms: hold_ttl(deadline),
     };
-    let (db, op, params) = match resolve(shared, broker, meta.user.as_deref(), p) {
+    let (db, op, params) = match resolve(registry, broker, meta.user.as_deref(), p) {
         Ok(r) => r,
         Err(f) => return answer_failure(meta, event_id, f),
     };
@@ -366,11 +375,12 @@ fn unfinished<'e>(
 
 /// The database of the first entry whose database is down.
 fn first_down(
+    registry: &Registry,
     shared: &Shared,
     entries: &[Result<BrokerPayload, payload::PayloadError>],
 ) -> Option<String> {
     entries.iter().flatten().find_map(|p| {
-        let db = &shared.registry.get(&p.template).ok()?.database;
+        let db = &registry.get(&p.template).ok()?.database;
         let up = shared.adapters.get(db)?.health().is_up();
         (!up).then(|| db.clone())
     })
@@ -389,12 +399,13 @@ fn adapter<'s>(shared: &'s Shared, db: &str) -> Result<&'s Arc<dyn Adapter>, Fai
 /// another's.
 async fn execute_in<'s>(
     shared: &'s Shared,
+    registry: &'s Registry,
     broker: &BrokerSpec,
     user: Option<&str>,
     p: &BrokerPayload,
     session: &mut Option<(&'s str, Box<dyn Session + 's>)>,
 ) -> Result<Outcome, Failure> {
-    let (template_db, op, params) = resolve(shared, broker, user, p)?;
+    let (template_db, op, params) = resolve(registry, broker, user, p)?;
     if session.as_ref().is_none_or(|(db, _)| *db != template_db) {
         *session = None;
         *session = Some((template_db, adapter(shared, template_db)?.session()));
@@ -407,13 +418,13 @@ async fn execute_in<'s>(
 
 /// Template → op → broker check → access check → typed params.
 pub(crate) fn resolve<'r>(
-    shared: &'r Shared,
+    registry: &'r Registry,
     broker: &BrokerSpec,
     user: Option<&str>,
     p: &BrokerPayload,
 ) -> Result<(&'r str, &'r Op, Vec<Param>), Failure> {
     let f = |e: RequestError| Failure::from(&e);
-    let t = shared.registry.get(&p.template).map_err(f)?;
+    let t = registry.get(&p.template).map_err(f)?;
     let op = t.op(&p.op).map_err(f)?;
     if !broker.serves.contains(&op.access) {
         return Err(f(RequestError::WrongBroker {
@@ -456,6 +467,7 @@ pub(crate) async fn batch(
 ) -> Action {
     let Job {
         shared,
+        registry,
         broker,
         meta,
         event_id,
@@ -478,13 +490,23 @@ pub(crate) async fn batch(
         let r = match (entry, payload::check_deadline(deadline)) {
             (_, Err(late)) => Err(Failure::from(&late)),
             (Err(e), _) => Err(Failure::from(e)),
-            (Ok(p), _) => execute_in(shared, broker, meta.user.as_deref(), p, &mut session).await,
+            (Ok(p), _) => {
+                execute_in(
+                    shared,
+                    registry,
+                    broker,
+                    meta.user.as_deref(),
+                    p,
+                    &mut session,
+                )
+                .await
+            }
         };
         match r {
             Ok(out) => results.push(Reply::ok(entry_id, out, micros(t0))),
             Err(f) if f.retryable => {
                 let done = serde_json::to_string(&results).unwrap_or_default();
-                let down = first_down(shared, &entries[i..=i]);
+                let down = first_down(registry, shared, &entries[i..=i]);
                 if let (Some(db), None, true) =
                     (down, &first_park, done.len() <= MAX_BATCH_DONE_BYTES)
                 {
@@ -578,6 +600,7 @@ pub(crate) async fn atomic_batch(
 ) -> Action {
     let Job {
         shared,
+        registry,
         broker,
         meta,
         event_id,
@@ -591,7 +614,7 @@ pub(crate) async fn atomic_batch(
     for (i, entry) in entries.iter().enumerate() {
         let resolved = match entry {
             Err(e) => Err(Failure::from(e)),
-            Ok(p) => resolve(shared, broker, meta.user.as_deref(), p),
+            Ok(p) => resolve(registry, broker, meta.user.as_deref(), p),
         };
         let (db, op, params) = match resolved {
             Ok(r) => r,

@@ -158,7 +158,7 @@ fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
     adapters.insert("primary".into(), primary);
     adapters.insert("docs".into(), docs);
     Arc::new(Shared {
-        registry: Arc::new(registry),
+        registry: Arc::new(arc_swap::ArcSwap::from_pointee(registry)),
         adapters,
         dedup: crate::broker::dedup::Dedup::new(Duration::from_secs(60), 100),
         names: Names { prefix: "t".into() },

@@ -15,8 +15,9 @@ use crate::registry::Registry;
 
 /// What every dispatcher of the node shares, read-only.
 pub struct Shared {
-    /// The immutable template snapshot.
-    pub registry: Arc<Registry>,
+    /// The template set, swapped whole by a reload (SIGHUP, `beds
+    /// reload`); each request loads it once and finishes on that set.
+    pub registry: Arc<arc_swap::ArcSwap<Registry>>,
     /// NamasteCore adapters by database name; a hold queue's consumer
     /// follows its database's health.
     pub adapters: Adapters,

@@ -198,6 +198,10 @@ struct Inner {
     tx: mpsc::Sender<Event>,
     /// Events refused because the memory queue was full.
     dropped: AtomicU64,
+    /// Bytes in the on-disk spool, as the writer last saw them.
+    spool_bytes: AtomicU64,
+    /// Spooled events dropped because the spool was full.
+    spool_dropped: AtomicU64,
     node: String,
     role: String,
 }
@@ -214,6 +218,8 @@ impl EventLog {
             inner: Some(Arc::new(Inner {
                 tx,
                 dropped: AtomicU64::new(0),
+                spool_bytes: AtomicU64::new(0),
+                spool_dropped: AtomicU64::new(0),
                 node: node.to_string(),
                 role: role.to_string(),
             })),
@@ -260,6 +266,31 @@ impl EventLog {
         self.inner
             .as_ref()
             .map_or(0, |i| i.dropped.load(Ordering::Relaxed))
+    }
+
+    /// Events waiting in memory for the writer.
+    pub fn queued(&self) -> usize {
+        self.inner
+            .as_ref()
+            .map_or(0, |i| i.tx.max_capacity() - i.tx.capacity())
+    }
+
+    /// Bytes spooled on disk, and spooled events dropped for lack of room.
+    pub fn spool(&self) -> (u64, u64) {
+        self.inner.as_ref().map_or((0, 0), |i| {
+            (
+                i.spool_bytes.load(Ordering::Relaxed),
+                i.spool_dropped.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// The writer's report on its spool.
+    fn spooled(&self, bytes: u64, dropped: u64) {
+        if let Some(i) = &self.inner {
+            i.spool_bytes.store(bytes, Ordering::Relaxed);
+            i.spool_dropped.fetch_add(dropped, Ordering::Relaxed);
+        }
     }
 }
 

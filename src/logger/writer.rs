@@ -106,6 +106,7 @@ pub async fn start(config: &Config) -> Result<(EventLog, Writer), String> {
     }
     let (tx, rx) = mpsc::channel(ev.queue);
     let log = EventLog::new(tx, &config.node.name, &config.node.role);
+    log.spooled(spool.bytes(), 0);
     let timeout = match config
         .event_database()
         .and_then(|d| config.databases.get(d))
@@ -274,6 +275,7 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
             }
             *retry = (None, Backoff::default());
             spool.remove(n);
+            ctx.log.spooled(spool.bytes(), 0);
             if spool.is_empty() {
                 tracing::info!("event spool written to MongoDB");
             }
@@ -297,7 +299,10 @@ async fn write(ctx: &Ctx, mut batch: Vec<Event>) {
             }
         }
     }
-    match blocking(|| spool.push(&batch)) {
+    let pushed = blocking(|| spool.push(&batch));
+    ctx.log
+        .spooled(spool.bytes(), *pushed.as_ref().unwrap_or(&0));
+    match pushed {
         Ok(0) => {}
         Ok(dropped) => {
             tracing::error!(

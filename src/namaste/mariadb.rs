@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use serde_json::{Number, Value};
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::mysql::{
+    MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions, MySqlRow, MySqlSslMode,
+};
 use sqlx::pool::PoolConnection;
 use sqlx::{Column, Connection, Either, Executor, MySql, Row, TypeInfo, ValueRef};
 
@@ -15,7 +17,7 @@ use super::{
     probe, shape, AdapterError, Health, InboxKey, Lifecycle, NamasteCore, Once, Outcome, Recorder,
     Session,
 };
-use crate::config::{Access, MariaDbConfig};
+use crate::config::{Access, MariaDbConfig, TlsConfig};
 use crate::registry::{Op, Param, Target, Template};
 
 /// The statement in a procedure body that ends or starts a transaction
@@ -151,13 +153,16 @@ impl MariaDb {
         };
         let primary_opts = connect_options(cfg);
         let replica = cfg.replica.as_ref().map(|r| {
-            let opts = with_password(
-                MySqlConnectOptions::new()
-                    .host(&r.host)
-                    .port(r.port)
-                    .username(r.user.as_deref().unwrap_or(&cfg.user))
-                    .database(r.name.as_deref().unwrap_or(&cfg.name)),
-                r.pass.as_deref().or(cfg.pass.as_deref()),
+            let opts = with_tls(
+                with_password(
+                    MySqlConnectOptions::new()
+                        .host(&r.host)
+                        .port(r.port)
+                        .username(r.user.as_deref().unwrap_or(&cfg.user))
+                        .database(r.name.as_deref().unwrap_or(&cfg.name)),
+                    r.pass.as_deref().or(cfg.pass.as_deref()),
+                ),
+                &cfg.tls,
             );
             pool_opts(r.max_connections.unwrap_or(cfg.max_connections)).connect_lazy_with(opts)
         });
@@ -552,6 +557,12 @@ impl Lifecycle for MariaDb {
         &self.health
     }
 
+    fn pool(&self) -> Option<(u32, u32)> {
+        let p = &self.primary;
+        let in_use = p.size().saturating_sub(p.num_idle() as u32);
+        Some((in_use, p.options().get_max_connections()))
+    }
+
     async fn close(&self) {
         self.primary.close().await;
         if let Some(r) = &self.replica {
@@ -683,14 +694,34 @@ impl Session for MariaSession<'_> {
 /// How to reach the primary of `cfg` (also used by `beds bench`'s
 /// database references).
 pub fn connect_options(cfg: &MariaDbConfig) -> MySqlConnectOptions {
-    with_password(
-        MySqlConnectOptions::new()
-            .host(&cfg.host)
-            .port(cfg.port)
-            .username(&cfg.user)
-            .database(&cfg.name),
-        cfg.pass.as_deref(),
+    with_tls(
+        with_password(
+            MySqlConnectOptions::new()
+                .host(&cfg.host)
+                .port(cfg.port)
+                .username(&cfg.user)
+                .database(&cfg.name),
+            cfg.pass.as_deref(),
+        ),
+        &cfg.tls,
     )
+}
+
+/// With TLS on, the server must present a certificate for its host name
+/// signed by `ca_file` (or a public root): never a silent plaintext
+/// fallback. Off, no TLS at all (sqlx would otherwise try it opportunistically).
+fn with_tls(opts: MySqlConnectOptions, tls: &TlsConfig) -> MySqlConnectOptions {
+    if !tls.enabled {
+        return opts.ssl_mode(MySqlSslMode::Disabled);
+    }
+    let mut opts = opts.ssl_mode(MySqlSslMode::VerifyIdentity);
+    if let Some(ca) = &tls.ca_file {
+        opts = opts.ssl_ca(ca);
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        opts = opts.ssl_client_cert(cert).ssl_client_key(key);
+    }
+    opts
 }
 
 /// An empty password means "no password" (sqlx would send an empty one).

@@ -144,6 +144,12 @@ pub trait Lifecycle: Send + Sync {
     /// down.
     fn health(&self) -> &Health;
 
+    /// The primary pool's connections in use and its size limit, where the
+    /// driver tells (metrics).
+    fn pool(&self) -> Option<(u32, u32)> {
+        None
+    }
+
     async fn close(&self);
 }
 

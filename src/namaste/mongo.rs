@@ -623,6 +623,16 @@ pub async fn client(
     // describes the one attempt, so an unknown outcome is reported as
     // unknown.
     opts.retry_writes = Some(false);
+    if cfg.tls.enabled {
+        // The driver reads certificate and key from one PEM file (config
+        // requires key_file = cert_file); the CA unset means public roots.
+        opts.tls = Some(mongodb::options::Tls::Enabled(
+            mongodb::options::TlsOptions::builder()
+                .ca_file_path(cfg.tls.ca_file.clone())
+                .cert_key_file_path(cfg.tls.cert_file.clone())
+                .build(),
+        ));
+    }
     if let Some(user) = &cfg.user {
         opts.credential = Some(
             Credential::builder()

@@ -46,6 +46,13 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Read the event log: tail, chain, show.
     Logs(crate::logger::command::LogsArgs),
+    /// Reload the running node's templates (and logging level) through
+    /// its HTTP port; prints what was refused, if anything.
+    Reload {
+        /// The node's `host:port`; default: `http.listen` of the config.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// A `beds bench` reference server (started by the bench itself).
     #[command(hide = true)]
     BenchServe(crate::bench::reference::ServeArgs),
@@ -97,6 +104,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Call(args) => call(&cli.config_dir, args).await,
             Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
             Command::Logs(args) => crate::logger::command::run(&cli.config_dir, args).await,
+            Command::Reload { node } => reload(&cli.config_dir, node).await,
             Command::BenchServe(args) => {
                 let config = match load_quiet(&cli.config_dir) {
                     Ok(c) => c,
@@ -141,14 +149,18 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
             return ExitCode::from(EX_SOFTWARE);
         }
     };
-    let node = match Node::start(&config).await {
+    let node = match Node::start(&config, dir).await {
         Ok(n) => n,
         Err(e) => {
             eprintln!("beds: IPL failed: {e}");
             return ExitCode::from(e.exit_code());
         }
     };
-    signals.recv().await;
+    crate::service::notify::ready(&node.ready_line(&config));
+    // SIGHUP reloads the templates; the first SIGTERM/SIGINT drains.
+    while signals.recv().await == ipl::Sig::Reload {
+        node.reload().await;
+    }
     tokio::select! {
         _ = node.stop() => ExitCode::SUCCESS,
         _ = signals.recv() => {
@@ -306,6 +318,55 @@ fn typed_value(v: &str, ty: Option<FieldType>) -> Value {
             .map(Value::from)
             .unwrap_or_else(|_| Value::String(v.into())),
         Some(FieldType::Bool) | Some(FieldType::Json) | None => as_json(),
+    }
+}
+
+/// `beds reload`: `POST /reload` on the node's HTTP port (loopback only),
+/// which answers once the new set serves or was refused.
+async fn reload(dir: &std::path::Path, node: Option<String>) -> ExitCode {
+    let addr = match node {
+        Some(a) => a,
+        None => match load_quiet(dir) {
+            Ok(c) if !c.http.listen.is_empty() => c.http.listen,
+            Ok(_) => {
+                eprintln!("beds reload: http.listen is \"\" in this config: send the node SIGHUP instead (systemctl reload beds@NODE)");
+                return ExitCode::from(EX_USAGE);
+            }
+            Err(code) => return code,
+        },
+    };
+    match crate::service::http::post_reload(&addr, Duration::from_secs(60)).await {
+        Ok((status, body)) => {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::String(body.clone()));
+            match (status, v.get("ok").and_then(Value::as_bool)) {
+                (200, Some(true)) => {
+                    println!(
+                        "reloaded: {} templates serving; {}",
+                        v["templates"],
+                        v["logging"].as_str().unwrap_or("")
+                    );
+                    ExitCode::SUCCESS
+                }
+                (_, Some(false)) => {
+                    eprintln!(
+                        "reload refused; the previous {} templates keep serving:",
+                        v["templates"]
+                    );
+                    for p in v["problems"].as_array().into_iter().flatten() {
+                        eprintln!("  - {}", p.as_str().unwrap_or_default());
+                    }
+                    ExitCode::from(1)
+                }
+                _ => {
+                    eprintln!("beds reload: {addr} answered {status}: {}", body.trim());
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("beds reload: no node answers on {addr}: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
     }
 }
 

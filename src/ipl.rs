@@ -4,12 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use rand::RngCore;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::broker::dedup::Dedup;
 use crate::broker::dispatcher::Dispatcher;
@@ -21,6 +23,10 @@ use crate::config::{Config, ConfigError, Env};
 use crate::logger::{self, EventLog, Writer};
 use crate::namaste::{self, Adapters};
 use crate::registry::{Registry, Template};
+use crate::service::health::{Probe, Readiness};
+use crate::service::http::{self, Endpoints};
+use crate::service::metrics::Metrics;
+use crate::service::reload::Reloader;
 use crate::supervisor::Supervisor;
 
 /// Exit codes (sysexits.h), so init systems and scripts can tell a bad
@@ -51,6 +57,8 @@ pub enum IplError {
     Database { name: String, reason: String },
     #[error("event log: {0} (config: events)")]
     Events(String),
+    #[error("cannot listen on {addr} (config: http.listen): {reason}")]
+    Listen { addr: String, reason: String },
 }
 
 impl IplError {
@@ -60,20 +68,29 @@ impl IplError {
             | IplError::Templates(_)
             | IplError::Topology(_)
             | IplError::Events(_) => EX_USAGE,
+            // A port another process holds may free up: let systemd retry.
             IplError::Unreachable { .. }
             | IplError::AmqpAuth { .. }
-            | IplError::Database { .. } => EX_UNAVAILABLE,
+            | IplError::Database { .. }
+            | IplError::Listen { .. } => EX_UNAVAILABLE,
         }
     }
 }
 
 const STEPS: usize = 9;
 
-/// Logs one IPL step with its number and duration.
-async fn step<T, F>(events: &EventLog, n: usize, name: &str, f: F) -> Result<T, IplError>
+/// Logs one IPL step with its number and duration (also readiness's phase
+/// and systemd's status line while it runs).
+async fn step<T, F>(
+    (events, readiness): (&EventLog, &Readiness),
+    n: usize,
+    name: &str,
+    f: F,
+) -> Result<T, IplError>
 where
     F: Future<Output = Result<T, IplError>>,
 {
+    readiness.phase(&format!("IPL {n}/{STEPS} {name}"));
     let t = Instant::now();
     let r = f.await;
     let ms = t.elapsed().as_millis();
@@ -106,6 +123,12 @@ pub struct Node {
     adapters: Adapters,
     /// The template set; a reload swaps it.
     pub registry: Arc<ArcSwap<Registry>>,
+    /// Readiness, metrics, reload: what the HTTP port and signals reach.
+    pub service: Arc<Endpoints>,
+    /// Where the HTTP port listens (`None`: `http.listen = ""`).
+    pub http_addr: Option<std::net::SocketAddr>,
+    /// Stops the HTTP port, after the drain (it answers "draining" until then).
+    http_stop: CancellationToken,
 }
 
 /// Everything the services step found, so `beds check --online` can report
@@ -184,26 +207,121 @@ async fn reachability(config: &Config) -> Vec<(bool, IplError)> {
 impl Node {
     /// Runs IPL steps 3-9 (config and logging are steps 1-2, done by the
     /// caller) and returns once every dispatcher is consuming.
-    pub async fn start(config: &Config) -> Result<Node, IplError> {
+    /// `dir` is the config folder, which a reload reads again.
+    pub async fn start(config: &Config, dir: &Path) -> Result<Node, IplError> {
+        let service = Arc::new(Endpoints {
+            readiness: Readiness::new(),
+            metrics: Arc::new(Metrics::new(&config.node.name, &config.node.role)),
+            probe: Default::default(),
+            reloader: Default::default(),
+        });
+        // Before anything connects: a taken port fails at once, and
+        // /healthz and /readyz answer during IPL.
+        let http_stop = CancellationToken::new();
+        let mut http_addr = None;
+        if !config.http.listen.is_empty() {
+            let listener = http::bind(&config.http.listen)
+                .await
+                .map_err(|e| IplError::Listen {
+                    addr: config.http.listen.clone(),
+                    reason: e.to_string(),
+                })?;
+            http_addr = listener.local_addr().ok();
+            if let Some(a) = http_addr {
+                tracing::info!("http: /healthz /readyz /metrics and POST /reload on http://{a}");
+            }
+            tokio::spawn(http::serve(listener, service.clone(), http_stop.clone()));
+        }
         // First, so every IPL step is in the log (it waits in memory or in
         // the spool until MongoDB answers).
-        let (events, writer) = logger::start(config).await.map_err(IplError::Events)?;
+        let (events, writer) = match logger::start(config).await {
+            Ok(w) => w,
+            Err(e) => {
+                http_stop.cancel();
+                return Err(IplError::Events(e));
+            }
+        };
         events.lifecycle("ok", "ipl", "IPL 1/9 load config: ok");
         events.lifecycle("ok", "ipl", "IPL 2/9 logging: ok");
-        match Node::ipl(config, &events, &writer).await {
-            Ok(parts) => Ok(Node {
-                supervisor: parts.0,
-                events,
-                writer,
-                link: parts.1,
-                adapters: parts.2,
-                registry: parts.3,
-            }),
+        match Node::ipl(config, &events, &writer, &service).await {
+            Ok((supervisor, link, adapters, registry)) => {
+                let node = Node {
+                    supervisor,
+                    events,
+                    writer,
+                    link,
+                    adapters,
+                    registry,
+                    service,
+                    http_addr,
+                    http_stop,
+                };
+                node.serve(config, dir).await;
+                Ok(node)
+            }
             Err(e) => {
                 writer.stop().await;
+                http_stop.cancel();
                 Err(e)
             }
         }
+    }
+
+    /// After IPL: the probe, reload, and readiness on.
+    async fn serve(&self, config: &Config, dir: &Path) {
+        let s = &self.service;
+        let probe = Arc::new(Probe {
+            readiness: s.readiness.clone(),
+            metrics: s.metrics.clone(),
+            link: self.link.clone(),
+            adapters: self.adapters.clone(),
+            registry: self.registry.clone(),
+            supervisor: self.supervisor.clone(),
+            events: self.events.clone(),
+            interval: Duration::from_millis(config.http.probe_interval_ms),
+            stop: self.supervisor.token(),
+        });
+        s.metrics.templates_loaded(self.registry.load().len());
+        // Ready means "answers now": the first round runs before READY.
+        s.readiness.set_serving(true);
+        probe.round(probe.interval).await;
+        let p = probe.clone();
+        self.supervisor
+            .spawn("readiness probe".into(), move || p.clone().run());
+        let _ = s.probe.set(probe);
+        let _ = s.reloader.set(Arc::new(Reloader {
+            dir: dir.to_path_buf(),
+            env: config.env,
+            registry: self.registry.clone(),
+            adapters: self.adapters.clone(),
+            events: self.events.clone(),
+            metrics: s.metrics.clone(),
+            running: Default::default(),
+            ready_line: self.ready_line(config),
+        }));
+        s.readiness.phase(&self.ready_line(config));
+    }
+
+    /// What `systemctl status` shows while the node serves.
+    pub fn ready_line(&self, config: &Config) -> String {
+        let brokers: Vec<String> = config
+            .node_brokers()
+            .iter()
+            .map(|(n, b)| format!("{n}x{}", b.instances))
+            .collect();
+        format!(
+            "serving: {} ({} templates, role {}, node {})",
+            brokers.join(" "),
+            self.registry.load().len(),
+            config.node.role,
+            config.node.name
+        )
+    }
+
+    /// Reloads the template set (SIGHUP).
+    pub async fn reload(&self) -> Option<crate::service::reload::Reloaded> {
+        let r = self.service.reloader.get()?;
+        Some(r.reload().await)
     }
 
     /// IPL steps 3-9.
@@ -211,8 +329,10 @@ impl Node {
         config: &Config,
         events: &EventLog,
         writer: &Writer,
+        service: &Endpoints,
     ) -> Result<(Supervisor, Arc<AmqpLink>, Adapters, Arc<ArcSwap<Registry>>), IplError> {
-        step(events, 3, "service reachability", async {
+        let steps = (events, &*service.readiness);
+        step(steps, 3, "service reachability", async {
             for (optional, err) in reachability(config).await {
                 if optional && config.env == Env::Dev {
                     tracing::warn!("{err}; continuing without it (dev)");
@@ -225,7 +345,7 @@ impl Node {
         .await?;
 
         let amqp_addr = format!("{}:{}", config.amqp.host, config.amqp.port);
-        let link = step(events, 4, "AMQP connect and authenticate", async {
+        let link = step(steps, 4, "AMQP connect and authenticate", async {
             AmqpLink::connect(
                 config.amqp.uri(),
                 format!("beds {} ({})", config.node.name, config.node.role),
@@ -245,7 +365,7 @@ impl Node {
             prefix: config.amqp.prefix.clone(),
         };
         let brokers = config.node_brokers();
-        step(events, 5, "declare queue topology", async {
+        step(steps, 5, "declare queue topology", async {
             let ch = link
                 .channel()
                 .await
@@ -270,7 +390,7 @@ impl Node {
         })
         .await?;
 
-        let adapters = step(events, 6, "open databases", async {
+        let adapters = step(steps, 6, "open databases", async {
             let mut adapters = Adapters::default();
             for (name, db) in &config.databases {
                 let fail = |e: namaste::AdapterError| IplError::Database {
@@ -311,7 +431,7 @@ impl Node {
         .await?;
 
         let registry = step(
-            events,
+            steps,
             7,
             "load templates and check their database objects",
             async {
@@ -363,8 +483,9 @@ impl Node {
             node: config.node.name.clone(),
             strikes: Default::default(),
             events: events.clone(),
+            metrics: service.metrics.clone(),
         });
-        step(events, 8, "spawn dispatcher pools", async {
+        step(steps, 8, "spawn dispatcher pools", async {
             let spawn = |spec: &Arc<BrokerSpec>, id: usize| {
                 let d = Dispatcher {
                     shared: shared.clone(),
@@ -412,7 +533,7 @@ impl Node {
             crate::broker::inbox::purge(purged.clone(), retention, stop.clone())
         });
 
-        step(events, 9, "ready", async { Ok(()) }).await?;
+        step(steps, 9, "ready", async { Ok(()) }).await?;
         tracing::info!(node = %config.node.name, role = %config.node.role, env = config.env.as_str(), "BEDS node ready");
         Ok((supervisor, link, adapters, registry))
     }
@@ -425,6 +546,11 @@ impl Node {
     /// Stops consuming, lets in-flight requests finish (each dispatcher waits
     /// at most the drain timeout), then closes pools and the connection.
     pub async fn stop(self) {
+        let readiness = &self.service.readiness;
+        readiness.set_serving(false);
+        self.service.metrics.set_ready(false);
+        readiness.phase("draining: no new requests, finishing in-flight ones");
+        crate::service::notify::stopping("draining: no new requests, finishing in-flight ones");
         tracing::info!("draining: no new requests, finishing in-flight ones");
         self.events.lifecycle(
             "ok",
@@ -437,6 +563,7 @@ impl Node {
         self.events.lifecycle("ok", "stop", "stopped");
         // Last: the dispatchers' final events are queued by now.
         self.writer.stop().await;
+        self.http_stop.cancel();
         tracing::info!("stopped");
     }
 }
@@ -445,7 +572,10 @@ impl Node {
 /// their arity; collections with their indexes). Every database is asked,
 /// so `beds check` can list every problem: the second list holds the
 /// databases that could not be asked.
-async fn check_objects(reg: &Registry, adapters: &Adapters) -> (Vec<String>, Vec<IplError>) {
+pub(crate) async fn check_objects(
+    reg: &Registry,
+    adapters: &Adapters,
+) -> (Vec<String>, Vec<IplError>) {
     let mut by_db: BTreeMap<&str, Vec<&Template>> = BTreeMap::new();
     for t in reg.templates() {
         by_db.entry(t.database.as_str()).or_default().push(t);
@@ -570,13 +700,23 @@ async fn weak_spots(reg: &Registry, adapters: &Adapters) -> Vec<String> {
     out
 }
 
-/// SIGTERM and SIGINT listeners, made once so every delivered signal is
-/// seen exactly once (the first starts the drain, a second cuts it short).
+/// SIGTERM, SIGINT and SIGHUP listeners, made once so every delivered
+/// signal is seen exactly once (the first stop signal starts the drain, a
+/// second cuts it short; SIGHUP reloads).
 pub struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+/// What a signal asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sig {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -587,20 +727,25 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate())?,
                 int: signal(SignalKind::interrupt())?,
+                hup: signal(SignalKind::hangup())?,
             })
         }
         #[cfg(not(unix))]
         Ok(Signals {})
     }
 
-    /// Resolves on the next SIGTERM or SIGINT.
-    pub async fn recv(&mut self) {
+    /// Resolves on the next SIGTERM, SIGINT or SIGHUP.
+    pub async fn recv(&mut self) -> Sig {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.int.recv() => tracing::info!("SIGINT received"),
+            _ = self.term.recv() => { tracing::info!("SIGTERM received"); Sig::Stop }
+            _ = self.int.recv() => { tracing::info!("SIGINT received"); Sig::Stop }
+            _ = self.hup.recv() => { tracing::info!("SIGHUP received: reloading templates"); Sig::Reload }
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Sig::Stop
+        }
     }
 }

@@ -20,4 +20,5 @@ pub mod logger;
 pub mod logging;
 pub mod namaste;
 pub mod registry;
+pub mod service;
 pub mod supervisor;

@@ -360,12 +360,12 @@ async fn unreachable_replica_is_a_warning_in_dev_and_fatal_in_prod() {
     )
     .unwrap();
     let mut config = Config::load(&cfg, Env::Dev).unwrap();
-    let node = Node::start(&config)
+    let node = Node::start(&config, &cfg)
         .await
         .expect("dev starts without the replica");
     node.stop().await;
     config.env = Env::Prod;
-    match Node::start(&config).await {
+    match Node::start(&config, &cfg).await {
         Err(e @ IplError::Unreachable { .. }) => {
             assert!(e.to_string().contains("databases.primary.replica"), "{e}");
             assert_eq!(e.exit_code(), 69);

@@ -85,7 +85,9 @@ async fn a_refused_write_is_recorded_without_its_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_repeats_on_two_nodes_run_once() {
     let env = TestEnv::start(Opts::default()).await;
-    let second = Node::start(&env.config).await.expect("second node starts");
+    let second = Node::start(&env.config, &env.dir.join("config"))
+        .await
+        .expect("second node starts");
     // tst.sleep holds the first execution open while the others arrive.
     let key = uuid::Uuid::new_v4().simple().to_string();
     let slow = json!({"template": "tst", "op": "sleep", "data": {"ms": 300, "key": key}});

@@ -956,6 +956,8 @@ async fn own_node(
         .arg("run")
         .env("BEDS__AMQP__PREFIX", &prefix)
         .env("BEDS__NODE__NAME", &prefix)
+        // Beside the node under test: any free port for its HTTP listener.
+        .env("BEDS__HTTP__LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

@@ -239,8 +239,9 @@ async fn handle(
         let print = delivery.redelivered.then(|| fingerprint(&delivery));
         let strikes = print.map_or(0, |p| shared.strikes.get(p));
         let mut trail = Trail::default();
+        let _counted = shared.metrics.in_flight(&broker.name);
         // Sent when this future ends, also when the drain timeout cuts it.
-        let mut pending = Pending::new(&shared.events, || {
+        let mut pending = Pending::new(&shared, || {
             Report::new(&broker, &delivery, &event_id, received, started, &Trail::default())
                 .event("error", None, Some("cut by the drain timeout before it was decided; it runs again"), Some("cut"))
         });
@@ -264,9 +265,7 @@ async fn handle(
                     let f = Failure::new(ErrorCode::Internal, "internal error while handling the request");
                     answer(Reply::error(event_id.clone(), &f), Some(f), None)
                 });
-            if shared.events.is_on() {
-                pending.set(Report::new(&broker, &delivery, &event_id, received, started, &trail).events(&action));
-            }
+            pending.set(Report::new(&broker, &delivery, &event_id, received, started, &trail).events(&action));
             finish(&shared, &broker, &ch, &delivery, &event_id, action).await
         };
         // A failed publish or ack is a strike: the connection may have been
@@ -316,11 +315,12 @@ async fn handle(
     .await
 }
 
-/// A delivery's events, sent to the log when dropped: at the end of
-/// `handle`, or when the drain timeout cuts it (the events are then marked
-/// `cut`, or, if it was not decided yet, one `cut` event stands in).
+/// A delivery's events, counted in the metrics and sent to the log when
+/// dropped: at the end of `handle`, or when the drain timeout cuts it (the
+/// events are then marked `cut`, or, if it was not decided yet, one `cut`
+/// event stands in).
 struct Pending<'a, F: Fn() -> Event> {
-    log: &'a crate::logger::EventLog,
+    shared: &'a Shared,
     events: Vec<Event>,
     /// Makes the stand-in event; only called when needed.
     stand_in: F,
@@ -328,9 +328,9 @@ struct Pending<'a, F: Fn() -> Event> {
 }
 
 impl<'a, F: Fn() -> Event> Pending<'a, F> {
-    fn new(log: &'a crate::logger::EventLog, stand_in: F) -> Self {
+    fn new(shared: &'a Shared, stand_in: F) -> Self {
         Pending {
-            log,
+            shared,
             events: Vec::new(),
             stand_in,
             finished: false,
@@ -352,17 +352,20 @@ impl<'a, F: Fn() -> Event> Pending<'a, F> {
 
 impl<F: Fn() -> Event> Drop for Pending<'_, F> {
     fn drop(&mut self) {
-        if !self.log.is_on() {
-            return;
-        }
         if !self.finished {
             match self.events.first_mut() {
                 Some(top) => top.outcome = Some("cut".into()),
                 None => self.events.push((self.stand_in)()),
             }
         }
-        for e in self.events.drain(..) {
-            self.log.emit(e);
+        let shared = self.shared;
+        shared
+            .metrics
+            .observe(&self.events, &shared.registry.load());
+        if shared.events.is_on() {
+            for e in self.events.drain(..) {
+                shared.events.emit(e);
+            }
         }
     }
 }

@@ -165,6 +165,7 @@ async fn claim_once(
         match shared.dedup.claim(key.clone()) {
             Claim::Fresh(g) => return Ok(Some((g, inbox_key))),
             Claim::Cached(reply) => {
+                shared.metrics.repeat("memory");
                 tracing::info!(message_id = %mid, "duplicate write answered from its first execution");
                 return Err(repeat(reply));
             }
@@ -308,7 +309,10 @@ async fn single(job: Job<'_>, p: &BrokerPayload) -> Action {
             Ok(out) => decide_on(Ok(std::slice::from_ref(&out))),
             Err(e) => decide_on(Err((0, &e))),
         },
-        Some(key) => run_once(adapter, key, &[(op, &params)], event_id, decide_on).await,
+        Some(key) => {
+            let calls = [(op, params.as_slice())];
+            run_once(shared, adapter, key, &calls, event_id, decide_on).await
+        }
     }
 }
 
@@ -320,6 +324,7 @@ type Ran<'a> = Result<&'a [Outcome], (usize, &'a AdapterError)>;
 /// answered from its record; a failure of the inbox itself is decided like
 /// a failure of the first call (nothing was committed).
 async fn run_once(
+    shared: &Shared,
     adapter: &Arc<dyn Adapter>,
     key: &InboxKey,
     calls: &[(&Op, &[Param])],
@@ -337,7 +342,10 @@ async fn run_once(
         .await;
     match (ran, decided) {
         (Ok(Once::Ran(_)), Some(a)) => a,
-        (Ok(Once::Repeat(record)), _) => repeat_stored(&record, event_id),
+        (Ok(Once::Repeat(record)), _) => {
+            shared.metrics.repeat("inbox");
+            repeat_stored(&record, event_id)
+        }
         // Nothing was committed: the request must be able to run again (a
         // final answer here could differ from what another node gives it).
         (Err(e), _) => {
@@ -674,7 +682,7 @@ pub(crate) async fn atomic_batch(
             Ok(outs) => decide_on(Ok(&outs)),
             Err((i, e)) => decide_on(Err((i, &e))),
         },
-        Some(key) => run_once(adapter, key, &refs, event_id, decide_on).await,
+        Some(key) => run_once(shared, adapter, key, &refs, event_id, decide_on).await,
     }
 }
 

@@ -159,6 +159,7 @@ fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
     adapters.insert("docs".into(), docs);
     Arc::new(Shared {
         registry: Arc::new(arc_swap::ArcSwap::from_pointee(registry)),
+        metrics: Arc::new(crate::service::metrics::Metrics::new("test", "appServer")),
         adapters,
         dedup: crate::broker::dedup::Dedup::new(Duration::from_secs(60), 100),
         names: Names { prefix: "t".into() },

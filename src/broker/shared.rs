@@ -34,6 +34,8 @@ pub struct Shared {
     pub strikes: Strikes,
     /// Where every handled request is logged (CONTRACT §7); never waits.
     pub events: crate::logger::EventLog,
+    /// Prometheus counters, fed from the same events.
+    pub metrics: Arc<crate::service::metrics::Metrics>,
 }
 
 /// Numbers from `[dispatch]` that bound each request.

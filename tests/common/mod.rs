@@ -164,6 +164,10 @@ max_payload_bytes = {max_payload}
 [logging]
 level = "warn"
 
+# Any free port: tests run side by side (a spawned node logs which).
+[http]
+listen = "127.0.0.1:0"
+
 [events]
 spool_dir = "{spool}"
 spool_max_bytes = {spool_max}
@@ -352,7 +356,8 @@ impl TestEnv {
 
     pub async fn start_node(&mut self) {
         assert!(self.node.is_none());
-        self.node = Some(Node::start(&self.config).await.expect("node starts"));
+        let dir = self.dir.join("config");
+        self.node = Some(Node::start(&self.config, &dir).await.expect("node starts"));
     }
 
     pub async fn stop_node(&mut self) {

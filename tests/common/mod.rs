@@ -167,6 +167,7 @@ level = "warn"
 # Any free port: tests run side by side (a spawned node logs which).
 [http]
 listen = "127.0.0.1:0"
+probe_interval_ms = 300
 
 [events]
 spool_dir = "{spool}"
@@ -358,6 +359,11 @@ impl TestEnv {
         assert!(self.node.is_none());
         let dir = self.dir.join("config");
         self.node = Some(Node::start(&self.config, &dir).await.expect("node starts"));
+    }
+
+    /// The running node (its HTTP address, readiness, metrics).
+    pub fn node(&self) -> &Node {
+        self.node.as_ref().expect("the node runs")
     }
 
     pub async fn stop_node(&mut self) {
@@ -791,4 +797,46 @@ pub async fn spawn_beds(
         }
     });
     (child, log)
+}
+
+pub mod tls_proxy;
+
+/// Sends `raw` to a node's HTTP port and reads the answer to its end:
+/// (status, body). The status is 0 when the answer had no status line.
+pub async fn http_raw(addr: std::net::SocketAddr, raw: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // The server may answer (and close) before reading all of a huge head.
+    let _ = s.write_all(raw).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// `GET path` on a node's HTTP port.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let req = format!("GET {path} HTTP/1.1\r\nHost: beds\r\nConnection: close\r\n\r\n");
+    http_raw(addr, req.as_bytes()).await
+}
+
+/// The value of the metric line starting with `series` (name and labels
+/// exactly as exposed), if present.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

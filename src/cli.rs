@@ -98,7 +98,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        match cli.command.unwrap_or(Command::Run) {
+        let code = match cli.command.unwrap_or(Command::Run) {
             Command::Run => run_node(&cli.config_dir).await,
             Command::Check { online } => check(&cli.config_dir, online).await,
             Command::Call(args) => call(&cli.config_dir, args).await,
@@ -118,7 +118,11 @@ pub fn run(cli: Cli) -> ExitCode {
                     }
                 }
             }
-        }
+        };
+        // A failed IPL drops its AMQP link open: its close must finish
+        // while the runtime still runs.
+        crate::broker::closing_links(Duration::from_secs(5)).await;
+        code
     })
 }
 

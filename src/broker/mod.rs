@@ -115,6 +115,43 @@ impl AmqpLink {
     }
 }
 
+/// Closes of links dropped while open (a failed IPL drops its link);
+/// [`closing_links`] waits for them.
+static CLOSING: std::sync::LazyLock<tokio_util::task::TaskTracker> =
+    std::sync::LazyLock::new(tokio_util::task::TaskTracker::new);
+
+impl Drop for AmqpLink {
+    /// lapin only queues the close of a dropped connection on the runtime:
+    /// if the runtime ends first, the close is never sent and lapin's I/O
+    /// thread is left on a socket whose reactor is shutting down. So the
+    /// close runs as a task [`closing_links`] can wait for.
+    fn drop(&mut self) {
+        let Some(c) = self.conn.get_mut().take() else {
+            return;
+        };
+        if !c.status().connected() {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let limit = self.timeout;
+            CLOSING.spawn_on(
+                async move {
+                    let close = c.close(200, "BEDS shutting down".into());
+                    let _ = tokio::time::timeout(limit, close).await;
+                },
+                &rt,
+            );
+        }
+    }
+}
+
+/// Waits (at most `limit`) until every link dropped while open is closed;
+/// the binary calls it before its runtime ends.
+pub async fn closing_links(limit: Duration) {
+    CLOSING.close();
+    let _ = tokio::time::timeout(limit, CLOSING.wait()).await;
+}
+
 /// lapin's TLS settings from `[amqp.tls]`: the CA added to the public
 /// roots, and the client certificate and key (PEM) for mutual TLS. Unused
 /// for an `amqp://` URI.

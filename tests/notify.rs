@@ -127,6 +127,9 @@ async fn systemd_sees_ipl_ready_watchdog_reload_and_stop() {
             ("NOTIFY_SOCKET", Some(path.to_str().unwrap())),
             ("WATCHDOG_USEC", Some("1000000")),
             ("WATCHDOG_PID", None),
+            // Probing every 5 s on its own: twice a second can only come
+            // from WATCHDOG_USEC.
+            ("BEDS__HTTP__PROBE_INTERVAL_MS", Some("5000")),
         ],
     )
     .await;

@@ -145,7 +145,7 @@ async fn reachability(config: &Config) -> Vec<(bool, IplError)> {
         match db {
             DatabaseConfig::Mariadb(db) => {
                 targets.push((
-                    format!("MariaDB {name} primary"),
+                    format!("MariaDB {name}"),
                     format!("{}:{}", db.host, db.port),
                     format!("databases.{name}.host, databases.{name}.port"),
                     false,
@@ -390,16 +390,19 @@ impl Node {
         })
         .await?;
 
-        let adapters = step(steps, 6, "open databases", async {
-            let mut adapters = Adapters::default();
+        // A failed IPL closes what it opened: a driver client merely
+        // dropped leaves its background tasks to a runtime that is ending
+        // (the MongoDB driver then panics in one of them).
+        let mut adapters = Adapters::default();
+        let opened = step(steps, 6, "open databases", async {
             for (name, db) in &config.databases {
                 let fail = |e: namaste::AdapterError| IplError::Database {
                     name: name.clone(),
                     reason: e.to_string(),
                 };
                 let adapter = namaste::build(name, db).await.map_err(fail)?;
+                adapters.insert(name.clone(), adapter.clone());
                 adapter.open(config.env == Env::Dev).await.map_err(fail)?;
-                adapters.insert(name.clone(), adapter);
             }
             // BEDS owns the event log's collection: its indexes are made here.
             if let Some(coll) = writer.collection() {
@@ -426,9 +429,13 @@ impl Node {
                     ),
                 })?;
             }
-            Ok(adapters)
+            Ok(())
         })
-        .await?;
+        .await;
+        if let Err(e) = opened {
+            adapters.close().await;
+            return Err(e);
+        }
 
         let registry = step(
             steps,
@@ -451,7 +458,14 @@ impl Node {
                 Ok(Arc::new(ArcSwap::from_pointee(reg)))
             },
         )
-        .await?;
+        .await;
+        let registry = match registry {
+            Ok(r) => r,
+            Err(e) => {
+                adapters.close().await;
+                return Err(e);
+            }
+        };
 
         let supervisor = Supervisor::new();
         let retry_key = match &config.dispatch.retry_key {

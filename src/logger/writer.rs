@@ -53,6 +53,11 @@ impl Writer {
     /// answer within its timeout) and ends the task.
     pub async fn stop(self) {
         self.supervisor.shutdown().await;
+        // Its own client: shut down, not dropped, before the runtime ends.
+        if let Some(c) = self.coll {
+            let limit = Duration::from_secs(2);
+            let _ = tokio::time::timeout(limit, c.client().clone().shutdown()).await;
+        }
     }
 }
 

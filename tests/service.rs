@@ -98,6 +98,8 @@ async fn metrics_count_a_known_mix_and_bad_http_is_answered_cleanly() {
         ("beds_amqp_up", 1.0),
         ("beds_ready", 1.0),
         ("beds_event_log_queue_depth", 0.0),
+        // Counted from the MongoDB driver's pool events: all checked in.
+        (r#"beds_database_connections_in_use{database="docs"}"#, 0.0),
     ];
     // Counted when each request's work ends, just after its reply left.
     eventually(10, "the metrics match what was sent", || async {
@@ -114,6 +116,10 @@ async fn metrics_count_a_known_mix_and_bad_http_is_answered_cleanly() {
     assert!(text.contains("beds_event_log_spool_bytes "), "{text}");
     assert!(
         text.contains(r#"beds_database_connections_max{database="primary"} 8"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"beds_database_connections_max{database="docs"} 8"#),
         "{text}"
     );
 
@@ -241,5 +247,35 @@ async fn reload_swaps_the_set_whole_or_keeps_the_old_one() {
         metric(&text, r#"beds_template_reloads_total{result="ok"}"#),
         Some(1.0)
     );
+    // Both reloads are lifecycle events in the event log, the refusal
+    // naming what was wrong.
+    let log = common::mongo()
+        .await
+        .database(&env.db)
+        .collection::<mongodb::bson::Document>("msLogs");
+    let reloads = || async {
+        let q = mongodb::bson::doc! {"kind": "lifecycle", "op": "reload"};
+        let found: Vec<_> = futures::TryStreamExt::try_collect(log.find(q).await.unwrap())
+            .await
+            .unwrap();
+        found
+    };
+    eventually(10, "two reload events", || async {
+        reloads().await.len() == 2
+    })
+    .await;
+    let events = reloads().await;
+    let refused = events
+        .iter()
+        .find(|e| e.get_str("status") == Ok("error"))
+        .expect("the refusal is logged");
+    assert!(
+        refused
+            .get_str("message")
+            .unwrap()
+            .contains("bad_missing_proc"),
+        "{refused}"
+    );
+    assert!(events.iter().any(|e| e.get_str("status") == Ok("ok")));
     env.finish().await;
 }

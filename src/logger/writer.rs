@@ -90,7 +90,7 @@ pub async fn open_collection(config: &Config) -> Result<Option<Collection<Docume
     let Some(DatabaseConfig::Mongodb(cfg)) = config.databases.get(db) else {
         return Err(format!("events.database {db} is not a mongodb entry"));
     };
-    let client = crate::namaste::mongo::client(db, cfg, "beds event log")
+    let client = crate::namaste::mongo::client(db, cfg, "beds event log", None)
         .await
         .map_err(|e| e.to_string())?;
     Ok(Some(client.database(&cfg.name).collection(&ev.collection)))

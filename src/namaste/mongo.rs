@@ -3,7 +3,7 @@
 //! sort and pipeline shapes are filled with the request's typed values as
 //! BSON, run, and the documents come back as JSON rows (CONTRACT §4).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -59,6 +59,11 @@ pub struct MongoDb {
     closed: Arc<AtomicBool>,
     /// Writes with a `message_id` are recorded in [`INBOX`].
     inbox: bool,
+    /// Connections checked out of the driver's pools now (all members),
+    /// counted from its CMAP events: the driver has no pool gauge.
+    in_use: Arc<AtomicI64>,
+    /// `max_connections`: the limit of each member's pool.
+    max_connections: u32,
 }
 
 /// The durable inbox collection (`utilities/mongo/inbox.json`).
@@ -68,7 +73,8 @@ impl MongoDb {
     /// Builds the client; nothing connects until the first operation.
     pub async fn new(name: &str, cfg: &MongoDbConfig) -> Result<MongoDb, AdapterError> {
         let timeout = Duration::from_millis(cfg.timeout_ms);
-        let client = client(name, cfg, "beds").await?;
+        let in_use = Arc::new(AtomicI64::new(0));
+        let client = client(name, cfg, "beds", Some(in_use.clone())).await?;
         let reads = SelectionCriteria::ReadPreference(match cfg.read_preference {
             ReadPreference::Primary => DriverReadPreference::Primary,
             ReadPreference::PrimaryPreferred => {
@@ -92,6 +98,8 @@ impl MongoDb {
             health: Arc::new(Health::default()),
             closed: Arc::new(AtomicBool::new(false)),
             inbox: cfg.inbox,
+            in_use,
+            max_connections: cfg.max_connections,
         })
     }
 
@@ -607,6 +615,7 @@ pub async fn client(
     name: &str,
     cfg: &MongoDbConfig,
     app: &str,
+    in_use: Option<Arc<AtomicI64>>,
 ) -> Result<mongodb::Client, AdapterError> {
     let timeout = Duration::from_millis(cfg.timeout_ms);
     // Async only for mongodb+srv URIs (a DNS lookup).
@@ -623,6 +632,18 @@ pub async fn client(
     // describes the one attempt, so an unknown outcome is reported as
     // unknown.
     opts.retry_writes = Some(false);
+    if let Some(n) = in_use {
+        opts.cmap_event_handler = Some(mongodb::event::EventHandler::callback(
+            move |e: mongodb::event::cmap::CmapEvent| {
+                use mongodb::event::cmap::CmapEvent as E;
+                match e {
+                    E::ConnectionCheckedOut(_) => n.fetch_add(1, Ordering::Relaxed),
+                    E::ConnectionCheckedIn(_) => n.fetch_sub(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            },
+        ));
+    }
     if cfg.tls.enabled {
         // The driver reads certificate and key from one PEM file (config
         // requires key_file = cert_file); the CA unset means public roots.
@@ -903,6 +924,11 @@ impl Lifecycle for MongoDb {
 
     fn health(&self) -> &Health {
         &self.health
+    }
+
+    fn pool(&self) -> Option<(u32, u32)> {
+        let n = self.in_use.load(Ordering::Relaxed).max(0) as u32;
+        Some((n, self.max_connections))
     }
 
     async fn close(&self) {

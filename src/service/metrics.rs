@@ -182,12 +182,12 @@ impl Metrics {
         );
         prom.register(
             "database_connections_in_use",
-            "Pool connections lent out now (MariaDB; the MongoDB driver does not tell)",
+            "Pool connections lent out now (MongoDB: over all members, from the driver's pool events)",
             m.pool_in_use.clone(),
         );
         prom.register(
             "database_connections_max",
-            "Pool size limit (max_connections)",
+            "Pool size limit (max_connections; MongoDB: per member)",
             m.pool_max.clone(),
         );
         prom.register(

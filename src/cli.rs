@@ -161,13 +161,19 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
         }
     };
     crate::service::notify::ready(&node.ready_line(&config));
-    // SIGHUP reloads the templates; the first SIGTERM/SIGINT drains.
+    // SIGHUP reloads the templates (in its own task, so a stop signal is
+    // seen meanwhile); the first SIGTERM/SIGINT drains.
     while signals.recv().await == ipl::Sig::Reload {
-        node.reload().await;
+        node.reload_in_background();
     }
+    let second_stop = async {
+        while signals.recv().await == ipl::Sig::Reload {
+            tracing::warn!("SIGHUP ignored: the node is draining");
+        }
+    };
     tokio::select! {
         _ = node.stop() => ExitCode::SUCCESS,
-        _ = signals.recv() => {
+        _ = second_stop => {
             // Unacknowledged requests return to their queues: nothing is lost.
             tracing::warn!("second signal: exiting without finishing the drain");
             ExitCode::from(1)
@@ -325,13 +331,25 @@ fn typed_value(v: &str, ty: Option<FieldType>) -> Value {
     }
 }
 
+/// Where this machine reaches a node listening on `listen`: a node on
+/// every address (`0.0.0.0`, `[::]`) is asked through loopback, since
+/// reload is accepted from loopback only. (A node on one LAN address
+/// answers 403: send it SIGHUP instead.)
+fn local(listen: &str) -> String {
+    match listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() && a.is_ipv6() => format!("[::1]:{}", a.port()),
+        Ok(a) if a.ip().is_unspecified() => format!("127.0.0.1:{}", a.port()),
+        _ => listen.to_string(),
+    }
+}
+
 /// `beds reload`: `POST /reload` on the node's HTTP port (loopback only),
 /// which answers once the new set serves or was refused.
 async fn reload(dir: &std::path::Path, node: Option<String>) -> ExitCode {
     let addr = match node {
         Some(a) => a,
         None => match load_quiet(dir) {
-            Ok(c) if !c.http.listen.is_empty() => c.http.listen,
+            Ok(c) if !c.http.listen.is_empty() => local(&c.http.listen),
             Ok(_) => {
                 eprintln!("beds reload: http.listen is \"\" in this config: send the node SIGHUP instead (systemctl reload beds@NODE)");
                 return ExitCode::from(EX_USAGE);

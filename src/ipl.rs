@@ -282,46 +282,39 @@ impl Node {
             stop: self.supervisor.token(),
         });
         s.metrics.templates_loaded(self.registry.load().len());
-        // Ready means "answers now": the first round runs before READY.
-        s.readiness.set_serving(true);
+        // Ready means "answers now": the first round runs before serving
+        // is declared (and before READY=1).
         probe.round(probe.interval).await;
+        s.readiness.set_serving(true);
+        s.metrics.set_ready(s.readiness.is_ready());
         let p = probe.clone();
         self.supervisor
             .spawn("readiness probe".into(), move || p.clone().run());
         let _ = s.probe.set(probe);
         let _ = s.reloader.set(Arc::new(Reloader {
             dir: dir.to_path_buf(),
-            env: config.env,
+            config: config.clone(),
             registry: self.registry.clone(),
             adapters: self.adapters.clone(),
             events: self.events.clone(),
             metrics: s.metrics.clone(),
+            readiness: s.readiness.clone(),
             running: Default::default(),
-            ready_line: self.ready_line(config),
         }));
         s.readiness.phase(&self.ready_line(config));
     }
 
     /// What `systemctl status` shows while the node serves.
     pub fn ready_line(&self, config: &Config) -> String {
-        let brokers: Vec<String> = config
-            .node_brokers()
-            .iter()
-            .map(|(n, b)| format!("{n}x{}", b.instances))
-            .collect();
-        format!(
-            "serving: {} ({} templates, role {}, node {})",
-            brokers.join(" "),
-            self.registry.load().len(),
-            config.node.role,
-            config.node.name
-        )
+        ready_line(config, self.registry.load().len())
     }
 
-    /// Reloads the template set (SIGHUP).
-    pub async fn reload(&self) -> Option<crate::service::reload::Reloaded> {
-        let r = self.service.reloader.get()?;
-        Some(r.reload().await)
+    /// Reloads the template set (SIGHUP) in a task of its own.
+    pub fn reload_in_background(&self) {
+        if let Some(r) = self.service.reloader.get() {
+            let r = r.clone();
+            tokio::spawn(async move { r.reload().await });
+        }
     }
 
     /// IPL steps 3-9.
@@ -562,6 +555,12 @@ impl Node {
     pub async fn stop(self) {
         let readiness = &self.service.readiness;
         readiness.set_serving(false);
+        // A reload under way finishes first (it is bounded); later ones
+        // are refused, the node no longer serving.
+        let _no_reload = match self.service.reloader.get() {
+            Some(r) => Some(r.running.lock().await),
+            None => None,
+        };
         self.service.metrics.set_ready(false);
         readiness.phase("draining: no new requests, finishing in-flight ones");
         crate::service::notify::stopping("draining: no new requests, finishing in-flight ones");
@@ -573,13 +572,29 @@ impl Node {
         );
         self.supervisor.shutdown().await;
         self.adapters.close().await;
-        self.link.close().await;
+        // Bounded: an unresponsive RabbitMQ must not hold the exit.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.link.close()).await;
         self.events.lifecycle("ok", "stop", "stopped");
         // Last: the dispatchers' final events are queued by now.
         self.writer.stop().await;
         self.http_stop.cancel();
         tracing::info!("stopped");
     }
+}
+
+/// The status line of a serving node.
+pub(crate) fn ready_line(config: &Config, templates: usize) -> String {
+    let brokers: Vec<String> = config
+        .node_brokers()
+        .iter()
+        .map(|(n, b)| format!("{n}x{}", b.instances))
+        .collect();
+    format!(
+        "serving: {} ({templates} templates, role {}, node {})",
+        brokers.join(" "),
+        config.node.role,
+        config.node.name
+    )
 }
 
 /// What each database's templates rely on exists there (procedures with

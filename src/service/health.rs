@@ -51,6 +51,11 @@ impl Readiness {
         self.serving.store(on, Ordering::Relaxed);
     }
 
+    /// IPL finished and no drain started.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Relaxed)
+    }
+
     /// Ready: serving, and everything it needs answers.
     pub fn is_ready(&self) -> bool {
         self.serving.load(Ordering::Relaxed) && self.down.lock().unwrap().is_empty()
@@ -90,14 +95,16 @@ pub struct Probe {
 
 impl Probe {
     /// Probes until the node stops. The watchdog is pinged at least twice
-    /// per `WatchdogSec`, but only by a round that finished.
+    /// per `WatchdogSec`, by each round that finished: the round's checks
+    /// run at once, each bounded by half the period, so a database that
+    /// does not answer delays a ping by at most that.
     pub async fn run(self: Arc<Self>) {
         let every = match notify::watchdog_interval() {
             Some(w) => self.interval.min(w / 2),
             None => self.interval,
         };
         loop {
-            self.round(every).await;
+            self.round(every / 2).await;
             notify::watchdog();
             tokio::select! {
                 _ = self.stop.cancelled() => return,
@@ -106,29 +113,42 @@ impl Probe {
         }
     }
 
-    /// One look at everything; each question bounded by `limit`.
+    /// One look at everything, the checks side by side, each bounded by
+    /// `limit`.
     pub async fn round(&self, limit: Duration) {
         let r = &self.readiness;
-        let amqp = tokio::time::timeout(limit, self.link.is_connected())
-            .await
-            .unwrap_or(false);
-        self.metrics.set_amqp_up(amqp);
-        r.set_down(
-            "RabbitMQ".into(),
-            (!amqp).then(|| "the connection is closed (dispatchers are reconnecting)".into()),
-        );
         let used: BTreeSet<String> = self
             .registry
             .load()
             .templates()
             .map(|t| t.database.clone())
             .collect();
-        for (name, adapter) in self.adapters.iter() {
-            let answer = match tokio::time::timeout(limit, adapter.ping()).await {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer within {limit:?}")),
-            };
+        let amqp = async {
+            tokio::time::timeout(limit, self.link.is_connected())
+                .await
+                .unwrap_or(false)
+        };
+        let databases =
+            futures::future::join_all(self.adapters.iter().map(|(name, adapter)| async move {
+                // A pool with every connection lent out is busy serving, not
+                // down: a ping would only queue behind the requests.
+                if adapter.pool().is_some_and(|(in_use, max)| in_use >= max) {
+                    return (name, None);
+                }
+                let answer = match tokio::time::timeout(limit, adapter.ping()).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no answer within {limit:?}")),
+                };
+                (name, answer)
+            }));
+        let (amqp, databases) = tokio::join!(amqp, databases);
+        self.metrics.set_amqp_up(amqp);
+        r.set_down(
+            "RabbitMQ".into(),
+            (!amqp).then(|| "the connection is closed (dispatchers are reconnecting)".into()),
+        );
+        for (name, answer) in databases {
             self.metrics.set_database_up(name, answer.is_none());
             // Only databases the templates use decide readiness.
             let why = answer.filter(|_| used.contains(name));

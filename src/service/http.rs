@@ -30,6 +30,8 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_HEAD: usize = 16 * 1024;
 /// A client must send its request head within this.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a connection lives (Prometheus simply reconnects).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
 /// What the endpoints answer from. Reload and the probe exist once IPL
 /// has built them.
@@ -61,8 +63,15 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, stop: Cance
                 }
             },
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        // All slots taken: wait for one (an idle client gives its slot up
+        // at the head timeout, any client at the connection deadline), but
+        // never past the stop.
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
         };
         let endpoints = endpoints.clone();
         let stop = stop.clone();
@@ -77,14 +86,15 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>, stop: Cance
                 .header_read_timeout(HEAD_TIMEOUT)
                 .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
+            // However the client behaves (answers it never reads, pipelined
+            // requests), its connection ends by the deadline.
             tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "http: connection ended with an error");
-                    }
-                }
-                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+                r = tokio::time::timeout(CONNECTION_LIFETIME, conn) => match r {
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "http: connection ended with an error"),
+                    Err(_) => tracing::debug!(%peer, "http: connection closed at its deadline"),
+                    Ok(Ok(())) => {}
+                },
+                _ = stop.cancelled() => {}
             }
         });
     }
@@ -159,7 +169,7 @@ async fn route(e: &Endpoints, peer: SocketAddr, req: Request<Incoming>) -> Answe
         _ => {
             // Reload changes what the node serves: only from this machine,
             // whatever address the port is open on.
-            if !peer.ip().is_loopback() {
+            if !peer.ip().to_canonical().is_loopback() {
                 return answer(
                     StatusCode::FORBIDDEN,
                     "text/plain",
@@ -173,7 +183,16 @@ async fn route(e: &Endpoints, peer: SocketAddr, req: Request<Incoming>) -> Answe
                     "the node is still starting: nothing to reload yet\n",
                 ),
                 Some(r) => {
-                    let out = r.reload().await;
+                    // Its own task: a client that hangs up must not cut a
+                    // reload short (systemd would wait for READY=1).
+                    let r = r.clone();
+                    let Ok(out) = tokio::spawn(async move { r.reload().await }).await else {
+                        return answer(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "text/plain",
+                            "the reload failed; see the node's log\n",
+                        );
+                    };
                     let status = if out.ok {
                         StatusCode::OK
                     } else {

@@ -13,6 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry as Prom;
 
+use crate::error::ErrorCode;
 use crate::logger::Event;
 use crate::registry::Registry;
 
@@ -389,10 +390,13 @@ impl Metrics {
     }
 }
 
-/// `OK`, or the event's error code.
+/// `OK`, or the event's error code. Only the contract's codes become
+/// label values: a batch entry's code may come from a client-made
+/// progress header, and must not mint series.
 fn code(e: &Event) -> String {
-    match (&e.code, e.status.as_str()) {
-        (Some(c), _) => c.clone(),
+    match (e.code.as_deref(), e.status.as_str()) {
+        (Some(c), _) if ErrorCode::parse(c).is_some() => c.to_string(),
+        (Some(_), _) => "(other)".to_string(),
         (None, "ok") => "OK".to_string(),
         (None, _) => "ERROR".to_string(),
     }
@@ -416,5 +420,37 @@ pub struct InFlight(Gauge);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_contract_codes_become_labels() {
+        let e = |code: Option<&str>, status: &str| Event {
+            code: code.map(str::to_string),
+            status: status.to_string(),
+            ..Default::default()
+        };
+        assert_eq!(code(&e(Some("NOT_FOUND"), "error")), "NOT_FOUND");
+        assert_eq!(code(&e(None, "ok")), "OK");
+        // A batch entry's code can come from a client's progress header.
+        assert_eq!(code(&e(Some("<x>"), "error")), "(other)");
+        let m = Metrics::new("n", "r");
+        let batch = vec![
+            Event {
+                broker: Some("rBroker".into()),
+                status: "ok".into(),
+                ..Default::default()
+            },
+            e(Some(&"A".repeat(10_000)), "error"),
+        ];
+        m.observe(&batch, &Registry::default());
+        let text = m.encode();
+        assert!(!text.contains("AAAA"), "{text}");
+        assert!(text.contains(r#"beds_batch_entries_total{broker="rBroker",template="(unknown)",op="(unknown)",code="(other)"} 1"#), "{text}");
+        assert!(text.contains(r#"template="(batch)""#), "{text}");
     }
 }

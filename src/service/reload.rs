@@ -1,9 +1,10 @@
 //! Reloading the template set without a restart (SIGHUP, `beds reload`,
-//! `POST /reload`): the new set is loaded from the config folder, checked
-//! like IPL step 7 (templates valid, their procedures and collections
-//! there), and only then swapped in whole. If anything is wrong the old
-//! set keeps serving and the answer says exactly what. `logging.level` is
-//! reloaded too; every other setting needs a restart.
+//! `POST /reload`): the template folder is read again, the new set is
+//! checked like IPL step 7 (templates valid against the config the node
+//! started with, their procedures and collections there), and only then
+//! swapped in whole. If anything is wrong the old set keeps serving and
+//! the answer says exactly what. `logging.level` is read again from the
+//! config folder too; every other setting needs a restart.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,25 +13,34 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
+use super::health::Readiness;
 use super::metrics::Metrics;
 use super::notify;
-use crate::config::{Config, Env};
+use crate::config::{Config, ConfigError};
 use crate::logger::EventLog;
 use crate::namaste::Adapters;
 use crate::registry::Registry;
 
+/// Longest a reload may take (its database checks are bounded by the
+/// drivers' timeouts; this bounds them all, so a drain never waits longer).
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What a reload needs; one per node.
 pub struct Reloader {
+    /// The config folder, read again for `logging.level`.
     pub dir: PathBuf,
-    pub env: Env,
+    /// The config the node started with: templates are checked against
+    /// it, since its databases are the ones open.
+    pub config: Config,
     pub registry: Arc<ArcSwap<Registry>>,
     pub adapters: Adapters,
     pub events: EventLog,
     pub metrics: Arc<Metrics>,
-    /// One reload at a time (a SIGHUP and a `beds reload` at once).
+    /// A draining node refuses reloads.
+    pub readiness: Arc<Readiness>,
+    /// One reload at a time (a SIGHUP and a `beds reload` at once); the
+    /// drain takes it too, so no reload runs past `STOPPING=1`.
     pub running: Mutex<()>,
-    /// The status line systemd shows once the reload is over.
-    pub ready_line: String,
 }
 
 /// A reload's result, as `beds reload` prints it.
@@ -48,9 +58,27 @@ pub struct Reloaded {
 impl Reloader {
     pub async fn reload(&self) -> Reloaded {
         let _one = self.running.lock().await;
+        if !self.readiness.is_serving() {
+            return Reloaded {
+                ok: false,
+                templates: self.registry.load().len(),
+                problems: vec!["the node is not serving (starting or draining)".into()],
+                logging: "logging level unchanged".into(),
+            };
+        }
         notify::reloading();
         tracing::info!("reload: loading templates");
-        let out = self.attempt().await;
+        let out = match tokio::time::timeout(LIMIT, self.attempt()).await {
+            Ok(out) => out,
+            Err(_) => Reloaded {
+                ok: false,
+                templates: self.registry.load().len(),
+                problems: vec![format!(
+                    "checking the new set took longer than {LIMIT:?} (a database does not answer)"
+                )],
+                logging: "logging level unchanged".into(),
+            },
+        };
         if out.ok {
             let msg = format!(
                 "reload: {} templates in service; {}",
@@ -68,7 +96,9 @@ impl Reloader {
             self.events.lifecycle("error", "reload", msg);
         }
         self.metrics.reload(out.ok);
-        notify::ready(&self.ready_line);
+        let line = crate::ipl::ready_line(&self.config, self.registry.load().len());
+        self.readiness.phase(&line);
+        notify::ready(&line);
         out
     }
 
@@ -80,11 +110,8 @@ impl Reloader {
             problems,
             logging: "logging level unchanged".into(),
         };
-        let config = match Config::load(&self.dir, self.env) {
-            Ok(c) => c,
-            Err(e) => return refused(vec![format!("config: {e}")]),
-        };
-        let reg = match Registry::load_dir(&config.node.templates, &config) {
+        let config = &self.config;
+        let reg = match Registry::load_dir(&config.node.templates, config) {
             Ok(r) => r,
             Err(p) => return refused(p),
         };
@@ -111,10 +138,13 @@ impl Reloader {
         let templates = reg.len();
         self.registry.store(Arc::new(reg));
         self.metrics.templates_loaded(templates);
-        let logging = match crate::logging::set_level(&config.logging.level) {
-            Ok(true) => format!("logging level {}", config.logging.level),
-            Ok(false) => "logging level unchanged (RUST_LOG is set)".into(),
-            Err(e) => format!("logging level unchanged: {e}"),
+        let logging = match Config::load(&self.dir, config.env) {
+            Ok(new) => match crate::logging::set_level(&new.logging.level) {
+                Ok(true) => format!("logging level {}", new.logging.level),
+                Ok(false) => "logging level unchanged (RUST_LOG is set)".into(),
+                Err(e) => format!("logging level unchanged: {e}"),
+            },
+            Err(e) => format!("logging level unchanged: config: {}", first_line(&e)),
         };
         Reloaded {
             ok: true,
@@ -122,5 +152,15 @@ impl Reloader {
             problems: Vec::new(),
             logging,
         }
+    }
+}
+
+/// A config error without the file excerpt a parse error quotes (the
+/// line could hold a secret, and this text goes to the event log).
+fn first_line(e: &ConfigError) -> String {
+    let text = e.to_string();
+    match e {
+        ConfigError::Parse(_) => text.lines().next().unwrap_or_default().to_string(),
+        _ => text,
     }
 }

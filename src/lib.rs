@@ -6,7 +6,9 @@
 //! [`broker::request`] (with [`broker::payload`], [`broker::dedup`],
 //! [`registry`] for templates and value validation, and [`namaste`] for the
 //! NamasteCore adapters) → [`broker::outcome`] (reply, retry, park) → ack.
-//! Errors of every layer become contract codes in [`error`].
+//! Errors of every layer become contract codes in [`error`]. Beside the
+//! message path, [`service`] serves health, readiness, metrics and reload,
+//! and speaks sd_notify.
 
 pub mod bench;
 pub mod broker;

@@ -206,17 +206,8 @@ impl TlsConfig {
             .into_iter()
             .flatten()
         {
-            *f = under(dir, f);
+            *f = dir.join(&f);
         }
-    }
-}
-
-/// `path` taken from `dir` when relative.
-fn under(dir: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        dir.join(path)
     }
 }
 
@@ -810,8 +801,9 @@ impl Config {
     /// Relative paths (templates, spool, TLS files) are taken from the
     /// config folder, not from wherever the process was started.
     fn resolve_paths(&mut self, dir: &Path) {
-        self.node.templates = under(dir, &self.node.templates);
-        self.events.spool_dir = under(dir, &self.events.spool_dir);
+        // `join` keeps an absolute path as it is.
+        self.node.templates = dir.join(&self.node.templates);
+        self.events.spool_dir = dir.join(&self.events.spool_dir);
         self.amqp.tls.resolve(dir);
         for db in self.databases.values_mut() {
             match db {

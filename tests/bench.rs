@@ -207,14 +207,7 @@ async fn references_report_their_own_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_refuses_what_it_cannot_measure() {
-    let debris = Debris::new("benchbad");
-    create_db(&debris.prefix);
-    write_config(
-        &debris.dir,
-        &debris.prefix,
-        &debris.prefix,
-        &Opts::default(),
-    );
+    let debris = Debris::prepared("benchbad");
     // No node consumes this prefix: say so instead of timing out.
     let (code, _, err) = bench(&debris.dir, "--count 5 --json").await;
     assert_eq!(code, Some(69), "{err}");
@@ -296,14 +289,7 @@ async fn bench_on_mongodb_note_and_its_references() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compare_log_runs_its_own_nodes_with_and_without_the_event_log() {
-    let debris = Debris::new("benchlog");
-    create_db(&debris.prefix);
-    write_config(
-        &debris.dir,
-        &debris.prefix,
-        &debris.prefix,
-        &Opts::default(),
-    );
+    let debris = Debris::prepared("benchlog");
     let (code, r, err) = bench(
         &debris.dir,
         "--compare-log --mix create --count 30 --warmup 0s -c 4 --json",

@@ -347,10 +347,8 @@ async fn beds_check_exit_codes_and_problem_lists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_replica_is_a_warning_in_dev_and_fatal_in_prod() {
-    let scratch = common::Debris::new("rep");
-    let (prefix, dir) = (scratch.prefix.clone(), scratch.dir.clone());
-    common::write_config(&dir, &prefix, &prefix, &Opts::default());
-    common::create_db(&prefix);
+    let scratch = common::Debris::prepared("rep");
+    let dir = scratch.dir.clone();
     let cfg = dir.join("config");
     let text = std::fs::read_to_string(cfg.join("beds.toml")).unwrap();
     // Port 9 (discard) is closed on loopback.

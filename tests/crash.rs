@@ -22,7 +22,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
-use common::{Debris, Opts};
+use common::Debris;
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -261,19 +261,6 @@ async fn queue_len(queue: &str) -> u32 {
     q.message_count()
 }
 
-/// A prefix, database and config for nodes run as processes.
-fn prepared(tag: &str) -> Debris {
-    let debris = Debris::new(tag);
-    common::create_db(&debris.prefix);
-    common::write_config(
-        &debris.dir,
-        &debris.prefix,
-        &debris.prefix,
-        &Opts::default(),
-    );
-    debris
-}
-
 async fn kill9(child: &mut tokio::process::Child) {
     let pid = child.id().expect("running") as i32;
     // SAFETY: a plain kill(2) of our own child.
@@ -284,7 +271,7 @@ async fn kill9(child: &mut tokio::process::Child) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_killed_under_load_loses_and_repeats_nothing() {
     let _one = SERIAL.lock().await;
-    let debris = prepared("k9");
+    let debris = Debris::prepared("k9");
     let (mut node, _log) = common::spawn_beds(&debris.dir, &[]).await;
     let restarted = Arc::new(Mutex::new(None));
     let keep = restarted.clone();
@@ -303,7 +290,7 @@ async fn a_node_killed_under_load_loses_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_on_one_queue_with_one_killed_lose_and_repeat_nothing() {
     let _one = SERIAL.lock().await;
-    let debris = prepared("k2");
+    let debris = Debris::prepared("k2");
     let (mut a, _la) = common::spawn_beds(&debris.dir, &[]).await;
     let (_b, _lb) = common::spawn_beds(&debris.dir, &[]).await;
     let c = under_load(&debris, 3000, 600, || async move {
@@ -317,7 +304,7 @@ async fn two_nodes_on_one_queue_with_one_killed_lose_and_repeat_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rabbitmq_restart_under_load_loses_no_reply() {
     let _one = SERIAL.lock().await;
-    let debris = prepared("rr");
+    let debris = Debris::prepared("rr");
     let (_node, log) = common::spawn_beds(&debris.dir, &[]).await;
     let prefix = debris.prefix.clone();
     let c = under_load(&debris, 2000, 200, || async {
@@ -362,7 +349,7 @@ async fn a_rabbitmq_restart_under_load_loses_no_reply() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mariadb_restart_under_load_loses_and_repeats_nothing() {
     let _one = SERIAL.lock().await;
-    let debris = prepared("mr");
+    let debris = Debris::prepared("mr");
     let (_node, log) = common::spawn_beds(&debris.dir, &[]).await;
     let _restore = MariaDbBack;
     let c = under_load(&debris, 2000, 200, || async {

@@ -110,14 +110,7 @@ fn ipl_step(m: &Msg) -> Option<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn systemd_sees_ipl_ready_watchdog_reload_and_stop() {
-    let scratch = common::Debris::new("ntf");
-    common::create_db(&scratch.prefix);
-    common::write_config(
-        &scratch.dir,
-        &scratch.prefix,
-        &scratch.prefix,
-        &common::Opts::default(),
-    );
+    let scratch = common::Debris::prepared("ntf");
     let path = scratch.dir.join("notify.sock");
     let (inbox, collector) = listen(&path);
 
@@ -273,14 +266,7 @@ access = "read"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_ipl_prints_its_one_error_and_nothing_spurious() {
-    let scratch = common::Debris::new("ntf");
-    common::create_db(&scratch.prefix);
-    common::write_config(
-        &scratch.dir,
-        &scratch.prefix,
-        &scratch.prefix,
-        &common::Opts::default(),
-    );
+    let scratch = common::Debris::prepared("ntf");
     std::fs::write(scratch.dir.join("templates/ntfbroken.toml"), BROKEN).unwrap();
     let path = scratch.dir.join("notify.sock");
     let (inbox, collector) = listen(&path);

@@ -483,6 +483,22 @@ impl Debris {
     }
 }
 
+impl Debris {
+    /// [`Debris::new`] with its database made and a default node config
+    /// written: ready for a node run as a process.
+    pub fn prepared(tag: &str) -> Debris {
+        let debris = Debris::new(tag);
+        create_db(&debris.prefix);
+        write_config(
+            &debris.dir,
+            &debris.prefix,
+            &debris.prefix,
+            &Opts::default(),
+        );
+        debris
+    }
+}
+
 impl Drop for Debris {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);

@@ -59,25 +59,15 @@ impl Reloader {
     pub async fn reload(&self) -> Reloaded {
         let _one = self.running.lock().await;
         if !self.readiness.is_serving() {
-            return Reloaded {
-                ok: false,
-                templates: self.registry.load().len(),
-                problems: vec!["the node is not serving (starting or draining)".into()],
-                logging: "logging level unchanged".into(),
-            };
+            return self.refused(vec!["the node is not serving (starting or draining)".into()]);
         }
         notify::reloading();
         tracing::info!("reload: loading templates");
         let out = match tokio::time::timeout(LIMIT, self.attempt()).await {
             Ok(out) => out,
-            Err(_) => Reloaded {
-                ok: false,
-                templates: self.registry.load().len(),
-                problems: vec![format!(
-                    "checking the new set took longer than {LIMIT:?} (a database does not answer)"
-                )],
-                logging: "logging level unchanged".into(),
-            },
+            Err(_) => self.refused(vec![format!(
+                "checking the new set took longer than {LIMIT:?} (a database does not answer)"
+            )]),
         };
         if out.ok {
             let msg = format!(
@@ -102,18 +92,21 @@ impl Reloader {
         out
     }
 
-    async fn attempt(&self) -> Reloaded {
-        let serving = self.registry.load().len();
-        let refused = |problems: Vec<String>| Reloaded {
+    /// The answer when the serving set stays.
+    fn refused(&self, problems: Vec<String>) -> Reloaded {
+        Reloaded {
             ok: false,
-            templates: serving,
+            templates: self.registry.load().len(),
             problems,
             logging: "logging level unchanged".into(),
-        };
+        }
+    }
+
+    async fn attempt(&self) -> Reloaded {
         let config = &self.config;
         let reg = match Registry::load_dir(&config.node.templates, config) {
             Ok(r) => r,
-            Err(p) => return refused(p),
+            Err(p) => return self.refused(p),
         };
         // Databases are opened at IPL only: a template on another one
         // needs a restart.
@@ -133,7 +126,7 @@ impl Reloader {
             problems.extend(errors.iter().map(|e| e.to_string()));
         }
         if !problems.is_empty() {
-            return refused(problems);
+            return self.refused(problems);
         }
         let templates = reg.len();
         self.registry.store(Arc::new(reg));

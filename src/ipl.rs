@@ -400,13 +400,17 @@ impl Node {
             // BEDS owns the event log's collection: its indexes are made here.
             if let Some(coll) = writer.collection() {
                 // Bounded: a MongoDB that accepts connections but does not
-                // answer must fail IPL, not hang it.
+                // answer must fail IPL, not hang it. Building up to six
+                // indexes is slower than one command (a loaded server took
+                // over 8 s in CI), hence the 30 s floor.
                 let limit = match config
                     .event_database()
                     .and_then(|d| config.databases.get(d))
                 {
-                    Some(DatabaseConfig::Mongodb(c)) => Duration::from_millis(c.timeout_ms) * 4,
-                    _ => Duration::from_secs(20),
+                    Some(DatabaseConfig::Mongodb(c)) => {
+                        (Duration::from_millis(c.timeout_ms) * 4).max(Duration::from_secs(30))
+                    }
+                    _ => Duration::from_secs(30),
                 };
                 let made = tokio::time::timeout(
                     limit,

@@ -249,12 +249,13 @@ async fn call(dir: &std::path::Path, args: CallArgs) -> ExitCode {
 
     let broker = match (&args.broker, op) {
         (Some(b), _) => b.clone(),
-        (None, Some(op)) => match config.broker_for(op.access) {
+        (None, Some(op)) => match config.broker_for(&args.template, op.access) {
             Some(b) => b,
             None => {
                 eprintln!(
-                    "beds call: no broker serves {} ops; pass --broker",
-                    op.access.as_str()
+                    "beds call: no broker serves {} ops of template {}; pass --broker",
+                    op.access.as_str(),
+                    args.template
                 );
                 return ExitCode::from(EX_USAGE);
             }

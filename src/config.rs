@@ -5,7 +5,7 @@
 //! Loading never stops at the first cross-check problem: `beds check` shows an
 //! operator every problem at once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -470,7 +470,13 @@ impl Default for DispatchConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
+    /// The brokers whose work queues a node of this role consumes.
+    #[serde(default)]
     pub brokers: Vec<String>,
+    /// The role that keeps the admin plane: membership, counters and the
+    /// fan-out of commands (every node answers commands, whatever its role).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// The access kinds of CONTRACT §4; a broker serves one or more of them.
@@ -501,6 +507,21 @@ pub struct BrokerConfig {
     /// Access kinds of the ops this broker executes; anything else is
     /// answered `WRONG_BROKER`.
     pub serves: Vec<Access>,
+    /// The templates this broker serves (segundo's and tercero's brokers
+    /// name theirs). Unset: every template that no broker names, so the
+    /// appServer brokers need no edit when a template is added.
+    pub templates: Option<Vec<String>>,
+}
+
+impl BrokerConfig {
+    /// Whether this broker serves `template`, given the templates some
+    /// broker of the installation names (`claimed`).
+    pub fn serves_template(&self, template: &str, claimed: &BTreeSet<String>) -> bool {
+        match &self.templates {
+            Some(list) => list.iter().any(|t| t == template),
+            None => !claimed.contains(template),
+        }
+    }
 }
 
 fn default_instances() -> usize {
@@ -823,8 +844,11 @@ impl Config {
                 self.roles.keys().cloned().collect::<Vec<_>>().join(", ")
             )),
             Some(role) => {
-                if role.brokers.is_empty() {
-                    p.push(format!("roles.{}.brokers is empty", self.node.role));
+                if role.brokers.is_empty() && !role.admin {
+                    p.push(format!(
+                        "roles.{}.brokers is empty (only an admin = true role may serve no broker)",
+                        self.node.role
+                    ));
                 }
                 for b in &role.brokers {
                     if !self.brokers.contains_key(b) {
@@ -844,6 +868,18 @@ impl Config {
             }
             if b.instances == 0 {
                 p.push(format!("brokers.{name}.instances must be at least 1"));
+            }
+            for t in b.templates.iter().flatten() {
+                if !crate::registry::is_template_name(t) {
+                    p.push(format!(
+                        "brokers.{name}.templates names {t:?}, which is not a template name (2-32 chars, [a-z] then [a-z0-9_])"
+                    ));
+                }
+            }
+            if b.templates.as_ref().is_some_and(|t| t.is_empty()) {
+                p.push(format!(
+                    "brokers.{name}.templates is empty: list the templates it serves, or leave it out to serve every template no broker names"
+                ));
             }
             if b.instances > 256 {
                 p.push(format!("brokers.{name}.instances must be at most 256"));
@@ -1005,19 +1041,54 @@ impl Config {
         p
     }
 
-    /// The broker serving `access`, preferring the node's own role (where
-    /// `beds call` and `beds bench` send an op).
-    pub fn broker_for(&self, access: Access) -> Option<String> {
+    /// The broker serving `template`'s ops of kind `access`, preferring
+    /// the node's own role (where `beds call` and `beds bench` send an op).
+    pub fn broker_for(&self, template: &str, access: Access) -> Option<String> {
+        let claimed = self.claimed_templates();
+        let fits =
+            |b: &BrokerConfig| b.serves.contains(&access) && b.serves_template(template, &claimed);
         let own = self.node_brokers();
         own.iter()
-            .find(|(_, b)| b.serves.contains(&access))
+            .find(|(_, b)| fits(b))
             .map(|(n, _)| n.clone())
             .or_else(|| {
                 self.brokers
                     .iter()
-                    .find(|(_, b)| b.serves.contains(&access))
+                    .find(|(_, b)| fits(b))
                     .map(|(n, _)| n.clone())
             })
+    }
+
+    /// This config with only the databases in `used` and the event log's:
+    /// a node opens, probes and keeps hold queues for those alone, so an
+    /// appServer node need not reach segundo's warehouse.
+    pub fn with_databases(&self, used: &BTreeSet<String>) -> Config {
+        let mut c = self.clone();
+        let events = self.event_database().map(str::to_string);
+        c.databases
+            .retain(|name, _| used.contains(name) || events.as_deref() == Some(name));
+        c
+    }
+
+    /// Templates that some broker names in its `templates` list: only the
+    /// brokers naming them serve them.
+    pub fn claimed_templates(&self) -> BTreeSet<String> {
+        self.brokers
+            .values()
+            .filter_map(|b| b.templates.as_ref())
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    /// Whether one of this node's brokers serves `template`; a node loads
+    /// and checks only those (an appServer node need not reach segundo's
+    /// warehouse database).
+    pub fn node_serves_template(&self, template: &str) -> bool {
+        let claimed = self.claimed_templates();
+        self.node_brokers()
+            .iter()
+            .any(|(_, b)| b.serves_template(template, &claimed))
     }
 
     /// The brokers this node runs, from its role.
@@ -1249,5 +1320,57 @@ mod tests {
     fn env_names() {
         assert_eq!(Env::parse("prod").unwrap(), Env::Prod);
         assert!(Env::parse("production").is_err());
+    }
+
+    #[test]
+    fn named_templates_go_to_their_brokers_and_the_rest_to_the_open_ones() {
+        let mut c = shipped_for_tests();
+        assert_eq!(
+            c.claimed_templates().into_iter().collect::<Vec<_>>(),
+            ["account", "session", "wh_cool", "wh_sales"]
+        );
+        assert_eq!(
+            c.broker_for("usr", Access::Read).as_deref(),
+            Some("rBroker")
+        );
+        assert_eq!(
+            c.broker_for("wh_sales", Access::Write).as_deref(),
+            Some("whBroker")
+        );
+        assert_eq!(
+            c.broker_for("wh_cool", Access::Read).as_deref(),
+            Some("cBroker")
+        );
+        assert_eq!(c.broker_for("session", Access::Meta), None);
+        // appServer serves what no broker names; segundo only its own.
+        assert!(c.node_serves_template("usr") && c.node_serves_template("new_one"));
+        assert!(!c.node_serves_template("wh_sales"));
+        c.node.role = "segundo".into();
+        assert!(c.node_serves_template("wh_sales") && c.node_serves_template("wh_cool"));
+        assert!(!c.node_serves_template("usr") && !c.node_serves_template("session"));
+        // The admin role serves no broker, and only it may.
+        c.node.role = "admin".into();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.roles.get_mut("admin").unwrap().admin = false;
+        assert!(c
+            .problems()
+            .iter()
+            .any(|p| p.contains("roles.admin.brokers is empty")));
+        c.brokers.get_mut("whBroker").unwrap().templates = Some(vec!["Bad-Name".into()]);
+        assert!(c
+            .problems()
+            .iter()
+            .any(|p| p.contains("brokers.whBroker.templates names \"Bad-Name\"")));
+    }
+
+    #[test]
+    fn a_node_keeps_only_the_databases_its_templates_and_event_log_use() {
+        let c = shipped_for_tests();
+        let used: BTreeSet<String> = ["primary".to_string()].into();
+        let narrowed = c.with_databases(&used);
+        assert_eq!(
+            narrowed.databases.keys().cloned().collect::<Vec<_>>(),
+            ["docs", "primary"]
+        );
     }
 }

@@ -135,7 +135,9 @@ impl From<&RequestError> for Failure {
         let code = match e {
             RequestError::UnknownTemplate(_) => ErrorCode::UnknownTemplate,
             RequestError::UnknownOperation { .. } => ErrorCode::UnknownOperation,
-            RequestError::WrongBroker { .. } => ErrorCode::WrongBroker,
+            RequestError::WrongBroker { .. } | RequestError::TemplateElsewhere { .. } => {
+                ErrorCode::WrongBroker
+            }
             RequestError::Forbidden { .. } => ErrorCode::Forbidden,
             RequestError::Validation(_) => ErrorCode::Validation,
             RequestError::AtomicBatch(_) => ErrorCode::Validation,

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::dedup::Dedup;
 use crate::broker::dispatcher::Dispatcher;
-use crate::broker::shared::{BrokerSpec, Limits, Shared};
+use crate::broker::shared::{BrokerSpec, Limits, Shared, TemplateScope};
 use crate::broker::topology::{self, Names, TopologySpec};
 use crate::broker::AmqpLink;
 use crate::config::DatabaseConfig;
@@ -209,6 +209,10 @@ impl Node {
     /// caller) and returns once every dispatcher is consuming.
     /// `dir` is the config folder, which a reload reads again.
     pub async fn start(config: &Config, dir: &Path) -> Result<Node, IplError> {
+        let config = &config.with_databases(&crate::registry::databases_used(
+            &config.node.templates,
+            config,
+        ));
         let service = Arc::new(Endpoints {
             readiness: Readiness::new(),
             metrics: Arc::new(Metrics::new(&config.node.name, &config.node.role)),
@@ -513,6 +517,7 @@ impl Node {
                 let spec = Arc::new(BrokerSpec {
                     name: name.clone(),
                     serves: b.serves.clone(),
+                    scope: TemplateScope::of(config, name),
                     queue: names.work(name),
                     gate: None,
                 });
@@ -660,6 +665,10 @@ fn mongo_seeds(uri: &str) -> Vec<String> {
 /// `beds check`: every problem with config and templates, and with
 /// `online`, with services and procedures too. Empty means fine.
 pub async fn check(config: &Config, online: bool) -> Checked {
+    let config = &config.with_databases(&crate::registry::databases_used(
+        &config.node.templates,
+        config,
+    ));
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     let registry = match Registry::load_dir(&config.node.templates, config) {

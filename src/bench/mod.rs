@@ -280,7 +280,7 @@ async fn bench(
         if wl.needs_keys() {
             accesses.extend([Access::Read, Access::Write]);
         }
-        let mut run = Run::start(dir, config, args, mode, db, &accesses).await?;
+        let mut run = Run::start(dir, config, args, mode, db, (&wl.template, &accesses)).await?;
         let mut seed_requests = 0;
         if !seeded && wl.needs_keys() {
             seed_requests = if mode == Mode::Ref(Reference::Broker) {
@@ -337,7 +337,7 @@ impl Run {
         args: &BenchArgs,
         mode: Mode,
         db: Option<Direct>,
-        accesses: &[Access],
+        (template, accesses): (&str, &[Access]),
     ) -> Result<Run, Fail> {
         let unavailable = |m: String| Fail(EX_UNAVAILABLE, m);
         let uri = config.amqp.uri();
@@ -370,7 +370,7 @@ impl Run {
                 let mut routes = Vec::new();
                 let mut used = Vec::new();
                 for access in [Access::Read, Access::Write, Access::Meta] {
-                    let broker = config.broker_for(access);
+                    let broker = config.broker_for(template, access);
                     if accesses.contains(&access) {
                         match &broker {
                             Some(b) => used.push(b.clone()),
@@ -399,7 +399,7 @@ impl Run {
                 own_topology = Some((uri.clone(), own_queues(config, &prefix), spool));
                 let routes = [Access::Read, Access::Write, Access::Meta]
                     .iter()
-                    .map(|a| config.broker_for(*a))
+                    .map(|a| config.broker_for(template, *a))
                     .collect();
                 let clients = connect(prefix).await?;
                 let ids = args.message_ids;

@@ -432,7 +432,20 @@ pub(crate) fn resolve<'r>(
     p: &BrokerPayload,
 ) -> Result<(&'r str, &'r Op, Vec<Param>), Failure> {
     let f = |e: RequestError| Failure::from(&e);
+    let elsewhere = || {
+        f(RequestError::TemplateElsewhere {
+            template: p.template.clone(),
+            broker: broker.name.clone(),
+            served_by: broker.scope.served_by(&p.template),
+        })
+    };
+    if registry.is_elsewhere(&p.template) {
+        return Err(elsewhere());
+    }
     let t = registry.get(&p.template).map_err(f)?;
+    if !broker.scope.serves(&p.template) {
+        return Err(elsewhere());
+    }
     let op = t.op(&p.op).map_err(f)?;
     if !broker.serves.contains(&op.access) {
         return Err(f(RequestError::WrongBroker {

@@ -181,6 +181,7 @@ fn broker(name: &str, serves: Access) -> BrokerSpec {
     BrokerSpec {
         name: name.into(),
         serves: vec![serves],
+        scope: Default::default(),
         queue: format!("t.{name}"),
         gate: None,
     }

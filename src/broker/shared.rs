@@ -3,13 +3,13 @@
 //! `[dispatch]`, the broker each dispatcher serves, and the poison-message
 //! strikes. Read-only after IPL, except the dedup memory and the strikes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::dedup::Dedup;
 use super::topology::Names;
-use crate::config::Access;
+use crate::config::{Access, Config};
 use crate::namaste::Adapters;
 use crate::registry::Registry;
 
@@ -58,6 +58,9 @@ pub struct Limits {
 pub struct BrokerSpec {
     pub name: String,
     pub serves: Vec<Access>,
+    /// The templates it serves (`brokers.<name>.templates`); others are
+    /// answered `WRONG_BROKER` naming the brokers that do serve them.
+    pub scope: TemplateScope,
     /// The queue consumed: the broker's work queue or one of its hold queues.
     pub queue: String,
     /// Hold queues: the database whose requests wait there. Consuming
@@ -94,5 +97,57 @@ impl Strikes {
 
     pub(crate) fn clear(&self, print: [u8; 32]) {
         self.counts.lock().unwrap().remove(&print);
+    }
+}
+
+/// Which templates one broker serves, and who serves the rest: segundo's
+/// and tercero's brokers name their templates in config, the others serve
+/// every template no broker names.
+#[derive(Debug, Clone, Default)]
+pub struct TemplateScope {
+    /// `Some`: only these; `None`: every template no broker names.
+    pub only: Option<BTreeSet<String>>,
+    /// Installation-wide: template → the brokers naming it.
+    pub claims: Arc<BTreeMap<String, Vec<String>>>,
+    /// Installation-wide: the brokers naming no templates.
+    pub open: Arc<Vec<String>>,
+}
+
+impl TemplateScope {
+    /// The scope of `broker` under `config`.
+    pub fn of(config: &Config, broker: &str) -> TemplateScope {
+        let mut claims: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut open = Vec::new();
+        for (name, b) in &config.brokers {
+            match &b.templates {
+                Some(list) => {
+                    for t in list {
+                        claims.entry(t.clone()).or_default().push(name.clone());
+                    }
+                }
+                None => open.push(name.clone()),
+            }
+        }
+        TemplateScope {
+            only: config
+                .brokers
+                .get(broker)
+                .and_then(|b| b.templates.as_ref())
+                .map(|l| l.iter().cloned().collect()),
+            claims: Arc::new(claims),
+            open: Arc::new(open),
+        }
+    }
+
+    pub fn serves(&self, template: &str) -> bool {
+        match &self.only {
+            Some(only) => only.contains(template),
+            None => !self.claims.contains_key(template),
+        }
+    }
+
+    /// The brokers serving `template`, for the error message.
+    pub fn served_by(&self, template: &str) -> String {
+        self.claims.get(template).unwrap_or(&self.open).join(", ")
     }
 }

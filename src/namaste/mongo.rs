@@ -904,12 +904,20 @@ impl Lifecycle for MongoDb {
                         .map(|(k, v)| (k.clone(), direction(v)))
                         .collect(),
                     unique: m.options.as_ref().and_then(|o| o.unique).unwrap_or(false),
+                    expire_after_secs: m
+                        .options
+                        .as_ref()
+                        .and_then(|o| o.expire_after)
+                        .map(|d| d.as_secs()),
                 })
                 .collect();
             for want in &t.indexes {
-                let found = have
-                    .iter()
-                    .any(|h| h.keys == want.keys && (h.unique || !want.unique));
+                let found = have.iter().any(|h| {
+                    h.keys == want.keys
+                        && (h.unique || !want.unique)
+                        && (want.expire_after_secs.is_none()
+                            || h.expire_after_secs == want.expire_after_secs)
+                });
                 if !found {
                     problems.push(format!(
                         "template {}: collection {coll} lacks the index {} (the DBA script creates it)",

@@ -34,6 +34,12 @@ pub enum RequestError {
         broker: String,
         serves: String,
     },
+    #[error("template {template:?} is served by {served_by}, not by broker {broker}")]
+    TemplateElsewhere {
+        template: String,
+        broker: String,
+        served_by: String,
+    },
     #[error("caller {user} may not use template {template:?}")]
     Forbidden { template: String, user: String },
     #[error("{0}")]
@@ -139,6 +145,10 @@ impl Template {
 #[derive(Debug, Default)]
 pub struct Registry {
     templates: HashMap<String, Arc<Template>>,
+    /// Names of the folder's templates that this node's brokers do not
+    /// serve (another role's): asked for here, they are `WRONG_BROKER`,
+    /// not `UNKNOWN_TEMPLATE`.
+    elsewhere: std::collections::HashSet<String>,
 }
 
 impl Registry {
@@ -146,6 +156,12 @@ impl Registry {
         self.templates
             .get(name)
             .ok_or_else(|| RequestError::UnknownTemplate(name.to_string()))
+    }
+
+    /// Whether `name` is a template of the folder served by another
+    /// node's brokers.
+    pub fn is_elsewhere(&self, name: &str) -> bool {
+        self.elsewhere.contains(name)
     }
 
     pub fn len(&self) -> usize {
@@ -189,6 +205,15 @@ impl Registry {
                     continue;
                 }
             };
+            // A template none of this node's brokers serves is another
+            // role's: not loaded, so its database need not be reachable.
+            if let Some(name) = template_name(&text) {
+                if !config.node_serves_template(&name) {
+                    tracing::debug!(template = %name, file = %file, "not served by this node's brokers; skipped");
+                    reg.elsewhere.insert(name);
+                    continue;
+                }
+            }
             match compile(&text, config) {
                 Ok(t) => {
                     if let Some(first) = origin.get(&t.name) {
@@ -210,6 +235,37 @@ impl Registry {
             Err(problems)
         }
     }
+}
+
+/// The databases named by the templates in `dir` that this node's brokers
+/// serve: the ones a node opens. Files that do not parse are skipped here;
+/// loading them reports why.
+pub fn databases_used(dir: &Path, config: &Config) -> std::collections::BTreeSet<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        name: String,
+        database: String,
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Default::default();
+    };
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|t| toml::from_str::<Named>(&t).ok())
+        .filter(|n| config.node_serves_template(&n.name))
+        .map(|n| n.database)
+        .collect()
+}
+
+/// The `name` of a template file, when it parses that far.
+fn template_name(text: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        name: String,
+    }
+    toml::from_str::<Named>(text).ok().map(|n| n.name)
 }
 
 /// Parses and validates one template file.
@@ -441,7 +497,7 @@ fn is_collection_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 120 && !s.contains(['$', '\0']) && !s.starts_with("system.")
 }
 
-fn is_template_name(s: &str) -> bool {
+pub fn is_template_name(s: &str) -> bool {
     let b = s.as_bytes();
     (2..=32).contains(&b.len())
         && b[0].is_ascii_lowercase()

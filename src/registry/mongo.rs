@@ -87,15 +87,20 @@ pub struct MongoOp {
 pub struct Index {
     pub keys: Vec<(String, i32)>,
     pub unique: bool,
+    /// TTL in seconds, for a TTL index.
+    pub expire_after_secs: Option<u64>,
 }
 
 impl Index {
     pub fn describe(&self) -> String {
         let keys: Vec<String> = self.keys.iter().map(|(k, d)| format!("{k}: {d}")).collect();
         format!(
-            "{{{}}}{}",
+            "{{{}}}{}{}",
             keys.join(", "),
-            if self.unique { " unique" } else { "" }
+            if self.unique { " unique" } else { "" },
+            self.expire_after_secs
+                .map(|s| format!(" expireAfterSeconds {s}"))
+                .unwrap_or_default()
         )
     }
 }
@@ -113,9 +118,13 @@ pub fn compile_index(spec: &IndexSpec) -> Result<Index, String> {
             _ => Err(format!("indexes: key {k:?} is empty")),
         })
         .collect::<Result<_, _>>()?;
+    if spec.expire_after_secs.is_some() && spec.keys.len() != 1 {
+        return Err("indexes: a TTL index (expire_after_secs) has exactly one key".into());
+    }
     Ok(Index {
         keys,
         unique: spec.unique,
+        expire_after_secs: spec.expire_after_secs,
     })
 }
 

@@ -105,6 +105,9 @@ pub struct IndexSpec {
     pub keys: Vec<String>,
     #[serde(default)]
     pub unique: bool,
+    /// A TTL index: MongoDB removes a document this many seconds after
+    /// the date in its (single) key field.
+    pub expire_after_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -24,6 +24,10 @@ use tokio::sync::Mutex;
 
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const BROKERS: [&str; 3] = ["rBroker", "wBroker", "mBroker"];
+/// Every data broker of the shipped config: cleanup removes all their queues.
+pub const ALL_BROKERS: [&str; 7] = [
+    "rBroker", "wBroker", "mBroker", "whBroker", "cBroker", "uBroker", "sBroker",
+];
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -523,12 +527,13 @@ pub async fn amqp() -> Connection {
 pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
     if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
         if let Ok(ch) = conn.create_channel().await {
-            for b in BROKERS {
+            for b in ALL_BROKERS {
                 let mut names = vec![
                     format!("{prefix}.{b}"),
                     format!("{prefix}.{b}.dlq"),
                     format!("{prefix}.{b}.hold.primary"),
                     format!("{prefix}.{b}.hold.docs"),
+                    format!("{prefix}.{b}.hold.warehouse"),
                 ];
                 names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
                 for q in names {
@@ -543,6 +548,7 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
         let _ = conn.close(200, "".into()).await;
     }
     let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
+    let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}_wh`")));
     if let Ok(client) = tokio::time::timeout(Duration::from_secs(5), mongo()).await {
         let _ = tokio::time::timeout(Duration::from_secs(5), client.database(db).drop()).await;
     }
@@ -815,6 +821,7 @@ pub async fn spawn_beds(
     (child, log)
 }
 
+pub mod cluster;
 pub mod tls_proxy;
 
 /// Sends `raw` to a node's HTTP port and reads the answer to its end:

@@ -1,0 +1,136 @@
+//! Several real `beds` processes of different roles on one prefix: the
+//! shipped `config/beds.toml` with a test overlay (its own queue prefix,
+//! databases and spool), every role's sample domain loaded. Removed with
+//! its [`Debris`] when dropped.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{create_db, mongo_script, mysql_pass, mysql_user, on_own_runtime, root, sql, Debris};
+
+/// A test installation: databases made, config written.
+pub struct Cluster {
+    pub debris: Debris,
+}
+
+/// One node process and its log.
+pub struct NodeProc {
+    pub name: String,
+    pub child: tokio::process::Child,
+    pub log: Arc<std::sync::Mutex<String>>,
+}
+
+impl Cluster {
+    /// Databases `<prefix>` (usr, account, inbox; MongoDB note, session,
+    /// inbox) and `<prefix>_wh` (warehouse, inbox), and the config.
+    pub fn new(tag: &str) -> Cluster {
+        let debris = Debris::new(tag);
+        let db = debris.prefix.clone();
+        create_db(&db);
+        let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
+        sql(Some(&db), &read("utilities/sql/account.sql"));
+        let wh = format!("{db}_wh");
+        sql(
+            None,
+            &format!("CREATE DATABASE `{wh}` CHARACTER SET utf8mb4"),
+        );
+        sql(
+            Some(&wh),
+            &format!(
+                "{}\n{}",
+                read("utilities/sql/warehouse.sql"),
+                read("utilities/sql/inbox.sql")
+            ),
+        );
+        let mdb = db.clone();
+        on_own_runtime(async move {
+            mongo_script(&mdb, &root().join("utilities/mongo/session.json")).await;
+        });
+        write(&debris.dir, &debris.prefix, "");
+        Cluster { debris }
+    }
+
+    /// Adds TOML to the overlay (before any node starts).
+    pub fn overlay(&self, extra: &str) {
+        write(&self.debris.dir, &self.debris.prefix, extra);
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.debris.prefix
+    }
+
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.debris.dir.join("config")
+    }
+
+    /// Starts a node of `role` named `name` and waits until it is ready.
+    pub async fn node(&self, role: &str, name: &str, env: &[(&str, &str)]) -> NodeProc {
+        let mut all: Vec<(&str, Option<&str>)> = vec![
+            ("BEDS__NODE__ROLE", Some(role)),
+            ("BEDS__NODE__NAME", Some(name)),
+        ];
+        all.extend(env.iter().map(|(k, v)| (*k, Some(*v))));
+        let (child, log) = super::spawn_beds(&self.debris.dir, &all).await;
+        NodeProc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+}
+
+fn write(dir: &Path, prefix: &str, extra: &str) {
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).unwrap();
+    std::fs::copy(root().join("config/beds.toml"), config.join("beds.toml")).unwrap();
+    let (user, pass) = (mysql_user(), mysql_pass());
+    let overlay = format!(
+        r#"
+[node]
+templates = "{templates}"
+
+[amqp]
+user = "guest"
+pass = "guest"
+prefix = "{prefix}"
+
+[dispatch]
+retry_tiers_ms = [200, 400]
+prefetch = 8
+
+[logging]
+level = "warn"
+
+[http]
+listen = "127.0.0.1:0"
+probe_interval_ms = 300
+
+[events]
+spool_dir = "{spool}"
+
+[databases.primary]
+user = "{user}"
+pass = "{pass}"
+name = "{prefix}"
+
+[databases.warehouse]
+kind = "mariadb"
+host = "127.0.0.1"
+port = 3306
+user = "{user}"
+pass = "{pass}"
+name = "{prefix}_wh"
+max_connections = 4
+
+[databases.docs]
+uri = "mongodb://127.0.0.1:{mongo}/?directConnection=true"
+name = "{prefix}"
+timeout_ms = 5000
+{extra}
+"#,
+        templates = root().join("templates").display(),
+        spool = dir.join("spool").display(),
+        mongo = super::mongo_port(),
+    );
+    std::fs::write(config.join("env_dev.toml"), overlay).unwrap();
+}

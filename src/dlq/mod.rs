@@ -579,7 +579,7 @@ fn print_list(
                 rows.push(vec![
                     m.n.to_string(),
                     age(now, m.parked_at_ms),
-                    clip(&or_dash(&m.message_id), 36),
+                    clip(&or_dash(&m.message_id), 40),
                     clip(&m.what(), 40),
                     or_dash(&m.code),
                     or_dash(&m.node),
@@ -702,7 +702,7 @@ fn print_replay(
         }
         rows.push(vec![
             m.n.to_string(),
-            clip(&or_dash(&m.message_id), 36),
+            clip(&or_dash(&m.message_id), 40),
             clip(&m.what(), 40),
             what,
         ]);

@@ -67,9 +67,14 @@ impl Parked {
             Err(e) => (Vec::new(), false, Some(format!("not JSON: {e}"))),
         };
         let event_id = header_text(props, EVENT_ID_HEADER);
-        let code = header_text(props, ERROR_CODE_HEADER).or_else(|| {
-            header_text(props, "x-first-death-reason").map(|r| format!("rabbitmq:{r}"))
-        });
+        // BEDS parks with an event id; a copy without one was put here by
+        // RabbitMQ (quorum work queue: delivery limit or expiry), and any
+        // error code on it is left from an earlier retry.
+        let rabbitmq = latest_death(props).map(|r| format!("rabbitmq:{r}"));
+        let code = match (&event_id, rabbitmq) {
+            (None, Some(r)) => Some(r),
+            _ => header_text(props, ERROR_CODE_HEADER),
+        };
         Parked {
             n,
             message_id: props.message_id().as_ref().map(|m| m.to_string()),
@@ -163,6 +168,22 @@ pub fn uuid_v7_ms(id: &str) -> Option<i64> {
     let u = uuid::Uuid::parse_str(id).ok()?;
     let (secs, nanos) = u.get_timestamp()?.to_unix();
     Some(secs as i64 * 1000 + nanos as i64 / 1_000_000)
+}
+
+/// The reason of RabbitMQ's latest dead-lettering (`x-death` lists the
+/// latest first).
+fn latest_death(props: &AMQPProperties) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = props.headers().as_ref()?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(latest) = deaths.as_slice().first()? else {
+        return None;
+    };
+    match latest.inner().get("reason")? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
 }
 
 pub fn header_text(props: &AMQPProperties, name: &str) -> Option<String> {
@@ -268,12 +289,31 @@ mod tests {
 
     #[test]
     fn reads_batches_junk_and_rabbitmq_dead_letters() {
-        let p = props(&[("x-first-death-reason", text("delivery_limit"))]);
+        let death = |reason: &str| {
+            let mut t = lapin::types::FieldTable::default();
+            t.insert("reason".into(), text(reason));
+            AMQPValue::FieldArray(vec![AMQPValue::FieldTable(t)].into())
+        };
+        // Retried once (an error code), then dead-lettered by RabbitMQ.
+        let p = props(&[
+            ("x-death", death("delivery_limit")),
+            (ERROR_CODE_HEADER, text("UNAVAILABLE")),
+        ]);
         let body = br#"{"batch":[{"template":"usr","op":"create"},{"template":"tst","op":"flaky"},{"nope":1}]}"#;
         let m = Parked::read(1, &p, body);
         assert_eq!(m.what(), "batch[3]: usr.create, tst.flaky, ?");
         assert_eq!(m.templates(), "?+tst+usr");
         assert_eq!(m.code.as_deref(), Some("rabbitmq:delivery_limit"));
+        // Parked by BEDS after a retry tier expired: BEDS's code.
+        let p = props(&[
+            ("x-death", death("expired")),
+            (ERROR_CODE_HEADER, text("UNAVAILABLE")),
+            (EVENT_ID_HEADER, text("e")),
+        ]);
+        assert_eq!(
+            Parked::read(1, &p, b"{}").code.as_deref(),
+            Some("UNAVAILABLE")
+        );
         let junk = Parked::read(2, &props(&[]), b"\xff not json");
         assert_eq!(junk.what(), "(not JSON)");
         assert!(junk.body_problem.is_some());

@@ -591,3 +591,41 @@ async fn usage_errors_exit_64_and_an_unreachable_rabbitmq_69() {
     assert_eq!(code, 69, "{err}");
     assert!(err.contains("cannot connect to RabbitMQ"), "{err}");
 }
+
+/// A parked copy carries its caller as the node's signed header, not as
+/// `user_id` (RabbitMQ would refuse that from the CLI's user); replayed
+/// with the body unchanged, the signature still verifies and the request
+/// runs as its caller: template `gst` allows only `guest`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_write_keeps_its_verified_caller() {
+    let env = TestEnv::start(Opts::default()).await;
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let opts = CallOptions {
+        user_id: Some("guest".into()),
+        message_id: Some(format!("m-{key}")),
+        ..Default::default()
+    };
+    // Three attempts (first + two tiers) fail, the fourth succeeds.
+    let r = env
+        .call_opts(
+            "wBroker",
+            json!({"template": "gst", "op": "flaky", "data": {"key": key, "fail_times": 3}}),
+            opts,
+        )
+        .await;
+    assert_eq!(r.code(), Some("UNAVAILABLE"), "{r:?}");
+    let shown = dlq_json(&env.dir, &["show", "wBroker", "1"]).await;
+    assert!(shown["properties"]["user_id"].is_null(), "{shown}");
+    assert_eq!(shown["headers"]["x-beds-user-id"], "guest", "{shown}");
+    let done = dlq_json(&env.dir, &["replay", "wBroker"]).await;
+    assert_eq!(
+        done["messages"][0]["answer"]["status"], "ok",
+        "not FORBIDDEN: {done}"
+    );
+    assert_eq!(
+        env.sql(&format!("SELECT n FROM tst_counter WHERE k = '{key}'"))
+            .trim(),
+        "4"
+    );
+    env.finish().await;
+}

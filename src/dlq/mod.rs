@@ -46,6 +46,7 @@ pub struct DlqArgs {
 pub enum DlqCommand {
     /// List the parked messages, oldest first; nothing is removed.
     List {
+        /// Broker name (a key of `[brokers]`), e.g. wBroker.
         broker: String,
         /// Count per group instead of one line per message.
         #[arg(long, value_enum)]
@@ -57,6 +58,7 @@ pub enum DlqCommand {
     },
     /// Show one message in full: properties, headers, body.
     Show {
+        /// Broker name (a key of `[brokers]`), e.g. wBroker.
         broker: String,
         /// Its position, as `list` numbers it (1 = oldest).
         n: usize,
@@ -64,6 +66,7 @@ pub enum DlqCommand {
     /// Republish parked messages to the broker's work queue; each leaves the
     /// DLQ only once RabbitMQ confirmed its copy.
     Replay {
+        /// Broker name (a key of `[brokers]`), e.g. wBroker.
         broker: String,
         /// key=value, as for `list`.
         #[arg(long = "filter")]
@@ -86,6 +89,7 @@ pub enum DlqCommand {
     },
     /// Remove parked messages for good.
     Purge {
+        /// Broker name (a key of `[brokers]`), e.g. wBroker.
         broker: String,
         /// key=value, as for `list`; none: every message.
         #[arg(long = "filter")]

@@ -1,5 +1,5 @@
 //! The command line: `beds run` (default), `beds check`, `beds call`,
-//! `beds bench`.
+//! `beds bench`, `beds logs`, `beds dlq`, `beds reload`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +46,8 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Read the event log: tail, chain, show.
     Logs(crate::logger::command::LogsArgs),
+    /// Dead letters: list, show, replay, purge a broker's DLQ.
+    Dlq(crate::dlq::DlqArgs),
     /// Reload the running node's templates (and logging level) through
     /// its HTTP port; prints what was refused, if anything.
     Reload {
@@ -104,6 +106,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Call(args) => call(&cli.config_dir, args).await,
             Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
             Command::Logs(args) => crate::logger::command::run(&cli.config_dir, args).await,
+            Command::Dlq(args) => crate::dlq::run(&cli.config_dir, args).await,
             Command::Reload { node } => reload(&cli.config_dir, node).await,
             Command::BenchServe(args) => {
                 let config = match load_quiet(&cli.config_dir) {

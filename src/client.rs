@@ -17,7 +17,8 @@ use crate::broker::payload::DEADLINE_HEADER;
 use crate::broker::publish_confirmed;
 use crate::broker::reply::Reply;
 
-const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// RabbitMQ's direct reply-to pseudo-queue.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -64,6 +65,22 @@ impl Default for CallOptions {
     }
 }
 
+/// Opens an AMQP connection the way `beds call` does (10 s limit, TLS as
+/// configured); `beds dlq` shares it.
+pub async fn connect_amqp(
+    uri: &str,
+    tls: lapin::tcp::OwnedTLSConfig,
+) -> Result<Connection, ClientError> {
+    let props = crate::broker::tokio_properties();
+    let connect = async {
+        Connection::connect_with_config(uri, props, tls, lapin::runtime::default_runtime()?).await
+    };
+    tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| ClientError::Connect("timed out".into()))?
+        .map_err(|e| ClientError::Connect(e.to_string()))
+}
+
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Delivery>>>>;
 
 pub struct Client {
@@ -104,15 +121,7 @@ impl Client {
         confirms: bool,
         tls: lapin::tcp::OwnedTLSConfig,
     ) -> Result<Client, ClientError> {
-        let props = crate::broker::tokio_properties();
-        let connect = async {
-            Connection::connect_with_config(uri, props, tls, lapin::runtime::default_runtime()?)
-                .await
-        };
-        let conn = tokio::time::timeout(Duration::from_secs(10), connect)
-            .await
-            .map_err(|_| ClientError::Connect("timed out".into()))?
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let conn = connect_amqp(uri, tls).await?;
         let channel = conn
             .create_channel()
             .await

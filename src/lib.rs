@@ -16,6 +16,7 @@ pub mod cli;
 pub mod client;
 pub mod cmdline;
 pub mod config;
+pub mod dlq;
 pub mod error;
 pub mod ipl;
 pub mod logger;

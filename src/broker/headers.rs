@@ -32,6 +32,10 @@ pub const ERROR_MESSAGE_HEADER: &str = "x-beds-error-message";
 
 pub const EVENT_ID_HEADER: &str = "x-beds-event-id";
 
+/// On a parked copy: the name of the node that parked it (`beds dlq list
+/// --group-by node`).
+pub const NODE_HEADER: &str = "x-beds-node";
+
 /// W3C Trace Context (CONTRACT §2), passed on to the reply.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 

@@ -8,7 +8,7 @@ use lapin::{BasicProperties, Channel};
 use super::action::Action;
 use super::headers::{
     republish_props, text, traceparent, ATTEMPT_HEADER, BATCH_DONE_HEADER, BATCH_ENTRIES_HEADER,
-    ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, EVENT_ID_HEADER, TRACEPARENT_HEADER,
+    ERROR_CODE_HEADER, ERROR_MESSAGE_HEADER, EVENT_ID_HEADER, NODE_HEADER, TRACEPARENT_HEADER,
 };
 use super::shared::{BrokerSpec, Shared};
 use super::{publish_confirmed, PublishError};
@@ -30,6 +30,7 @@ pub(crate) async fn quarantine(
     headers.insert(ERROR_CODE_HEADER.into(), text(ErrorCode::Internal.as_str()));
     headers.insert(ERROR_MESSAGE_HEADER.into(), text(msg));
     headers.insert(EVENT_ID_HEADER.into(), text(event_id));
+    headers.insert(NODE_HEADER.into(), text(&shared.node));
     let reply_to = delivery
         .properties
         .reply_to()
@@ -106,6 +107,7 @@ pub(crate) async fn finish(
                     (ERROR_CODE_HEADER, text(f.code.as_str())),
                     (ERROR_MESSAGE_HEADER, text(&f.message)),
                     (EVENT_ID_HEADER, text(event_id)),
+                    (NODE_HEADER, text(&shared.node)),
                 ];
                 let mut body = std::borrow::Cow::Borrowed(delivery.data.as_slice());
                 if let Some(keep) = &parked_entries {

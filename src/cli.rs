@@ -48,6 +48,9 @@ pub enum Command {
     Logs(crate::logger::command::LogsArgs),
     /// Dead letters: list, show, replay, purge a broker's DLQ.
     Dlq(crate::dlq::DlqArgs),
+    /// Operate every node over the admin plane: status, reload, pause,
+    /// resume, prefetch, drain, shutdown.
+    Admin(crate::admin::command::AdminArgs),
     /// Reload the running node's templates (and logging level) through
     /// its HTTP port; prints what was refused, if anything.
     Reload {
@@ -107,6 +110,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Bench(args) => crate::bench::run(&cli.config_dir, args).await,
             Command::Logs(args) => crate::logger::command::run(&cli.config_dir, args).await,
             Command::Dlq(args) => crate::dlq::run(&cli.config_dir, args).await,
+            Command::Admin(args) => crate::admin::command::run(&cli.config_dir, args).await,
             Command::Reload { node } => reload(&cli.config_dir, node).await,
             Command::BenchServe(args) => {
                 let config = match load_quiet(&cli.config_dir) {
@@ -165,9 +169,18 @@ async fn run_node(dir: &std::path::Path) -> ExitCode {
     };
     crate::service::notify::ready(&node.ready_line(&config));
     // SIGHUP reloads the templates (in its own task, so a stop signal is
-    // seen meanwhile); the first SIGTERM/SIGINT drains.
-    while signals.recv().await == ipl::Sig::Reload {
-        node.reload_in_background();
+    // seen meanwhile); the first SIGTERM/SIGINT, or an admin `shutdown`,
+    // drains.
+    loop {
+        tokio::select! {
+            sig = signals.recv() => {
+                if sig != ipl::Sig::Reload {
+                    break;
+                }
+                node.reload_in_background();
+            }
+            _ = node.shutdown.cancelled() => break,
+        }
     }
     let second_stop = async {
         while signals.recv().await == ipl::Sig::Reload {

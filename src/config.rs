@@ -82,6 +82,9 @@ pub struct Config {
     /// message path.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The admin plane: who may run which command, heartbeats, counters.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Which environment was loaded; set by the loader, not by a file.
     #[serde(skip, default = "default_env")]
     pub env: Env,
@@ -207,6 +210,108 @@ impl TlsConfig {
             .flatten()
         {
             *f = dir.join(&f);
+        }
+    }
+}
+
+/// The admin plane (`[admin]`; wiki/18-admin-plane.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// AMQP users (the `user_id` RabbitMQ verifies) who may run `status`.
+    #[serde(default)]
+    pub viewers: Vec<String>,
+    /// Also `reload`, `pause`, `resume` and `drain`.
+    #[serde(default)]
+    pub operators: Vec<String>,
+    /// Every command, `prefetch` and `shutdown` too.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// How often each node announces itself on `adminSyslogBroker`.
+    #[serde(default = "default_admin_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A node silent this long is listed as missing.
+    #[serde(default = "default_missing_after")]
+    pub missing_after_ms: u64,
+    /// How often each node sends its counters on `adminGraphBroker`.
+    #[serde(default = "default_graph_interval")]
+    pub graph_interval_ms: u64,
+    /// The admin node's MongoDB collection of counters (in the event log's
+    /// database) and how long they are kept (a TTL index).
+    #[serde(default = "default_graph_collection")]
+    pub graph_collection: String,
+    #[serde(default = "default_graph_retention")]
+    pub graph_retention_days: u32,
+    /// How long the admin node waits for the nodes' answers.
+    #[serde(default = "default_answer_timeout")]
+    pub answer_timeout_ms: u64,
+}
+
+fn default_admin_heartbeat() -> u64 {
+    5_000
+}
+fn default_missing_after() -> u64 {
+    15_000
+}
+fn default_graph_interval() -> u64 {
+    10_000
+}
+fn default_graph_collection() -> String {
+    "msGraphs".into()
+}
+fn default_graph_retention() -> u32 {
+    14
+}
+fn default_answer_timeout() -> u64 {
+    5_000
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            viewers: Vec::new(),
+            operators: Vec::new(),
+            admins: Vec::new(),
+            heartbeat_ms: default_admin_heartbeat(),
+            missing_after_ms: default_missing_after(),
+            graph_interval_ms: default_graph_interval(),
+            graph_collection: default_graph_collection(),
+            graph_retention_days: default_graph_retention(),
+            answer_timeout_ms: default_answer_timeout(),
+        }
+    }
+}
+
+/// What an operator may do on the admin plane, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AdminRole {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl AdminRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Viewer => "viewer",
+            AdminRole::Operator => "operator",
+            AdminRole::Admin => "admin",
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The highest role `user` holds, if any.
+    pub fn role_of(&self, user: &str) -> Option<AdminRole> {
+        let has = |l: &[String]| l.iter().any(|u| u == user);
+        if has(&self.admins) {
+            Some(AdminRole::Admin)
+        } else if has(&self.operators) {
+            Some(AdminRole::Operator)
+        } else if has(&self.viewers) {
+            Some(AdminRole::Viewer)
+        } else {
+            None
         }
     }
 }
@@ -859,6 +964,32 @@ impl Config {
                     }
                 }
             }
+        }
+        let a = &self.admin;
+        for (key, v, lo, hi) in [
+            ("heartbeat_ms", a.heartbeat_ms, 100, 600_000),
+            ("missing_after_ms", a.missing_after_ms, 300, 3_600_000),
+            ("graph_interval_ms", a.graph_interval_ms, 100, 3_600_000),
+            ("answer_timeout_ms", a.answer_timeout_ms, 100, 600_000),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                p.push(format!("admin.{key} = {v}: must be {lo}..={hi}"));
+            }
+        }
+        if a.missing_after_ms < a.heartbeat_ms * 2 {
+            p.push(format!(
+                "admin.missing_after_ms = {} must be at least twice admin.heartbeat_ms ({}), or live nodes show as missing",
+                a.missing_after_ms, a.heartbeat_ms
+            ));
+        }
+        if a.graph_retention_days == 0 {
+            p.push("admin.graph_retention_days must be at least 1".into());
+        }
+        if !is_amqp_name(&self.node.name) {
+            p.push(format!(
+                "node.name = {:?}: may hold only letters, digits, '_' and '-' (it names the node's admin queue)",
+                self.node.name
+            ));
         }
         for (name, b) in &self.brokers {
             if !is_amqp_name(name) {

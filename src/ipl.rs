@@ -13,6 +13,9 @@ use rand::RngCore;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::agent::Agent;
+use crate::admin::plane::Plane;
+use crate::broker::control::Controls;
 use crate::broker::dedup::Dedup;
 use crate::broker::dispatcher::Dispatcher;
 use crate::broker::shared::{BrokerSpec, Limits, Shared, TemplateScope};
@@ -129,6 +132,9 @@ pub struct Node {
     pub http_addr: Option<std::net::SocketAddr>,
     /// Stops the HTTP port, after the drain (it answers "draining" until then).
     http_stop: CancellationToken,
+    /// Cancelled by an admin `shutdown`: the binary then stops the node as
+    /// on SIGTERM.
+    pub shutdown: CancellationToken,
 }
 
 /// Everything the services step found, so `beds check --online` can report
@@ -218,6 +224,10 @@ impl Node {
             metrics: Arc::new(Metrics::new(&config.node.name, &config.node.role)),
             probe: Default::default(),
             reloader: Default::default(),
+            controls: Controls::new(
+                config.node_brokers().iter().map(|(n, _)| n.as_str()),
+                config.dispatch.prefetch,
+            ),
         });
         // Before anything connects: a taken port fails at once, and
         // /healthz and /readyz answer during IPL.
@@ -259,6 +269,7 @@ impl Node {
                     service,
                     http_addr,
                     http_stop,
+                    shutdown: CancellationToken::new(),
                 };
                 node.serve(config, dir).await;
                 Ok(node)
@@ -306,6 +317,51 @@ impl Node {
             running: Default::default(),
         }));
         s.readiness.phase(&self.ready_line(config));
+        self.admin_plane(config).await;
+    }
+
+    /// Every node's admin agent; the admin role's plane too.
+    async fn admin_plane(&self, config: &Config) {
+        let agent = Arc::new(Agent::new(
+            config,
+            self.link.clone(),
+            self.service.clone(),
+            self.registry.clone(),
+            self.shutdown.clone(),
+            self.supervisor.token(),
+        ));
+        let a = agent.clone();
+        self.supervisor
+            .spawn("admin commands".into(), move || a.clone().run_commands());
+        self.supervisor
+            .spawn("admin heartbeat".into(), move || agent.clone().run_beacon());
+        if !config.roles.get(&config.node.role).is_some_and(|r| r.admin) {
+            return;
+        }
+        let plane = Arc::new(Plane::new(
+            config,
+            self.link.clone(),
+            self.events.clone(),
+            self.writer.collection(),
+            self.supervisor.token(),
+        ));
+        if let Err(e) = plane.ensure_indexes().await {
+            tracing::warn!(error = %e, "admin plane: the counters' TTL index could not be made; retried at the next start");
+        }
+        let p = plane.clone();
+        self.supervisor
+            .spawn("admin plane commands".into(), move || {
+                p.clone().run_commands()
+            });
+        let p = plane.clone();
+        self.supervisor
+            .spawn("admin plane membership".into(), move || {
+                p.clone().run_membership()
+            });
+        self.supervisor
+            .spawn("admin plane counters".into(), move || {
+                plane.clone().run_graphs()
+            });
     }
 
     /// What `systemctl status` shows while the node serves.
@@ -508,6 +564,10 @@ impl Node {
                     link: link.clone(),
                     id,
                     stop: supervisor.token(),
+                    control: service
+                        .controls
+                        .watch(&spec.name)
+                        .expect("a control per broker of the node"),
                 };
                 supervisor.spawn(format!("dispatcher {} #{id}", spec.queue), move || {
                     d.clone().run()

@@ -10,6 +10,7 @@
 //! message path, [`service`] serves health, readiness, metrics and reload,
 //! and speaks sd_notify.
 
+pub mod admin;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -22,11 +22,13 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::Channel;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::action::Action;
+use super::control::Control;
 use super::headers::traceparent;
 use super::outcome::{finish, quarantine};
 use super::reply::{Outline, Reply};
@@ -56,6 +58,10 @@ pub struct Dispatcher {
     pub id: usize,
     /// The node's stop signal: stop consuming and drain.
     pub stop: CancellationToken,
+    /// Pause and prefetch from admin commands (`pause`, `drain`,
+    /// `prefetch`): a change ends the consumer once in-flight requests
+    /// are done, and the next one follows it.
+    pub control: watch::Receiver<Control>,
 }
 
 impl Dispatcher {
@@ -74,10 +80,20 @@ impl Dispatcher {
                     tracing::info!(queue = %self.broker.queue, "database answers: running held requests");
                 }
             }
+            let control = *self.control.borrow_and_update();
+            if control.paused {
+                tracing::info!(broker = %self.broker.name, queue = %self.broker.queue, "paused by an admin command");
+                tokio::select! {
+                    _ = self.stop.cancelled() => break,
+                    r = self.control.wait_for(|c| !c.paused) => if r.is_err() { break },
+                }
+                tracing::info!(broker = %self.broker.name, queue = %self.broker.queue, "resumed");
+                continue;
+            }
             // Opening may hang on a partitioned network: shutdown wins.
             let opened = tokio::select! {
                 _ = self.stop.cancelled() => break,
-                r = open(&self.link, &self.shared, &self.broker, self.id) => r,
+                r = open(&self.link, &self.shared, &self.broker, self.id, control.prefetch) => r,
             };
             let served = match opened {
                 Ok((ch, tag, consumer)) => self.consume(&tracker, ch, tag, consumer).await,
@@ -113,12 +129,19 @@ impl Dispatcher {
         // Cancelled when the drain timeout ends: requests still running then
         // stop where they are, unacknowledged, and go back to the queue.
         let cut = CancellationToken::new();
+        // Set when the database went down or an admin command changed the
+        // control: in-flight requests then finish on this channel.
         let mut gate_closed = false;
+        let mut control = self.control.clone();
         let result = loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break Ok(()),
                 _ = &mut down => {
+                    gate_closed = true;
+                    break Ok(());
+                }
+                _ = control.changed() => {
                     gate_closed = true;
                     break Ok(());
                 }
@@ -144,8 +167,9 @@ impl Dispatcher {
             .await;
         tracker.close();
         if gate_closed {
-            // The database went down: requests already started end on their
-            // own (adapter calls are bounded) and are held or answered.
+            // The database went down (or a pause): requests already started
+            // end on their own (adapter calls are bounded) and are held or
+            // answered.
             // Closing the channel under them would run them again. Only a
             // stop cuts this wait short, down to the drain timeout.
             tokio::select! {
@@ -175,10 +199,10 @@ async fn open(
     shared: &Shared,
     broker: &BrokerSpec,
     id: usize,
+    prefetch: u16,
 ) -> Result<(Channel, String, lapin::Consumer), lapin::Error> {
     let ch = link.channel().await?;
-    ch.basic_qos(shared.limits.prefetch, BasicQosOptions::default())
-        .await?;
+    ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let tag = format!(
         "{}.{}.{}.{}",

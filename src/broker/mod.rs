@@ -2,6 +2,7 @@
 //! and the dispatchers that consume the broker queues.
 
 pub mod action;
+pub mod control;
 pub mod dedup;
 pub mod dispatcher;
 pub mod headers;

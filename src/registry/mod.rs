@@ -149,6 +149,9 @@ pub struct Registry {
     /// serve (another role's): asked for here, they are `WRONG_BROKER`,
     /// not `UNKNOWN_TEMPLATE`.
     elsewhere: std::collections::HashSet<String>,
+    /// Short hash of the loaded files' names and contents: nodes serving
+    /// the same set report the same version (admin `status`, heartbeats).
+    version: String,
 }
 
 impl Registry {
@@ -156,6 +159,11 @@ impl Registry {
         self.templates
             .get(name)
             .ok_or_else(|| RequestError::UnknownTemplate(name.to_string()))
+    }
+
+    /// The template set version (12 hex digits of a SHA-256).
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// Whether `name` is a template of the folder served by another
@@ -196,6 +204,7 @@ impl Registry {
         paths.sort();
         let mut reg = Registry::default();
         let mut origin: HashMap<String, String> = HashMap::new();
+        let mut hash = <sha2::Sha256 as sha2::Digest>::new();
         for path in paths {
             let file = path.display().to_string();
             let text = match std::fs::read_to_string(&path) {
@@ -224,12 +233,20 @@ impl Registry {
                         continue;
                     }
                     origin.insert(t.name.clone(), file);
+                    sha2::Digest::update(&mut hash, t.name.as_bytes());
+                    sha2::Digest::update(&mut hash, [0]);
+                    sha2::Digest::update(&mut hash, text.as_bytes());
+                    sha2::Digest::update(&mut hash, [0]);
                     reg.templates.insert(t.name.clone(), Arc::new(t));
                 }
                 Err(errs) => problems.extend(errs.into_iter().map(|e| format!("{file}: {e}"))),
             }
         }
         if problems.is_empty() {
+            reg.version = sha2::Digest::finalize(hash)[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
             Ok(reg)
         } else {
             Err(problems)

@@ -40,6 +40,8 @@ pub struct Endpoints {
     pub metrics: Arc<Metrics>,
     pub probe: std::sync::OnceLock<Arc<Probe>>,
     pub reloader: std::sync::OnceLock<Arc<Reloader>>,
+    /// Pause and prefetch of each broker, set by admin commands.
+    pub controls: crate::broker::control::Controls,
 }
 
 /// Binds `listen` (before IPL, so a taken port fails fast and `/healthz`

@@ -109,6 +109,9 @@ pub struct Metrics {
     /// What the log's drop counters said at the last scrape (they are
     /// cumulative elsewhere; Prometheus counters only go up).
     seen_dropped: [AtomicI64; 2],
+    /// Per-broker totals and counter windows for admin `status` and the
+    /// admin counters (Prometheus families cannot be read back).
+    pub tally: super::tally::Tally,
 }
 
 fn histogram() -> Histogram {
@@ -139,6 +142,7 @@ impl Metrics {
             templates: Gauge::default(),
             templates_loaded_at: Gauge::default(),
             seen_dropped: Default::default(),
+            tally: Default::default(),
             prom: Prom::default(),
         };
         prom.register(
@@ -288,6 +292,9 @@ impl Metrics {
                 broker: broker.clone(),
             })
             .observe(top.elapsed_us as f64 / 1e6);
+        let failed = (top.status != "ok").then(|| code(top));
+        self.tally
+            .record(&broker, failed.as_deref(), top.elapsed_us);
         match top.outcome.as_deref() {
             Some("retry") => {
                 self.retries
@@ -320,6 +327,15 @@ impl Metrics {
                 })
                 .inc();
         }
+    }
+
+    /// Requests running now on `broker`.
+    pub fn in_flight_now(&self, broker: &str) -> i64 {
+        self.in_flight
+            .get_or_create(&BrokerLabels {
+                broker: broker.to_string(),
+            })
+            .get()
     }
 
     /// A repeated write answered without running (`memory` or `inbox`).

@@ -1,0 +1,425 @@
+//! Every node's side of the admin plane, on its own channel and tasks:
+//! executes the commands the admin node forwards (`status`, `reload`,
+//! `pause`, `resume`, `prefetch`, `drain`, `shutdown`) and sends heartbeats
+//! and counter windows.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::topology::{self, GRAPH, OUT, SYSLOG};
+use super::{Command, Counters, Heartbeat, NodeAnswer, Verb};
+use crate::broker::AmqpLink;
+use crate::config::{AdminConfig, Config};
+use crate::logger::now_ms;
+use crate::registry::Registry;
+use crate::service::http::Endpoints;
+use crate::supervisor::Backoff;
+
+/// What a node's agent reaches.
+pub struct Agent {
+    pub node: String,
+    pub role: String,
+    pub prefix: String,
+    /// The brokers this node runs, with their dispatcher counts.
+    pub brokers: Vec<(String, usize)>,
+    /// The databases this node opened (for `status`).
+    pub databases: Vec<String>,
+    /// The node's own AMQP user: commands the admin plane forwards come
+    /// from it or from a user with the command's role.
+    pub amqp_user: String,
+    pub admin: AdminConfig,
+    pub link: Arc<AmqpLink>,
+    pub service: Arc<Endpoints>,
+    pub registry: Arc<ArcSwap<Registry>>,
+    pub started_ms: i64,
+    /// How long `drain` waits for in-flight requests.
+    pub drain: Duration,
+    /// Set by `drain`, cleared by `resume`: shown in `status`.
+    pub draining: AtomicBool,
+    /// Cancelled by `shutdown`: the binary then stops as on SIGTERM.
+    pub shutdown: CancellationToken,
+    /// The node's stop signal.
+    pub stop: CancellationToken,
+}
+
+impl Agent {
+    pub fn new(
+        config: &Config,
+        link: Arc<AmqpLink>,
+        service: Arc<Endpoints>,
+        registry: Arc<ArcSwap<Registry>>,
+        shutdown: CancellationToken,
+        stop: CancellationToken,
+    ) -> Agent {
+        Agent {
+            node: config.node.name.clone(),
+            role: config.node.role.clone(),
+            prefix: config.amqp.prefix.clone(),
+            brokers: config
+                .node_brokers()
+                .into_iter()
+                .map(|(n, b)| (n, b.instances))
+                .collect(),
+            databases: config.databases.keys().cloned().collect(),
+            amqp_user: config.amqp.user.clone(),
+            admin: config.admin.clone(),
+            link,
+            service,
+            registry,
+            started_ms: now_ms(),
+            drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
+            draining: AtomicBool::new(false),
+            shutdown,
+            stop,
+        }
+    }
+
+    /// Consumes this node's admin queue until stop, reconnecting with
+    /// backoff.
+    pub async fn run_commands(self: Arc<Self>) {
+        let mut backoff = Backoff::default();
+        while !self.stop.is_cancelled() {
+            match self.serve_commands().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, ?wait, "admin: command queue lost; reconnecting");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve_commands(&self) -> Result<(), lapin::Error> {
+        let ch = self.link.channel().await?;
+        topology::declare_shared(&ch, &self.prefix).await?;
+        let keys = [OUT.to_string(), topology::node_key(&self.node)];
+        let queue =
+            topology::private(&ch, &self.prefix, &format!("{OUT}.{}", self.node), &keys).await?;
+        let mut consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                format!("{}.admin", self.node).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        loop {
+            let delivery = tokio::select! {
+                _ = self.stop.cancelled() => {
+                    let _ = ch.close(200, "node stopping".into()).await;
+                    return Ok(());
+                }
+                d = consumer.next() => match d {
+                    Some(d) => d?,
+                    None => return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "admin consumer ended").into()),
+                },
+            };
+            let answer = self.answer(&delivery.properties, &delivery.data).await;
+            let then_stop = answer.ok
+                && serde_json::from_slice::<Command>(&delivery.data)
+                    .is_ok_and(|c| c.command == Verb::Shutdown);
+            if let (Some(reply_to), Ok(body)) =
+                (delivery.properties.reply_to(), serde_json::to_vec(&answer))
+            {
+                let mut props =
+                    BasicProperties::default().with_content_type("application/json".into());
+                if let Some(c) = delivery.properties.correlation_id() {
+                    props = props.with_correlation_id(c.clone());
+                }
+                // Without a confirm: the admin node waits for it anyway,
+                // and names this node missing if it never comes.
+                let _ = ch
+                    .basic_publish(
+                        "".into(),
+                        reply_to.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await;
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+            if then_stop {
+                tracing::warn!("admin: shutdown requested; draining and exiting");
+                self.shutdown.cancel();
+            }
+        }
+    }
+
+    /// Checks who sent the command and runs it.
+    async fn answer(&self, props: &BasicProperties, body: &[u8]) -> NodeAnswer {
+        let mut a = NodeAnswer {
+            node: self.node.clone(),
+            role: self.role.clone(),
+            ok: false,
+            error: None,
+            result: Value::Null,
+        };
+        let cmd = match serde_json::from_slice::<Command>(body) {
+            Ok(c) => c,
+            Err(e) => {
+                a.error = Some(format!("not a command: {e}"));
+                return a;
+            }
+        };
+        // RabbitMQ verified user_id: the admin node's own account, or a
+        // user holding the command's role.
+        let sender = props.user_id().as_ref().map(|u| u.to_string());
+        let allowed = sender.as_deref().is_some_and(|u| {
+            u == self.amqp_user
+                || self
+                    .admin
+                    .role_of(u)
+                    .is_some_and(|r| r >= cmd.command.needs())
+        });
+        if !allowed {
+            a.error = Some(format!(
+                "{} refused: sender {} is not allowed",
+                cmd.command.as_str(),
+                sender.as_deref().unwrap_or("(no user_id)")
+            ));
+            return a;
+        }
+        match self.execute(&cmd).await {
+            Ok(v) => {
+                a.ok = true;
+                a.result = v;
+            }
+            Err(e) => a.error = Some(e),
+        }
+        a
+    }
+
+    pub async fn execute(&self, cmd: &Command) -> Result<Value, String> {
+        if let Some(p) = cmd.problem() {
+            return Err(p);
+        }
+        let controls = &self.service.controls;
+        match cmd.command {
+            Verb::Status => Ok(self.status()),
+            Verb::Reload => {
+                let Some(r) = self.service.reloader.get() else {
+                    return Err("the node is not serving yet".into());
+                };
+                let r = r.reload().await;
+                let out = json!({
+                    "templates": r.templates,
+                    "version": self.registry.load().version(),
+                    "problems": r.problems,
+                });
+                if r.ok {
+                    Ok(out)
+                } else {
+                    Err(format!(
+                        "the new template set was refused; the old one ({}) keeps serving: {}",
+                        self.registry.load().version(),
+                        r.problems.join("; ")
+                    ))
+                }
+            }
+            Verb::Pause | Verb::Resume => {
+                let pause = cmd.command == Verb::Pause;
+                let changed = controls.set(cmd.broker.as_deref(), |c| c.paused = pause)?;
+                if !pause && cmd.broker.is_none() {
+                    self.draining.store(false, Ordering::Relaxed);
+                }
+                tracing::info!(brokers = ?changed, "admin: {}", cmd.command.as_str());
+                Ok(json!({ if pause { "paused" } else { "resumed" }: changed }))
+            }
+            Verb::Prefetch => {
+                let n = cmd.prefetch.unwrap_or(1);
+                let changed = controls.set(cmd.broker.as_deref(), |c| c.prefetch = n)?;
+                tracing::info!(brokers = ?changed, prefetch = n, "admin: prefetch changed");
+                Ok(json!({ "prefetch": n, "brokers": changed }))
+            }
+            Verb::Drain | Verb::Shutdown => {
+                // Shutdown drains in the binary's own stop; this answers
+                // first, then the node stops.
+                if cmd.command == Verb::Shutdown {
+                    return Ok(json!({ "stopping": true, "in_flight": self.in_flight() }));
+                }
+                self.draining.store(true, Ordering::Relaxed);
+                controls.set(None, |c| c.paused = true)?;
+                let end = tokio::time::Instant::now() + self.drain;
+                while self.in_flight() > 0 && tokio::time::Instant::now() < end {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let left = self.in_flight();
+                tracing::info!(
+                    in_flight = left,
+                    "admin: drained; consuming nothing until resume"
+                );
+                Ok(json!({ "drained": left == 0, "in_flight": left }))
+            }
+        }
+    }
+
+    fn in_flight(&self) -> i64 {
+        self.brokers
+            .iter()
+            .map(|(b, _)| self.service.metrics.in_flight_now(b))
+            .sum()
+    }
+
+    /// The `status` of this node.
+    pub fn status(&self) -> Value {
+        let totals = self.service.metrics.tally.totals();
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        let mut handled = 0;
+        let brokers: Vec<Value> = self
+            .brokers
+            .iter()
+            .map(|(name, instances)| {
+                let c = self.service.controls.get(name);
+                let t = totals.get(name).cloned().unwrap_or_default();
+                handled += t.handled;
+                for (code, n) in &t.errors {
+                    *errors.entry(code.clone()).or_default() += n;
+                }
+                json!({
+                    "name": name,
+                    "instances": instances,
+                    "prefetch": c.map(|c| c.prefetch),
+                    "paused": c.is_some_and(|c| c.paused),
+                    "in_flight": self.service.metrics.in_flight_now(name),
+                    "handled": t.handled,
+                    "errors": t.errors,
+                })
+            })
+            .collect();
+        let ready = self.service.readiness.report();
+        let down = ready["down"].as_object().cloned().unwrap_or_default();
+        let databases: BTreeMap<&String, String> = self
+            .databases
+            .iter()
+            .map(|d| {
+                let state = match down.get(&format!("database {d}")) {
+                    Some(why) => format!("down: {}", why.as_str().unwrap_or("?")),
+                    None => "up".to_string(),
+                };
+                (d, state)
+            })
+            .collect();
+        let registry = self.registry.load();
+        let state = if self.draining.load(Ordering::Relaxed) {
+            "drained"
+        } else if !self.service.readiness.is_serving() {
+            "stopping"
+        } else {
+            "serving"
+        };
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "state": state,
+            "ready": ready["ready"],
+            "uptime_s": (now_ms() - self.started_ms) / 1000,
+            "templates": { "version": registry.version(), "count": registry.len() },
+            "in_flight": self.in_flight(),
+            "handled": handled,
+            "errors": errors,
+            "brokers": brokers,
+            "databases": databases,
+        })
+    }
+
+    /// Heartbeats every `admin.heartbeat_ms` and counter windows every
+    /// `admin.graph_interval_ms`; a last heartbeat saying the node leaves.
+    pub async fn run_beacon(self: Arc<Self>) {
+        let mut beat = tokio::time::interval(Duration::from_millis(self.admin.heartbeat_ms));
+        let window = Duration::from_millis(self.admin.graph_interval_ms);
+        let mut graph = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+        let mut ch: Option<Channel> = None;
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    if let Some(c) = &ch {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), self.send(c, SYSLOG, &self.heartbeat(false))).await;
+                        let _ = c.close(200, "node stopping".into()).await;
+                    }
+                    return;
+                }
+                _ = beat.tick() => {
+                    let hb = self.heartbeat(true);
+                    self.send_on(&mut ch, SYSLOG, &hb).await;
+                }
+                _ = graph.tick() => {
+                    let c = Counters {
+                        node: self.node.clone(),
+                        role: self.role.clone(),
+                        ts_ms: now_ms(),
+                        window_ms: window.as_millis() as u64,
+                        in_flight: self.in_flight(),
+                        brokers: self.service.metrics.tally.take_window(),
+                    };
+                    self.send_on(&mut ch, GRAPH, &c).await;
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&self, alive: bool) -> Heartbeat {
+        Heartbeat {
+            node: self.node.clone(),
+            role: self.role.clone(),
+            brokers: self.brokers.iter().map(|(b, _)| b.clone()).collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            templates: self.registry.load().version().to_string(),
+            started_ms: self.started_ms,
+            ts_ms: now_ms(),
+            alive,
+        }
+    }
+
+    /// Publishes on a channel opened on demand; a failure drops the
+    /// channel (the next tick opens another) and is only logged: a
+    /// heartbeat lost is a heartbeat late.
+    async fn send_on<T: serde::Serialize>(&self, ch: &mut Option<Channel>, key: &str, body: &T) {
+        if ch.as_ref().is_none_or(|c| !c.status().connected()) {
+            *ch = match self.link.channel().await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::debug!(error = %e, "admin: no channel for {key}");
+                    return;
+                }
+            };
+        }
+        if let Some(c) = ch.as_ref() {
+            if let Err(e) = self.send(c, key, body).await {
+                tracing::debug!(error = %e, "admin: {key} not sent");
+                *ch = None;
+            }
+        }
+    }
+
+    async fn send<T: serde::Serialize>(
+        &self,
+        ch: &Channel,
+        key: &str,
+        body: &T,
+    ) -> Result<(), lapin::Error> {
+        let body = serde_json::to_vec(body).unwrap_or_default();
+        ch.basic_publish(
+            self.prefix.as_str().into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
+        .map(|_| ())
+    }
+}

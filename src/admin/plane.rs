@@ -1,0 +1,538 @@
+//! The admin node's side of the admin plane: authorizes `beds admin`
+//! commands, fans them out to the nodes and collects their answers, keeps
+//! the membership from heartbeats, and stores counter windows in MongoDB.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use mongodb::bson::{doc, Document};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, IndexModel};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::topology::{self, OUT, SYSLOG};
+use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb};
+use crate::broker::AmqpLink;
+use crate::config::{AdminConfig, Config};
+use crate::logger::{new_id, now_ms, Event, EventLog};
+use crate::supervisor::Backoff;
+
+/// Who called, carried to the nodes for their logs.
+pub const CALLER_HEADER: &str = "x-beds-admin-caller";
+
+/// A node the admin node has heard of.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub heartbeat: Heartbeat,
+    pub seen: Instant,
+}
+
+pub struct Plane {
+    pub node: String,
+    pub prefix: String,
+    pub amqp_user: String,
+    pub admin: AdminConfig,
+    /// Added to the answer wait of `drain` (which waits for in-flight work).
+    pub drain: Duration,
+    pub link: Arc<AmqpLink>,
+    pub events: EventLog,
+    /// Where counter windows go (`None`: no event-log database).
+    pub graphs: Option<Collection<Document>>,
+    pub members: Mutex<BTreeMap<String, Member>>,
+    pub stop: CancellationToken,
+}
+
+impl Plane {
+    pub fn new(
+        config: &Config,
+        link: Arc<AmqpLink>,
+        events: EventLog,
+        log: Option<&Collection<Document>>,
+        stop: CancellationToken,
+    ) -> Plane {
+        let graphs = log.map(|c| {
+            c.client()
+                .database(&c.namespace().db)
+                .collection(&config.admin.graph_collection)
+        });
+        Plane {
+            node: config.node.name.clone(),
+            prefix: config.amqp.prefix.clone(),
+            amqp_user: config.amqp.user.clone(),
+            admin: config.admin.clone(),
+            drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
+            link,
+            events,
+            graphs,
+            members: Mutex::default(),
+            stop,
+        }
+    }
+
+    /// The counters' TTL index (the admin node owns the collection, as
+    /// BEDS owns the event log's).
+    pub async fn ensure_indexes(&self) -> Result<(), String> {
+        let Some(c) = &self.graphs else { return Ok(()) };
+        let ttl = Duration::from_secs(u64::from(self.admin.graph_retention_days) * 86_400);
+        let models = vec![
+            IndexModel::builder()
+                .keys(doc! {"ts": 1})
+                .options(
+                    IndexOptions::builder()
+                        .name("ts_ttl".to_string())
+                        .expire_after(ttl)
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! {"node": 1, "ts": -1})
+                .options(IndexOptions::builder().name("node_ts".to_string()).build())
+                .build(),
+        ];
+        c.create_indexes(models)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs `serve` until stop, reconnecting with backoff.
+    async fn forever<F, Fut>(&self, what: &str, serve: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), lapin::Error>>,
+    {
+        let mut backoff = Backoff::default();
+        while !self.stop.is_cancelled() {
+            if let Err(e) = serve().await {
+                let wait = backoff.next_delay();
+                tracing::warn!(error = %e, ?wait, "admin plane: {what} lost; reconnecting");
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// Keeps the membership from every heartbeat.
+    pub async fn run_membership(self: Arc<Self>) {
+        self.forever("heartbeat queue", || self.membership()).await
+    }
+
+    async fn membership(&self) -> Result<(), lapin::Error> {
+        let ch = self.link.channel().await?;
+        topology::declare_shared(&ch, &self.prefix).await?;
+        let q = topology::private(
+            &ch,
+            &self.prefix,
+            &format!("{SYSLOG}.{}", self.node),
+            &[SYSLOG.to_string()],
+        )
+        .await?;
+        let mut c = consume(&ch, &q, true).await?;
+        loop {
+            let d = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
+            };
+            match serde_json::from_slice::<Heartbeat>(&d.data) {
+                Ok(hb) => self.heard(hb),
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin plane: a heartbeat that does not parse; ignored")
+                }
+            }
+        }
+    }
+
+    pub fn heard(&self, hb: Heartbeat) {
+        let mut m = self.members.lock().unwrap();
+        if hb.alive {
+            if !m.contains_key(&hb.node) {
+                tracing::info!(node = %hb.node, role = %hb.role, "admin plane: node joined");
+            }
+            m.insert(
+                hb.node.clone(),
+                Member {
+                    heartbeat: hb,
+                    seen: Instant::now(),
+                },
+            );
+        } else if m.remove(&hb.node).is_some() {
+            tracing::info!(node = %hb.node, "admin plane: node left");
+        }
+    }
+
+    /// Stores each counter window once (the queue is shared by admin nodes).
+    pub async fn run_graphs(self: Arc<Self>) {
+        self.forever("counter queue", || self.graphs()).await
+    }
+
+    async fn graphs(&self) -> Result<(), lapin::Error> {
+        let ch = self.link.channel().await?;
+        ch.basic_qos(64, BasicQosOptions::default()).await?;
+        topology::declare_shared(&ch, &self.prefix).await?;
+        let mut c = consume(&ch, &topology::graph_queue(&self.prefix), false).await?;
+        loop {
+            let d = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
+            };
+            let stored = match (serde_json::from_slice::<Counters>(&d.data), &self.graphs) {
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "admin plane: counters that do not parse; dropped");
+                    true
+                }
+                (Ok(_), None) => true,
+                (Ok(c), Some(coll)) => match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    coll.insert_one(counters_doc(&c)),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "admin plane: counters not stored; kept in the queue");
+                        false
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "admin plane: counters not stored within 10 s; kept in the queue"
+                        );
+                        false
+                    }
+                },
+            };
+            if stored {
+                d.ack(BasicAckOptions::default()).await?;
+            } else {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                d.nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await?;
+            }
+        }
+    }
+
+    /// Answers `beds admin` commands.
+    pub async fn run_commands(self: Arc<Self>) {
+        let me = self.clone();
+        self.forever("command queue", || me.clone().commands())
+            .await
+    }
+
+    async fn commands(self: Arc<Self>) -> Result<(), lapin::Error> {
+        let ch = self.link.channel().await?;
+        ch.basic_qos(8, BasicQosOptions::default()).await?;
+        topology::declare_shared(&ch, &self.prefix).await?;
+        let mut c = consume(&ch, &topology::in_queue(&self.prefix), false).await?;
+        let running = TaskTracker::new();
+        let result = loop {
+            let d = tokio::select! {
+                _ = self.stop.cancelled() => break Ok(()),
+                d = c.next() => match d { Some(Ok(d)) => d, Some(Err(e)) => break Err(e), None => break Err(closed()) },
+            };
+            // Side by side: a drain waiting on one node does not hold up a
+            // status.
+            let (me, ch) = (self.clone(), ch.clone());
+            running.spawn(async move {
+                let started = Instant::now();
+                let caller = d.properties.user_id().as_ref().map(|u| u.to_string());
+                let (answer, cmd) = me.handle(caller.as_deref(), &d.data).await;
+                me.log(&answer, cmd.as_ref(), caller.as_deref(), started);
+                if let Some(reply_to) = d.properties.reply_to() {
+                    let mut props =
+                        BasicProperties::default().with_content_type("application/json".into());
+                    if let Some(id) = d.properties.correlation_id() {
+                        props = props.with_correlation_id(id.clone());
+                    }
+                    let body = serde_json::to_vec(&answer).unwrap_or_default();
+                    let _ = ch
+                        .basic_publish(
+                            "".into(),
+                            reply_to.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &body,
+                            props,
+                        )
+                        .await;
+                }
+                let _ = d.ack(BasicAckOptions::default()).await;
+            });
+        };
+        running.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), running.wait()).await;
+        result
+    }
+
+    /// Checks, forwards, collects.
+    pub async fn handle(
+        &self,
+        caller: Option<&str>,
+        body: &[u8],
+    ) -> (PlaneAnswer, Option<Command>) {
+        let refuse = |command: &str, why: String| PlaneAnswer {
+            ok: false,
+            command: command.to_string(),
+            error: Some(why),
+            asked: 0,
+            answered: 0,
+            missing: Vec::new(),
+            nodes: Vec::new(),
+        };
+        let cmd = match serde_json::from_slice::<Command>(body) {
+            Ok(c) => c,
+            Err(e) => return (refuse("?", format!("not a command: {e}")), None),
+        };
+        let verb = cmd.command.as_str();
+        if let Some(p) = cmd.problem() {
+            return (refuse(verb, p), Some(cmd));
+        }
+        let Some(user) = caller else {
+            return (refuse(verb, "the command carries no user_id: send it with the AMQP user_id property (beds admin does)".into()), Some(cmd));
+        };
+        let role = self.admin.role_of(user);
+        if role.is_none_or(|r| r < cmd.command.needs()) {
+            let has = role.map_or("no admin role".to_string(), |r| {
+                format!("role {}", r.as_str())
+            });
+            return (
+                refuse(
+                    verb,
+                    format!(
+                        "user {user} ({has}) may not run {verb}: it needs role {} (config [admin])",
+                        cmd.command.needs().as_str()
+                    ),
+                ),
+                Some(cmd),
+            );
+        }
+        let known: Vec<String> = self.members.lock().unwrap().keys().cloned().collect();
+        let asked: BTreeSet<String> = match &cmd.node {
+            Some(n) => [n.clone()].into(),
+            None => known.iter().cloned().collect(),
+        };
+        if asked.is_empty() {
+            return (
+                refuse(
+                    verb,
+                    format!(
+                        "no node is known yet: nodes announce themselves every {} ms on {SYSLOG}",
+                        self.admin.heartbeat_ms
+                    ),
+                ),
+                Some(cmd),
+            );
+        }
+        let mut wait = Duration::from_millis(self.admin.answer_timeout_ms);
+        if cmd.command == Verb::Drain {
+            wait += self.drain;
+        }
+        let nodes = match self.forward(&cmd, user, &asked, wait).await {
+            Ok(n) => n,
+            Err(e) => {
+                return (
+                    refuse(verb, format!("forwarding to the nodes failed: {e}")),
+                    Some(cmd),
+                )
+            }
+        };
+        let answered: BTreeSet<&String> = nodes.iter().map(|a| &a.node).collect();
+        let missing: Vec<String> = asked
+            .iter()
+            .filter(|n| !answered.contains(n))
+            .cloned()
+            .collect();
+        let error = match (&cmd.node, missing.is_empty()) {
+            (Some(n), false) if !known.contains(n) => Some(format!(
+                "no node named {n} is known (known: {})",
+                known.join(", ")
+            )),
+            _ => None,
+        };
+        let answer = PlaneAnswer {
+            ok: missing.is_empty() && error.is_none() && nodes.iter().all(|a| a.ok),
+            command: verb.to_string(),
+            error,
+            asked: asked.len().max(answered.len()),
+            answered: nodes.len(),
+            missing,
+            nodes,
+        };
+        (answer, Some(cmd))
+    }
+
+    /// Publishes `cmd` to `asked` and gathers answers until all of them
+    /// answered or `wait` ends.
+    async fn forward(
+        &self,
+        cmd: &Command,
+        caller: &str,
+        asked: &BTreeSet<String>,
+        wait: Duration,
+    ) -> Result<Vec<NodeAnswer>, lapin::Error> {
+        let ch = self.link.channel().await?;
+        let q = ch
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let reply = q.name().to_string();
+        let mut answers = consume(&ch, &reply, true).await?;
+        let id = new_id();
+        let key = match &cmd.node {
+            Some(n) => topology::node_key(n),
+            None => OUT.to_string(),
+        };
+        let mut headers = FieldTable::default();
+        headers.insert(CALLER_HEADER.into(), AMQPValue::LongString(caller.into()));
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_reply_to(reply.as_str().into())
+            .with_correlation_id(id.as_str().into())
+            .with_user_id(self.amqp_user.as_str().into())
+            .with_expiration(wait.as_millis().to_string().as_str().into())
+            .with_headers(headers);
+        let body = serde_json::to_vec(cmd).unwrap_or_default();
+        ch.basic_publish(
+            self.prefix.as_str().into(),
+            key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await?;
+        let mut got: BTreeMap<String, NodeAnswer> = BTreeMap::new();
+        let _ = tokio::time::timeout(wait, async {
+            while let Some(Ok(d)) = answers.next().await {
+                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) != Some(id.as_str()) {
+                    continue;
+                }
+                if let Ok(a) = serde_json::from_slice::<NodeAnswer>(&d.data) {
+                    got.insert(a.node.clone(), a);
+                }
+                if asked.iter().all(|n| got.contains_key(n)) {
+                    break;
+                }
+            }
+        })
+        .await;
+        let _ = ch.close(200, "answers collected".into()).await;
+        Ok(got.into_values().collect())
+    }
+
+    /// The `admin` event: who ran what, and how it went.
+    fn log(&self, a: &PlaneAnswer, cmd: Option<&Command>, caller: Option<&str>, started: Instant) {
+        let target = cmd.map(|c| {
+            let mut t = c.node.clone().unwrap_or_else(|| "all nodes".into());
+            if let Some(b) = &c.broker {
+                t = format!("{b} on {t}");
+            }
+            t
+        });
+        let message = match &a.error {
+            Some(e) => e.clone(),
+            None => format!(
+                "{} {}: {}/{} nodes answered{}{}",
+                a.command,
+                target.unwrap_or_default(),
+                a.answered,
+                a.asked,
+                if a.missing.is_empty() {
+                    String::new()
+                } else {
+                    format!("; missing: {}", a.missing.join(", "))
+                },
+                a.nodes
+                    .iter()
+                    .filter(|n| !n.ok)
+                    .map(|n| format!("; {} failed: {}", n.node, n.error.as_deref().unwrap_or("?")))
+                    .collect::<String>(),
+            ),
+        };
+        tracing::info!(user = caller.unwrap_or("-"), ok = a.ok, "admin: {message}");
+        self.events.emit(Event {
+            event_id: new_id(),
+            kind: "admin".into(),
+            ts_ms: now_ms(),
+            broker: Some(topology::IN.into()),
+            op: Some(a.command.clone()),
+            status: if a.ok { "ok" } else { "error" }.into(),
+            code: (!a.ok).then(|| {
+                if a.asked == 0 {
+                    "REFUSED"
+                } else {
+                    "INCOMPLETE"
+                }
+                .to_string()
+            }),
+            message: Some(message),
+            elapsed_us: started.elapsed().as_micros() as u64,
+            attempt: 1,
+            user_id: caller.map(str::to_string),
+            ..Default::default()
+        });
+    }
+}
+
+async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Result<lapin::Consumer, lapin::Error> {
+    ch.basic_consume(
+        queue.into(),
+        "".into(),
+        BasicConsumeOptions {
+            no_ack,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+fn closed() -> lapin::Error {
+    lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()
+}
+
+/// One counter window as stored: a BSON date for the TTL index.
+fn counters_doc(c: &Counters) -> Document {
+    let brokers: Vec<Document> = c
+        .brokers
+        .iter()
+        .map(|b| {
+            doc! {
+                "broker": &b.broker,
+                "requests": b.requests as i64,
+                "errors": b.errors as i64,
+                "p50_us": b.p50_us as i64,
+                "p95_us": b.p95_us as i64,
+                "p99_us": b.p99_us as i64,
+                "max_us": b.max_us as i64,
+            }
+        })
+        .collect();
+    doc! {
+        "node": &c.node,
+        "role": &c.role,
+        "ts": mongodb::bson::DateTime::from_millis(c.ts_ms),
+        "window_ms": c.window_ms as i64,
+        "in_flight": c.in_flight,
+        "brokers": brokers,
+    }
+}

@@ -231,20 +231,27 @@ impl Agent {
                     ))
                 }
             }
-            Verb::Pause | Verb::Resume => {
-                let pause = cmd.command == Verb::Pause;
-                let changed = controls.set(cmd.broker.as_deref(), |c| c.paused = pause)?;
-                if !pause && cmd.broker.is_none() {
+            Verb::Pause | Verb::Resume | Verb::Prefetch => {
+                // Sent to every node, a broker this node does not run is
+                // nothing to do here; sent to this node, it is a mistake.
+                if let Some(b) = &cmd.broker {
+                    if controls.get(b).is_none() && cmd.node.is_none() {
+                        return Ok(json!({ "brokers": [] }));
+                    }
+                }
+                let (pause, n) = (cmd.command == Verb::Pause, cmd.prefetch.unwrap_or(1));
+                let changed = controls.set(cmd.broker.as_deref(), |c| match cmd.command {
+                    Verb::Prefetch => c.prefetch = n,
+                    _ => c.paused = pause,
+                })?;
+                if cmd.command == Verb::Resume && cmd.broker.is_none() {
                     self.draining.store(false, Ordering::Relaxed);
                 }
                 tracing::info!(brokers = ?changed, "admin: {}", cmd.command.as_str());
-                Ok(json!({ if pause { "paused" } else { "resumed" }: changed }))
-            }
-            Verb::Prefetch => {
-                let n = cmd.prefetch.unwrap_or(1);
-                let changed = controls.set(cmd.broker.as_deref(), |c| c.prefetch = n)?;
-                tracing::info!(brokers = ?changed, prefetch = n, "admin: prefetch changed");
-                Ok(json!({ "prefetch": n, "brokers": changed }))
+                Ok(match cmd.command {
+                    Verb::Prefetch => json!({ "brokers": changed, "prefetch": n }),
+                    _ => json!({ "brokers": changed }),
+                })
             }
             Verb::Drain | Verb::Shutdown => {
                 // Shutdown drains in the binary's own stop; this answers

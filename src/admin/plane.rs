@@ -355,11 +355,17 @@ impl Plane {
             .filter(|n| !answered.contains(n))
             .cloned()
             .collect();
-        let error = match (&cmd.node, missing.is_empty()) {
-            (Some(n), false) if !known.contains(n) => Some(format!(
+        let untouched = nodes
+            .iter()
+            .all(|a| a.result["brokers"].as_array().is_some_and(|b| b.is_empty()));
+        let error = match (&cmd.node, &cmd.broker) {
+            (Some(n), _) if !missing.is_empty() && !known.contains(n) => Some(format!(
                 "no node named {n} is known (known: {})",
                 known.join(", ")
             )),
+            (None, Some(b)) if !nodes.is_empty() && untouched => {
+                Some(format!("no node that answered runs broker {b}"))
+            }
             _ => None,
         };
         let answer = PlaneAnswer {

@@ -46,6 +46,15 @@ impl Cluster {
         on_own_runtime(async move {
             mongo_script(&mdb, &root().join("utilities/mongo/session.json")).await;
         });
+        // A templates folder of its own, so a test may change it and reload.
+        let t = debris.dir.join("templates");
+        std::fs::create_dir_all(&t).unwrap();
+        for folder in ["templates", "tests/fixtures/templates"] {
+            for f in std::fs::read_dir(root().join(folder)).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, t.join(f.file_name().unwrap())).unwrap();
+            }
+        }
         write(&debris.dir, &debris.prefix, "");
         Cluster { debris }
     }
@@ -61,6 +70,29 @@ impl Cluster {
 
     pub fn config_dir(&self) -> std::path::PathBuf {
         self.debris.dir.join("config")
+    }
+
+    pub fn templates_dir(&self) -> std::path::PathBuf {
+        self.debris.dir.join("templates")
+    }
+
+    /// Runs `beds admin ARGS --json` on this installation: exit code and
+    /// the admin plane's answer (`Null` when stdout is not JSON).
+    pub async fn admin(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
+            .args(["--config-dir", self.config_dir().to_str().unwrap(), "admin"])
+            .args(args)
+            .arg("--json")
+            .env("BEDS_ENV", "dev")
+            .output()
+            .await
+            .unwrap();
+        let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        (
+            out.status.code().unwrap_or(-1),
+            v,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Starts a node of `role` named `name` and waits until it is ready.
@@ -128,7 +160,7 @@ name = "{prefix}"
 timeout_ms = 5000
 {extra}
 "#,
-        templates = root().join("templates").display(),
+        templates = dir.join("templates").display(),
         spool = dir.join("spool").display(),
         mongo = super::mongo_port(),
     );

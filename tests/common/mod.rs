@@ -540,9 +540,11 @@ pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
                     let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
                 }
             }
-            let _ = ch
-                .queue_delete(format!("{prefix}.test-replies").into(), Default::default())
-                .await;
+            for q in ["test-replies", "adminBrokerIn", "adminGraphBroker"] {
+                let _ = ch
+                    .queue_delete(format!("{prefix}.{q}").into(), Default::default())
+                    .await;
+            }
             let _ = ch.exchange_delete(prefix.into(), Default::default()).await;
         }
         let _ = conn.close(200, "".into()).await;

@@ -1,0 +1,311 @@
+//! The admin plane with several real `beds` processes of different roles
+//! on one RabbitMQ: `beds admin` (the binary) against an admin node, two
+//! appServer nodes and a segundo node.
+
+mod common;
+
+use std::time::Duration;
+
+use beds::client::{CallOptions, Client};
+use common::cluster::{Cluster, NodeProc};
+use serde_json::{json, Value};
+
+/// Fast heartbeats and counters, so the test does not wait long.
+const FAST: &str = "\n[admin]\nheartbeat_ms = 300\nmissing_after_ms = 1500\ngraph_interval_ms = 500\nanswer_timeout_ms = 3000\n";
+
+/// Waits until `status` hears from `n` nodes.
+async fn all_known(c: &Cluster, n: u64) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..100 {
+        let (_, v, _) = c.admin(&["status"]).await;
+        if v["answered"] == n && v["asked"] == n {
+            return v;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("status never heard {n} nodes; last: {last}");
+}
+
+fn node<'a>(answer: &'a Value, name: &str) -> &'a Value {
+    answer["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {answer}"))
+}
+
+fn opts(secs: u64) -> CallOptions {
+    CallOptions {
+        timeout: Duration::from_secs(secs),
+        ..Default::default()
+    }
+}
+
+async fn stop(mut n: NodeProc) -> i32 {
+    let pid = n.child.id().unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    n.child.wait().await.unwrap().code().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane() {
+    let c = Cluster::new("admin");
+    c.overlay(&format!("{FAST}admins = [\"guest\"]\n"));
+    let _adm = c.node("admin", "adm", &[]).await;
+    let app1 = c.node("appServer", "app-1", &[]).await;
+    let app2 = c.node("appServer", "app-2", &[]).await;
+    let _seg = c.node("segundo", "seg", &[]).await;
+    let client = Client::connect(common::AMQP_URL, c.prefix()).await.unwrap();
+
+    // status: every node, its role and brokers, healthy databases.
+    let s = all_known(&c, 4).await;
+    assert_eq!(s["ok"], true, "{s}");
+    assert_eq!(node(&s, "seg")["role"], "segundo");
+    let app = &node(&s, "app-1")["result"];
+    let brokers: Vec<&str> = app["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(brokers, ["rBroker", "wBroker", "mBroker"]);
+    assert_eq!(app["databases"]["primary"], "up");
+    assert_eq!(node(&s, "adm")["result"]["brokers"], json!([]));
+
+    // pause rBroker everywhere: reads wait in the queue; resume answers them.
+    let (code, p, _) = c.admin(&["pause", "rBroker"]).await;
+    assert_eq!(code, 0, "{p}");
+    assert_eq!(node(&p, "app-2")["result"]["brokers"], json!(["rBroker"]));
+    assert_eq!(node(&p, "seg")["result"]["brokers"], json!([]));
+    let read = json!({"template": "usr", "op": "list", "data": {"limit": 1}});
+    let waiting = client.call("rBroker", &read, &opts(2)).await;
+    assert!(waiting.is_err(), "a paused broker answered: {waiting:?}");
+    let s = c.admin(&["status"]).await.1;
+    assert_eq!(node(&s, "app-1")["result"]["brokers"][0]["paused"], true);
+    let writes = client
+        .call("wBroker", &json!({"template": "usr", "op": "create", "data": {"name": "W", "email": "w@example.org"}}), &opts(10))
+        .await
+        .unwrap();
+    assert!(writes.is_ok(), "wBroker kept serving: {writes:?}");
+    let (code, _, _) = c.admin(&["resume", "rBroker"]).await;
+    assert_eq!(code, 0);
+    assert!(client
+        .call("rBroker", &read, &opts(10))
+        .await
+        .unwrap()
+        .is_ok());
+
+    // A broker no node runs is an error, not silence.
+    let (code, v, _) = c.admin(&["pause", "xBroker"]).await;
+    assert_eq!(
+        (code, v["error"].as_str().unwrap_or("").contains("xBroker")),
+        (1, true),
+        "{v}"
+    );
+
+    // prefetch on one node.
+    let (code, v, _) = c
+        .admin(&["prefetch", "3", "--broker", "wBroker", "--node", "app-1"])
+        .await;
+    assert_eq!(code, 0, "{v}");
+    let s = c.admin(&["status"]).await.1;
+    assert_eq!(node(&s, "app-1")["result"]["brokers"][1]["prefetch"], 3);
+    assert_eq!(node(&s, "app-2")["result"]["brokers"][1]["prefetch"], 8);
+
+    // reload: a new template serves on every appServer node; a broken set
+    // is refused there and the old one keeps serving.
+    let usr2 = std::fs::read_to_string(c.templates_dir().join("usr.toml"))
+        .unwrap()
+        .replace("name = \"usr\"", "name = \"usr2\"");
+    std::fs::write(c.templates_dir().join("usr2.toml"), usr2).unwrap();
+    let before = node(&s, "app-1")["result"]["templates"]["version"].clone();
+    let (code, r, _) = c.admin(&["reload"]).await;
+    assert_eq!(code, 0, "{r}");
+    let s = c.admin(&["status"]).await.1;
+    let v1 = node(&s, "app-1")["result"]["templates"].clone();
+    assert_ne!(v1["version"], before);
+    assert_eq!(
+        v1,
+        node(&s, "app-2")["result"]["templates"],
+        "both appServer nodes serve the same set"
+    );
+    for _ in 0..4 {
+        let r = client
+            .call(
+                "rBroker",
+                &json!({"template": "usr2", "op": "list", "data": {}}),
+                &opts(10),
+            )
+            .await
+            .unwrap();
+        assert!(r.is_ok(), "usr2 after reload: {r:?}");
+    }
+    std::fs::write(
+        c.templates_dir().join("broken.toml"),
+        "name = \"broken\"\nkind = \"rec\"\nstore = \"mariadb\"\ndatabase = \"primary\"\n[fields]\nid = { type = \"int\" }\n[ops.read]\nprocedure = \"no_such_proc\"\nparams = [\"id\"]\nreturns = \"one\"\naccess = \"read\"\n",
+    )
+    .unwrap();
+    let (code, r, _) = c.admin(&["reload"]).await;
+    assert_eq!(code, 1, "{r}");
+    for n in ["app-1", "app-2"] {
+        let a = node(&r, n);
+        assert_eq!(a["ok"], false);
+        assert!(a["error"].as_str().unwrap().contains("no_such_proc"), "{a}");
+    }
+    assert_eq!(
+        node(&r, "seg")["ok"],
+        true,
+        "segundo does not serve the broken template"
+    );
+    let s = c.admin(&["status"]).await.1;
+    assert_eq!(
+        node(&s, "app-2")["result"]["templates"],
+        v1,
+        "the old set keeps serving"
+    );
+    std::fs::remove_file(c.templates_dir().join("broken.toml")).unwrap();
+
+    // drain app-1 with requests in flight: they finish, then it takes
+    // nothing until resume.
+    let sleeps: Vec<_> = (0..6)
+        .map(|i| {
+            let body = json!({"template": "tst", "op": "sleep", "data": {"ms": 800, "key": format!("d{i}")}});
+            let client = &client;
+            async move { client.call("wBroker", &body, &opts(30)).await }
+        })
+        .collect();
+    let (replies, drained) = tokio::join!(futures::future::join_all(sleeps), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.admin(&["drain", "--node", "app-1"]).await
+    });
+    assert_eq!(drained.0, 0, "{}", drained.1);
+    assert_eq!(node(&drained.1, "app-1")["result"]["drained"], true);
+    assert!(
+        replies.iter().all(|r| r.as_ref().is_ok_and(|r| r.is_ok())),
+        "{replies:?}"
+    );
+    let s = c.admin(&["status", "--node", "app-1"]).await.1;
+    assert_eq!(node(&s, "app-1")["result"]["state"], "drained");
+    let (code, _, _) = c.admin(&["resume", "--node", "app-1"]).await;
+    assert_eq!(code, 0);
+
+    // shutdown app-1 while requests run: they are answered, it exits 0.
+    let sleeps: Vec<_> = (0..4)
+        .map(|i| {
+            let body = json!({"template": "tst", "op": "sleep", "data": {"ms": 600, "key": format!("s{i}")}});
+            let client = &client;
+            async move { client.call("wBroker", &body, &opts(30)).await }
+        })
+        .collect();
+    let (replies, shut) = tokio::join!(futures::future::join_all(sleeps), async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        c.admin(&["shutdown", "--node", "app-1"]).await
+    });
+    assert_eq!(shut.0, 0, "{}", shut.1);
+    assert!(
+        replies.iter().all(|r| r.as_ref().is_ok_and(|r| r.is_ok())),
+        "{replies:?}"
+    );
+    let mut app1 = app1;
+    let exit = tokio::time::timeout(Duration::from_secs(20), app1.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit.code(), Some(0));
+    let counted = common::sql(
+        Some(c.prefix()),
+        "SELECT COUNT(*), SUM(n) FROM tst_counter WHERE k LIKE 'd%' OR k LIKE 's%'",
+    );
+    assert_eq!(
+        counted.lines().last().unwrap().trim(),
+        "10\t10",
+        "each in-flight request applied once"
+    );
+
+    // A node that stopped cleanly leaves; a killed one is missing.
+    let mut app2 = app2;
+    app2.child.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, s, _) = c.admin(&["status"]).await;
+    assert_eq!(code, 1, "{s}");
+    assert_eq!(
+        (s["asked"].clone(), s["answered"].clone()),
+        (json!(3), json!(2)),
+        "{s}"
+    );
+    assert_eq!(s["missing"], json!(["app-2"]));
+
+    // Every command is an admin event with its user; counters are stored
+    // with a TTL.
+    let db = common::mongo().await.database(c.prefix());
+    let pauses = mongodb::bson::doc! {"kind": "admin", "op": "pause"};
+    let logs = db.collection::<mongodb::bson::Document>("msLogs");
+    common::eventually(10, "both pauses logged", || {
+        let (logs, pauses) = (logs.clone(), pauses.clone());
+        async move { logs.count_documents(pauses).await.unwrap() == 2 }
+    })
+    .await;
+    let events: Vec<mongodb::bson::Document> =
+        futures::TryStreamExt::try_collect(logs.find(pauses).await.unwrap())
+            .await
+            .unwrap();
+    assert!(events.iter().all(|e| e.get_str("user_id") == Ok("guest")));
+    let graphs = db.collection::<mongodb::bson::Document>("msGraphs");
+    common::eventually(10, "app-2's counters stored", || {
+        let graphs = graphs.clone();
+        async move {
+            graphs
+                .count_documents(mongodb::bson::doc! {"node": "app-2", "brokers.broker": "rBroker"})
+                .await
+                .unwrap()
+                >= 1
+        }
+    })
+    .await;
+    let ttl: Vec<mongodb::IndexModel> =
+        futures::TryStreamExt::try_collect(graphs.list_indexes().await.unwrap())
+            .await
+            .unwrap();
+    assert!(ttl
+        .iter()
+        .any(|i| i.options.as_ref().and_then(|o| o.expire_after)
+            == Some(Duration::from_secs(14 * 86_400))));
+    client.close().await;
+    let _ = stop(_seg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_may_look_but_not_pause() {
+    let c = Cluster::new("viewer");
+    c.overlay(&format!("{FAST}viewers = [\"guest\"]\n"));
+    let _adm = c.node("admin", "adm", &[]).await;
+    let _app = c.node("appServer", "app", &[]).await;
+    all_known(&c, 2).await;
+    let (code, v, _) = c.admin(&["pause", "rBroker"]).await;
+    assert_eq!(code, 1);
+    let why = v["error"].as_str().unwrap();
+    assert!(
+        why.contains("user guest (role viewer) may not run pause: it needs role operator"),
+        "{why}"
+    );
+    assert_eq!(v["asked"], 0, "nothing was forwarded");
+    let s = c.admin(&["status"]).await.1;
+    assert_eq!(node(&s, "app")["result"]["brokers"][0]["paused"], false);
+    // The refusal is an admin event too.
+    let db = common::mongo().await.database(c.prefix());
+    common::eventually(10, "the refused pause logged", || {
+        let db = db.clone();
+        async move {
+            db.collection::<mongodb::bson::Document>("msLogs")
+                .count_documents(mongodb::bson::doc! {"kind": "admin", "op": "pause", "status": "error", "code": "REFUSED", "user_id": "guest"})
+                .await
+                .unwrap()
+                == 1
+        }
+    })
+    .await;
+}

@@ -1010,6 +1010,8 @@ fn own_queues(config: &Config, prefix: &str) -> Vec<String> {
             out.push(names.hold(&b, db));
         }
     }
+    out.push(crate::admin::topology::in_queue(prefix));
+    out.push(crate::admin::topology::graph_queue(prefix));
     out.push(names.exchange().to_string());
     out
 }

@@ -13,7 +13,7 @@ use lapin::BasicProperties;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::broker::shared::{Limits, Shared};
+use crate::broker::shared::{Limits, Shared, TemplateScope};
 use crate::broker::topology::Names;
 use crate::namaste::{AdapterError, Adapters, Health, Lifecycle, NamasteCore, Session};
 use crate::registry::Template;
@@ -346,6 +346,38 @@ async fn request_errors_never_reach_the_adapter() {
             (Some(code), false),
             "{body}"
         );
+    }
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 0);
+    // A template named by another broker (segundo's whBroker, say), or a
+    // broker serving only other templates: WRONG_BROKER naming who serves it.
+    let claims: std::collections::BTreeMap<String, Vec<String>> =
+        [("usr".to_string(), vec!["uBroker".to_string()])].into();
+    let open = broker("wBroker", Access::Write);
+    let claimed = BrokerSpec {
+        scope: TemplateScope {
+            only: None,
+            claims: Arc::new(claims.clone()),
+            open: Arc::new(vec!["wBroker".into()]),
+        },
+        ..open.clone()
+    };
+    let only_note = BrokerSpec {
+        scope: TemplateScope {
+            only: Some(["note".to_string()].into()),
+            claims: Arc::new(Default::default()),
+            open: Arc::new(vec!["wBroker".into()]),
+        },
+        ..open
+    };
+    for (b, served_by) in [(&claimed, "uBroker"), (&only_note, "wBroker")] {
+        let (reply, parked) =
+            answered(&decide_on(&s, b, &delivery(usr_create(), vec![], None)).await);
+        assert_eq!(
+            (reply["error"]["code"].as_str(), parked),
+            (Some("WRONG_BROKER"), false)
+        );
+        let msg = reply["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("served by {served_by}")), "{msg}");
     }
     assert_eq!(primary.calls.load(Ordering::SeqCst), 0);
 }

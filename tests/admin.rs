@@ -295,6 +295,71 @@ async fn a_viewer_may_look_but_not_pause() {
     assert_eq!(v["asked"], 0, "nothing was forwarded");
     let s = c.admin(&["status"]).await.1;
     assert_eq!(node(&s, "app")["result"]["brokers"][0]["paused"], false);
+
+    // Hostile bodies on adminBrokerIn: each answered "not a command", and
+    // the plane keeps working.
+    let conn = common::amqp().await;
+    let ch = conn.create_channel().await.unwrap();
+    let reply = ch
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let mut answers = ch
+        .basic_consume(
+            reply.name().as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let huge = format!(r#"{{"command":"status","node":"{}"}}"#, "x".repeat(100_000));
+    let bodies: [&[u8]; 4] = [
+        b"\xff\xfe",
+        br#"{"command":"explode"}"#,
+        br#"{"command":"status","command":"shutdown"}"#,
+        huge.as_bytes(),
+    ];
+    for body in bodies {
+        let props = lapin::BasicProperties::default()
+            .with_reply_to(reply.name().clone())
+            .with_user_id("guest".into());
+        ch.basic_publish(
+            c.prefix().into(),
+            "adminBrokerIn".into(),
+            Default::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap();
+        let d = tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::StreamExt::next(&mut answers),
+        )
+        .await
+        .expect("an answer to a hostile body")
+        .unwrap()
+        .unwrap();
+        let a: Value = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(a["ok"], false, "{a}");
+        assert!(
+            a["error"].as_str().unwrap().starts_with("not a command"),
+            "{a}"
+        );
+    }
+    let _ = conn.close(200, "".into()).await;
+    assert_eq!(c.admin(&["status"]).await.1["answered"], 2);
     // The refusal is an admin event too.
     let db = common::mongo().await.database(c.prefix());
     common::eventually(10, "the refused pause logged", || {

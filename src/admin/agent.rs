@@ -130,8 +130,7 @@ impl Agent {
             };
             let answer = self.answer(&delivery.properties, &delivery.data).await;
             let then_stop = answer.ok
-                && serde_json::from_slice::<Command>(&delivery.data)
-                    .is_ok_and(|c| c.command == Verb::Shutdown);
+                && Command::parse(&delivery.data).is_ok_and(|c| c.command == Verb::Shutdown);
             if let (Some(reply_to), Ok(body)) =
                 (delivery.properties.reply_to(), serde_json::to_vec(&answer))
             {
@@ -169,10 +168,10 @@ impl Agent {
             error: None,
             result: Value::Null,
         };
-        let cmd = match serde_json::from_slice::<Command>(body) {
+        let cmd = match Command::parse(body) {
             Ok(c) => c,
             Err(e) => {
-                a.error = Some(format!("not a command: {e}"));
+                a.error = Some(e);
                 return a;
             }
         };

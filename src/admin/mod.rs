@@ -77,7 +77,21 @@ pub struct Command {
     pub prefetch: Option<u16>,
 }
 
+/// Largest command body accepted; a real one is under 200 bytes.
+pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
+
 impl Command {
+    /// Parses a command body, bounded in size before parsing.
+    pub fn parse(body: &[u8]) -> Result<Command, String> {
+        if body.len() > MAX_COMMAND_BYTES {
+            return Err(format!(
+                "not a command: {} bytes, more than the {MAX_COMMAND_BYTES} a command may have",
+                body.len()
+            ));
+        }
+        serde_json::from_slice(body).map_err(|e| format!("not a command: {e}"))
+    }
+
     /// What is wrong with it before anything runs.
     pub fn problem(&self) -> Option<String> {
         match (self.command, self.prefetch) {
@@ -166,6 +180,16 @@ mod tests {
         assert_eq!(c.problem(), None);
         assert!(serde_json::from_str::<Command>(r#"{"command":"status","nodes":"x"}"#).is_err());
         assert!(serde_json::from_str::<Command>(r#"{"command":"explode"}"#).is_err());
+        let huge = format!(
+            r#"{{"command":"status","node":"{}"}}"#,
+            "x".repeat(MAX_COMMAND_BYTES)
+        );
+        assert!(Command::parse(huge.as_bytes())
+            .unwrap_err()
+            .contains("16384"));
+        assert!(Command::parse(b"\xff")
+            .unwrap_err()
+            .starts_with("not a command"));
         let no_value: Command = serde_json::from_str(r#"{"command":"prefetch"}"#).unwrap();
         assert!(no_value.problem().unwrap().contains("1 to 65535"));
         let stray: Command =

@@ -292,9 +292,9 @@ impl Plane {
             missing: Vec::new(),
             nodes: Vec::new(),
         };
-        let cmd = match serde_json::from_slice::<Command>(body) {
+        let cmd = match Command::parse(body) {
             Ok(c) => c,
-            Err(e) => return (refuse("?", format!("not a command: {e}")), None),
+            Err(e) => return (refuse("?", e), None),
         };
         let verb = cmd.command.as_str();
         if let Some(p) = cmd.problem() {

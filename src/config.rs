@@ -227,6 +227,10 @@ pub struct AdminConfig {
     /// Every command, `prefetch` and `shutdown` too.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// AMQP users the nodes run as: heartbeats, counters and forwarded
+    /// commands are taken only from them. Unset: this node's `amqp.user`.
+    #[serde(default)]
+    pub nodes: Option<Vec<String>>,
     /// How often each node announces itself on `adminSyslogBroker`.
     #[serde(default = "default_admin_heartbeat")]
     pub heartbeat_ms: u64,
@@ -272,6 +276,7 @@ impl Default for AdminConfig {
             viewers: Vec::new(),
             operators: Vec::new(),
             admins: Vec::new(),
+            nodes: None,
             heartbeat_ms: default_admin_heartbeat(),
             missing_after_ms: default_missing_after(),
             graph_interval_ms: default_graph_interval(),
@@ -301,6 +306,15 @@ impl AdminRole {
 }
 
 impl AdminConfig {
+    /// Whether `user` is one of the nodes' accounts (`own`: this node's
+    /// `amqp.user`, the default list).
+    pub fn is_node_user(&self, user: &str, own: &str) -> bool {
+        match &self.nodes {
+            Some(list) => list.iter().any(|u| u == user),
+            None => user == own,
+        }
+    }
+
     /// The highest role `user` holds, if any.
     pub fn role_of(&self, user: &str) -> Option<AdminRole> {
         let has = |l: &[String]| l.iter().any(|u| u == user);

@@ -7,17 +7,17 @@ mod common;
 use std::time::Duration;
 
 use beds::client::{CallOptions, Client};
-use common::cluster::{Cluster, NodeProc};
+use common::cluster::{Cluster, NodeProc, RabbitUser};
 use serde_json::{json, Value};
 
 /// Fast heartbeats and counters, so the test does not wait long.
 const FAST: &str = "\n[admin]\nheartbeat_ms = 300\nmissing_after_ms = 1500\ngraph_interval_ms = 500\nanswer_timeout_ms = 3000\n";
 
 /// Waits until `status` hears from `n` nodes.
-async fn all_known(c: &Cluster, n: u64) -> Value {
+async fn all_known(c: &Cluster, login: Option<&RabbitUser>, n: u64) -> Value {
     let mut last = Value::Null;
     for _ in 0..100 {
-        let (_, v, _) = c.admin(&["status"]).await;
+        let (_, v, _) = c.admin_as(login, &["status"]).await;
         if v["answered"] == n && v["asked"] == n {
             return v;
         }
@@ -62,7 +62,7 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
     let client = Client::connect(common::AMQP_URL, c.prefix()).await.unwrap();
 
     // status: every node, its role and brokers, healthy databases.
-    let s = all_known(&c, 4).await;
+    let s = all_known(&c, None, 4).await;
     assert_eq!(s["ok"], true, "{s}");
     assert_eq!(node(&s, "seg")["role"], "segundo");
     let app = &node(&s, "app-1")["result"];
@@ -115,6 +115,34 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
     let s = c.admin(&["status"]).await.1;
     assert_eq!(node(&s, "app-1")["result"]["brokers"][1]["prefetch"], 3);
     assert_eq!(node(&s, "app-2")["result"]["brokers"][1]["prefetch"], 8);
+    // The dispatchers really consume at the new prefetch: at 1 per node,
+    // four slow writes run two at a time, one on each node.
+    let (code, v, _) = c.admin(&["prefetch", "1", "--broker", "wBroker"]).await;
+    assert_eq!(code, 0, "{v}");
+    let slow: Vec<_> = (0..4)
+        .map(|i| {
+            let body = json!({"template": "tst", "op": "sleep", "data": {"ms": 1500, "key": format!("p{i}")}});
+            let client = &client;
+            async move { client.call("wBroker", &body, &opts(30)).await }
+        })
+        .collect();
+    let (replies, during) = tokio::join!(futures::future::join_all(slow), async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        c.admin(&["status"]).await.1
+    });
+    assert!(
+        replies.iter().all(|r| r.as_ref().is_ok_and(|r| r.is_ok())),
+        "{replies:?}"
+    );
+    for n in ["app-1", "app-2"] {
+        assert_eq!(
+            node(&during, n)["result"]["brokers"][1]["in_flight"],
+            1,
+            "{during}"
+        );
+    }
+    let (code, _, _) = c.admin(&["prefetch", "8", "--broker", "wBroker"]).await;
+    assert_eq!(code, 0);
 
     // reload: a new template serves on every appServer node; a broken set
     // is refused there and the old one keeps serving.
@@ -188,8 +216,25 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
         replies.iter().all(|r| r.as_ref().is_ok_and(|r| r.is_ok())),
         "{replies:?}"
     );
-    let s = c.admin(&["status", "--node", "app-1"]).await.1;
+    let s = c.admin(&["status"]).await.1;
     assert_eq!(node(&s, "app-1")["result"]["state"], "drained");
+    // Drained, app-1 takes nothing: app-2 answers everything meanwhile.
+    let handled = |s: &Value, n: &str| node(s, n)["result"]["handled"].as_u64().unwrap();
+    let (h1, h2) = (handled(&s, "app-1"), handled(&s, "app-2"));
+    for i in 0..4 {
+        let body = json!({"template": "usr", "op": "create", "data": {"name": "D", "email": format!("d{i}@example.org")}});
+        assert!(client
+            .call("wBroker", &body, &opts(10))
+            .await
+            .unwrap()
+            .is_ok());
+    }
+    let s = c.admin(&["status"]).await.1;
+    assert_eq!(
+        (handled(&s, "app-1"), handled(&s, "app-2")),
+        (h1, h2 + 4),
+        "{s}"
+    );
     let (code, _, _) = c.admin(&["resume", "--node", "app-1"]).await;
     assert_eq!(code, 0);
 
@@ -279,26 +324,29 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_viewer_may_look_but_not_pause() {
+async fn a_viewer_may_look_but_not_pause_nor_go_around_the_plane() {
+    // An operator's own RabbitMQ account, apart from the nodes' (guest).
+    let viewer = RabbitUser::create("view");
     let c = Cluster::new("viewer");
-    c.overlay(&format!("{FAST}viewers = [\"guest\"]\n"));
+    c.overlay(&format!("{FAST}viewers = [\"{}\"]\n", viewer.name));
     let _adm = c.node("admin", "adm", &[]).await;
     let _app = c.node("appServer", "app", &[]).await;
-    all_known(&c, 2).await;
-    let (code, v, _) = c.admin(&["pause", "rBroker"]).await;
+    all_known(&c, Some(&viewer), 2).await;
+    let (code, s, _) = c.admin_as(Some(&viewer), &["status"]).await;
+    assert_eq!((code, s["answered"].clone()), (0, json!(2)), "{s}");
+    let (code, v, _) = c.admin_as(Some(&viewer), &["pause", "rBroker"]).await;
     assert_eq!(code, 1);
     let why = v["error"].as_str().unwrap();
-    assert!(
-        why.contains("user guest (role viewer) may not run pause: it needs role operator"),
-        "{why}"
+    let expected = format!(
+        "user {} (role viewer) may not run pause: it needs role operator",
+        viewer.name
     );
+    assert!(why.contains(&expected), "{why}");
     assert_eq!(v["asked"], 0, "nothing was forwarded");
-    let s = c.admin(&["status"]).await.1;
-    assert_eq!(node(&s, "app")["result"]["brokers"][0]["paused"], false);
 
-    // Hostile bodies on adminBrokerIn: each answered "not a command", and
-    // the plane keeps working.
-    let conn = common::amqp().await;
+    let conn = lapin::Connection::connect(&viewer.url(), Default::default())
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     let reply = ch
         .queue_declare(
@@ -323,6 +371,13 @@ async fn a_viewer_may_look_but_not_pause() {
         )
         .await
         .unwrap();
+    let as_viewer = || {
+        lapin::BasicProperties::default()
+            .with_reply_to(reply.name().clone())
+            .with_user_id(viewer.name.as_str().into())
+    };
+
+    // Hostile bodies on adminBrokerIn: each answered "not a command".
     let huge = format!(r#"{{"command":"status","node":"{}"}}"#, "x".repeat(100_000));
     let bodies: [&[u8]; 4] = [
         b"\xff\xfe",
@@ -331,15 +386,12 @@ async fn a_viewer_may_look_but_not_pause() {
         huge.as_bytes(),
     ];
     for body in bodies {
-        let props = lapin::BasicProperties::default()
-            .with_reply_to(reply.name().clone())
-            .with_user_id("guest".into());
         ch.basic_publish(
             c.prefix().into(),
             "adminBrokerIn".into(),
             Default::default(),
             body,
-            props,
+            as_viewer(),
         )
         .await
         .unwrap();
@@ -358,15 +410,50 @@ async fn a_viewer_may_look_but_not_pause() {
             "{a}"
         );
     }
+
+    // Around the plane: a pause straight to the nodes' key is ignored (no
+    // answer, nothing paused), and a forged heartbeat adds no member.
+    ch.basic_publish(
+        c.prefix().into(),
+        "adminBrokerOut".into(),
+        Default::default(),
+        br#"{"command":"pause"}"#,
+        as_viewer(),
+    )
+    .await
+    .unwrap();
+    let ghost = json!({"node": "ghost", "role": "appServer", "brokers": [], "version": "0", "templates": "x", "started_ms": 0, "ts_ms": 0, "alive": true});
+    ch.basic_publish(
+        c.prefix().into(),
+        "adminSyslogBroker".into(),
+        Default::default(),
+        ghost.to_string().as_bytes(),
+        as_viewer(),
+    )
+    .await
+    .unwrap();
+    let none = tokio::time::timeout(
+        Duration::from_secs(2),
+        futures::StreamExt::next(&mut answers),
+    )
+    .await;
+    assert!(
+        none.is_err(),
+        "a node answered a command from a viewer: {none:?}"
+    );
+    let (code, s, _) = c.admin_as(Some(&viewer), &["status"]).await;
+    assert_eq!((code, s["asked"].clone()), (0, json!(2)), "{s}");
+    assert_eq!(node(&s, "app")["result"]["brokers"][0]["paused"], false);
     let _ = conn.close(200, "".into()).await;
-    assert_eq!(c.admin(&["status"]).await.1["answered"], 2);
-    // The refusal is an admin event too.
+
+    // The refusal is an admin event with the viewer's name.
     let db = common::mongo().await.database(c.prefix());
+    let who = viewer.name.clone();
     common::eventually(10, "the refused pause logged", || {
-        let db = db.clone();
+        let (db, who) = (db.clone(), who.clone());
         async move {
             db.collection::<mongodb::bson::Document>("msLogs")
-                .count_documents(mongodb::bson::doc! {"kind": "admin", "op": "pause", "status": "error", "code": "REFUSED", "user_id": "guest"})
+                .count_documents(mongodb::bson::doc! {"kind": "admin", "op": "pause", "status": "error", "code": "REFUSED", "user_id": who})
                 .await
                 .unwrap()
                 == 1

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::topology::{self, GRAPH, OUT, SYSLOG};
 use super::{Command, Counters, Heartbeat, NodeAnswer, Verb};
@@ -103,8 +104,13 @@ impl Agent {
         }
     }
 
-    async fn serve_commands(&self) -> Result<(), lapin::Error> {
-        let ch = self.link.channel().await?;
+    async fn serve_commands(self: &Arc<Self>) -> Result<(), lapin::Error> {
+        // Opening may hang on a half-open connection: stop wins.
+        let ch = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(()),
+            c = self.link.channel() => c?,
+        };
+        ch.basic_qos(8, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
         let keys = [OUT.to_string(), topology::node_key(&self.node)];
         let queue =
@@ -117,50 +123,65 @@ impl Agent {
                 FieldTable::default(),
             )
             .await?;
-        loop {
+        // Each command in its own task: a drain or a reload under way does
+        // not hold up a status.
+        let running = TaskTracker::new();
+        let result = loop {
             let delivery = tokio::select! {
-                _ = self.stop.cancelled() => {
-                    let _ = ch.close(200, "node stopping".into()).await;
-                    return Ok(());
-                }
+                _ = self.stop.cancelled() => break Ok(()),
                 d = consumer.next() => match d {
-                    Some(d) => d?,
-                    None => return Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "admin consumer ended").into()),
+                    Some(Ok(d)) => d,
+                    Some(Err(e)) => break Err(e),
+                    None => break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "admin consumer ended").into()),
                 },
             };
-            let answer = self.answer(&delivery.properties, &delivery.data).await;
-            let then_stop = answer.ok
-                && Command::parse(&delivery.data).is_ok_and(|c| c.command == Verb::Shutdown);
-            if let (Some(reply_to), Ok(body)) =
-                (delivery.properties.reply_to(), serde_json::to_vec(&answer))
-            {
-                let mut props =
-                    BasicProperties::default().with_content_type("application/json".into());
-                if let Some(c) = delivery.properties.correlation_id() {
-                    props = props.with_correlation_id(c.clone());
-                }
-                // Without a confirm: the admin node waits for it anyway,
-                // and names this node missing if it never comes.
-                let _ = ch
-                    .basic_publish(
-                        "".into(),
-                        reply_to.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        props,
-                    )
-                    .await;
+            let (me, ch) = (self.clone(), ch.clone());
+            running.spawn(async move { me.one(&ch, delivery).await });
+        };
+        running.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), running.wait()).await;
+        let _ = ch.close(200, "node stopping".into()).await;
+        result
+    }
+
+    /// Runs one forwarded command and answers it; a sender without the
+    /// right gets no answer (the reply address is the sender's choice).
+    async fn one(&self, ch: &Channel, delivery: lapin::message::Delivery) {
+        let Some(answer) = self.answer(&delivery.properties, &delivery.data).await else {
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        };
+        let then_stop =
+            answer.ok && Command::parse(&delivery.data).is_ok_and(|c| c.command == Verb::Shutdown);
+        if let (Some(reply_to), Ok(body)) =
+            (delivery.properties.reply_to(), serde_json::to_vec(&answer))
+        {
+            let mut props = BasicProperties::default().with_content_type("application/json".into());
+            if let Some(c) = delivery.properties.correlation_id() {
+                props = props.with_correlation_id(c.clone());
             }
-            delivery.ack(BasicAckOptions::default()).await?;
-            if then_stop {
-                tracing::warn!("admin: shutdown requested; draining and exiting");
-                self.shutdown.cancel();
-            }
+            // Without a confirm: the admin node waits for it anyway, and
+            // names this node missing if it never comes.
+            let _ = ch
+                .basic_publish(
+                    "".into(),
+                    reply_to.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    props,
+                )
+                .await;
+        }
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        if then_stop {
+            tracing::warn!("admin: shutdown requested; draining and exiting");
+            self.shutdown.cancel();
         }
     }
 
-    /// Checks who sent the command and runs it.
-    async fn answer(&self, props: &BasicProperties, body: &[u8]) -> NodeAnswer {
+    /// Checks who sent the command and whether it is still awaited, and
+    /// runs it. `None`: not answered at all.
+    async fn answer(&self, props: &BasicProperties, body: &[u8]) -> Option<NodeAnswer> {
         let mut a = NodeAnswer {
             node: self.node.clone(),
             role: self.role.clone(),
@@ -168,31 +189,60 @@ impl Agent {
             error: None,
             result: Value::Null,
         };
-        let cmd = match Command::parse(body) {
-            Ok(c) => c,
-            Err(e) => {
-                a.error = Some(e);
-                return a;
-            }
-        };
-        // RabbitMQ verified user_id: the admin node's own account, or a
+        // RabbitMQ verified user_id: a node account (the admin node), or a
         // user holding the command's role.
         let sender = props.user_id().as_ref().map(|u| u.to_string());
-        let allowed = sender.as_deref().is_some_and(|u| {
-            u == self.amqp_user
-                || self
-                    .admin
-                    .role_of(u)
-                    .is_some_and(|r| r >= cmd.command.needs())
-        });
-        if !allowed {
-            a.error = Some(format!(
-                "{} refused: sender {} is not allowed",
-                cmd.command.as_str(),
-                sender.as_deref().unwrap_or("(no user_id)")
-            ));
-            return a;
+        let Some(sender) = sender else {
+            tracing::warn!("admin: a command without user_id on this node's admin queue; ignored");
+            return None;
+        };
+        let node_user = self.admin.is_node_user(&sender, &self.amqp_user);
+        let cmd = match Command::parse(body) {
+            Ok(c) => c,
+            Err(e) if node_user => {
+                a.error = Some(e);
+                return Some(a);
+            }
+            Err(_) => return None,
+        };
+        if !node_user
+            && self
+                .admin
+                .role_of(&sender)
+                .is_none_or(|r| r < cmd.command.needs())
+        {
+            tracing::warn!(sender = %sender, "admin: {} refused: the sender may not run it; not answered", cmd.command.as_str());
+            return None;
         }
+        // The admin node stopped waiting (this node was busy, or the
+        // message sat in its queue): running it now would surprise.
+        let deadline = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(super::DEADLINE_HEADER).cloned())
+            .and_then(|v| match v {
+                lapin::types::AMQPValue::LongLongInt(n) => Some(n),
+                _ => None,
+            });
+        if deadline.is_some_and(|d| now_ms() > d) {
+            let why = format!(
+                "{} arrived after the admin node stopped waiting; not run",
+                cmd.command.as_str()
+            );
+            tracing::warn!("admin: {why}");
+            a.error = Some(why);
+            return Some(a);
+        }
+        let caller = props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(super::plane::CALLER_HEADER).cloned())
+            .and_then(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => Some(s.to_string()),
+                _ => None,
+            })
+            .unwrap_or_else(|| sender.clone());
+        tracing::info!(caller = %caller, "admin: running {}", cmd.command.as_str());
         match self.execute(&cmd).await {
             Ok(v) => {
                 a.ok = true;
@@ -200,7 +250,7 @@ impl Agent {
             }
             Err(e) => a.error = Some(e),
         }
-        a
+        Some(a)
     }
 
     pub async fn execute(&self, cmd: &Command) -> Result<Value, String> {
@@ -348,6 +398,10 @@ impl Agent {
         let mut beat = tokio::time::interval(Duration::from_millis(self.admin.heartbeat_ms));
         let window = Duration::from_millis(self.admin.graph_interval_ms);
         let mut graph = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
+        // After a stall, one tick, not a burst of them.
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        graph.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut window_start = tokio::time::Instant::now();
         let mut ch: Option<Channel> = None;
         loop {
             tokio::select! {
@@ -363,14 +417,16 @@ impl Agent {
                     self.send_on(&mut ch, SYSLOG, &hb).await;
                 }
                 _ = graph.tick() => {
+                    let now = tokio::time::Instant::now();
                     let c = Counters {
                         node: self.node.clone(),
                         role: self.role.clone(),
                         ts_ms: now_ms(),
-                        window_ms: window.as_millis() as u64,
+                        window_ms: (now - window_start).as_millis() as u64,
                         in_flight: self.in_flight(),
                         brokers: self.service.metrics.tally.take_window(),
                     };
+                    window_start = now;
                     self.send_on(&mut ch, GRAPH, &c).await;
                 }
             }
@@ -395,7 +451,11 @@ impl Agent {
     /// heartbeat lost is a heartbeat late.
     async fn send_on<T: serde::Serialize>(&self, ch: &mut Option<Channel>, key: &str, body: &T) {
         if ch.as_ref().is_none_or(|c| !c.status().connected()) {
-            *ch = match self.link.channel().await {
+            let opened = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                c = self.link.channel() => c,
+            };
+            *ch = match opened {
                 Ok(c) => Some(c),
                 Err(e) => {
                     tracing::debug!(error = %e, "admin: no channel for {key}");
@@ -423,7 +483,11 @@ impl Agent {
             key.into(),
             BasicPublishOptions::default(),
             &body,
-            BasicProperties::default().with_content_type("application/json".into()),
+            // RabbitMQ verifies it: the admin node takes heartbeats and
+            // counters only from the nodes' accounts.
+            BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_user_id(self.amqp_user.as_str().into()),
         )
         .await
         .map(|_| ())

@@ -77,6 +77,10 @@ pub struct Command {
     pub prefetch: Option<u16>,
 }
 
+/// Header of a forwarded command: Unix milliseconds after which the admin
+/// node no longer waits for the answer, so a node must not run it.
+pub const DEADLINE_HEADER: &str = "x-beds-admin-deadline";
+
 /// Largest command body accepted; a real one is under 200 bytes.
 pub const MAX_COMMAND_BYTES: usize = 16 * 1024;
 
@@ -104,6 +108,16 @@ impl Command {
             (self.broker.is_some()
                 && !matches!(self.command, Verb::Pause | Verb::Resume | Verb::Prefetch))
             .then(|| format!("{} takes no broker", self.command.as_str()))
+        })
+        .or_else(|| {
+            let bad = |n: &Option<String>| {
+                n.as_deref()
+                    .is_some_and(|n| !crate::config::is_amqp_name(n))
+            };
+            (bad(&self.node) || bad(&self.broker)).then(|| {
+                "node and broker names hold only letters, digits, '_' and '-' (at most 64)"
+                    .to_string()
+            })
         })
     }
 }

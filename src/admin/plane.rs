@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::topology::{self, OUT, SYSLOG};
-use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb};
+use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb, DEADLINE_HEADER};
 use crate::broker::AmqpLink;
 use crate::config::{AdminConfig, Config};
 use crate::logger::{new_id, now_ms, Event, EventLog};
@@ -28,6 +28,10 @@ use crate::supervisor::Backoff;
 
 /// Who called, carried to the nodes for their logs.
 pub const CALLER_HEADER: &str = "x-beds-admin-caller";
+
+/// How long answers to a broadcast are still taken once every awaited node
+/// answered.
+const ANSWER_GRACE: Duration = Duration::from_millis(250);
 
 /// A node the admin node has heard of.
 #[derive(Debug, Clone)]
@@ -131,7 +135,11 @@ impl Plane {
     }
 
     async fn membership(&self) -> Result<(), lapin::Error> {
-        let ch = self.link.channel().await?;
+        // Opening may hang on a half-open connection: stop wins.
+        let ch = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(()),
+            c = self.link.channel() => c?,
+        };
         topology::declare_shared(&ch, &self.prefix).await?;
         let q = topology::private(
             &ch,
@@ -146,6 +154,9 @@ impl Plane {
                 _ = self.stop.cancelled() => return Ok(()),
                 d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
             };
+            if !self.sent_by_node(&d.properties) {
+                continue;
+            }
             match serde_json::from_slice::<Heartbeat>(&d.data) {
                 Ok(hb) => self.heard(hb),
                 Err(e) => {
@@ -153,6 +164,23 @@ impl Plane {
                 }
             }
         }
+    }
+
+    /// Heartbeats and counters count only from the nodes' accounts
+    /// (`admin.nodes`): anyone may publish to the exchange, and a forged
+    /// member would make every command wait for it.
+    fn sent_by_node(&self, props: &BasicProperties) -> bool {
+        let user = props.user_id().as_ref().map(|u| u.to_string());
+        let ok = user
+            .as_deref()
+            .is_some_and(|u| self.admin.is_node_user(u, &self.amqp_user));
+        if !ok {
+            tracing::warn!(
+                user = user.as_deref().unwrap_or("(none)"),
+                "admin plane: a heartbeat or counters not from a node's account; ignored"
+            );
+        }
+        ok
     }
 
     pub fn heard(&self, hb: Heartbeat) {
@@ -179,7 +207,11 @@ impl Plane {
     }
 
     async fn graphs(&self) -> Result<(), lapin::Error> {
-        let ch = self.link.channel().await?;
+        // Opening may hang on a half-open connection: stop wins.
+        let ch = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(()),
+            c = self.link.channel() => c?,
+        };
         ch.basic_qos(64, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
         let mut c = consume(&ch, &topology::graph_queue(&self.prefix), false).await?;
@@ -188,7 +220,13 @@ impl Plane {
                 _ = self.stop.cancelled() => return Ok(()),
                 d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
             };
-            let stored = match (serde_json::from_slice::<Counters>(&d.data), &self.graphs) {
+            let from_node = self.sent_by_node(&d.properties);
+            let parsed = if from_node {
+                serde_json::from_slice::<Counters>(&d.data).map_err(|e| e.to_string())
+            } else {
+                Err("not sent by a node's account".to_string())
+            };
+            let stored = match (parsed, &self.graphs) {
                 (Err(e), _) => {
                     tracing::warn!(error = %e, "admin plane: counters that do not parse; dropped");
                     true
@@ -234,7 +272,11 @@ impl Plane {
     }
 
     async fn commands(self: Arc<Self>) -> Result<(), lapin::Error> {
-        let ch = self.link.channel().await?;
+        // Opening may hang on a half-open connection: stop wins.
+        let ch = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(()),
+            c = self.link.channel() => c?,
+        };
         ch.basic_qos(8, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
         let mut c = consume(&ch, &topology::in_queue(&self.prefix), false).await?;
@@ -250,7 +292,14 @@ impl Plane {
             running.spawn(async move {
                 let started = Instant::now();
                 let caller = d.properties.user_id().as_ref().map(|u| u.to_string());
-                let (answer, cmd) = me.handle(caller.as_deref(), &d.data).await;
+                let Some(user) = caller.as_deref() else {
+                    // Nobody to hold to account, and a reply address of
+                    // the sender's choosing: not answered.
+                    tracing::warn!("admin plane: a command without user_id; ignored");
+                    let _ = d.ack(BasicAckOptions::default()).await;
+                    return;
+                };
+                let (answer, cmd) = me.handle(user, d.redelivered, &d.data).await;
                 me.log(&answer, cmd.as_ref(), caller.as_deref(), started);
                 if let Some(reply_to) = d.properties.reply_to() {
                     let mut props =
@@ -280,7 +329,8 @@ impl Plane {
     /// Checks, forwards, collects.
     pub async fn handle(
         &self,
-        caller: Option<&str>,
+        user: &str,
+        redelivered: bool,
         body: &[u8],
     ) -> (PlaneAnswer, Option<Command>) {
         let refuse = |command: &str, why: String| PlaneAnswer {
@@ -300,9 +350,14 @@ impl Plane {
         if let Some(p) = cmd.problem() {
             return (refuse(verb, p), Some(cmd));
         }
-        let Some(user) = caller else {
-            return (refuse(verb, "the command carries no user_id: send it with the AMQP user_id property (beds admin does)".into()), Some(cmd));
-        };
+        // An admin node stopped while this command was under way: it may
+        // have run on some nodes. At most once: it is not run again.
+        if redelivered {
+            return (
+                refuse(verb, "redelivered after an admin node stopped while running it; not run again (it may have reached some nodes): check with status and send it again if still wanted".into()),
+                Some(cmd),
+            );
+        }
         let role = self.admin.role_of(user);
         if role.is_none_or(|r| r < cmd.command.needs()) {
             let has = role.map_or("no admin role".to_string(), |r| {
@@ -319,11 +374,19 @@ impl Plane {
                 Some(cmd),
             );
         }
-        let known: Vec<String> = self.members.lock().unwrap().keys().cloned().collect();
+        let (known, live) = self.known();
         let asked: BTreeSet<String> = match &cmd.node {
             Some(n) => [n.clone()].into(),
             None => known.iter().cloned().collect(),
         };
+        // Waited for: the asked nodes still sending heartbeats (and a
+        // node named on purpose). The silent ones are asked too, and
+        // named missing unless they answer within the grace.
+        let awaited: BTreeSet<String> = asked
+            .iter()
+            .filter(|n| cmd.node.is_some() || live.contains(*n))
+            .cloned()
+            .collect();
         if asked.is_empty() {
             return (
                 refuse(
@@ -340,7 +403,7 @@ impl Plane {
         if cmd.command == Verb::Drain {
             wait += self.drain;
         }
-        let nodes = match self.forward(&cmd, user, &asked, wait).await {
+        let nodes = match self.forward(&cmd, user, &awaited, wait).await {
             Ok(n) => n,
             Err(e) => {
                 return (
@@ -380,16 +443,55 @@ impl Plane {
         (answer, Some(cmd))
     }
 
-    /// Publishes `cmd` to `asked` and gathers answers until all of them
-    /// answered or `wait` ends.
+    /// The members, and those of them heard within `missing_after_ms`;
+    /// members silent for 40 times that are forgotten.
+    fn known(&self) -> (Vec<String>, BTreeSet<String>) {
+        let missing_after = Duration::from_millis(self.admin.missing_after_ms);
+        let mut m = self.members.lock().unwrap();
+        m.retain(|name, member| {
+            let keep = member.seen.elapsed() < missing_after * 40;
+            if !keep {
+                tracing::info!(node = %name, "admin plane: node silent for long; forgotten");
+            }
+            keep
+        });
+        let live = m
+            .iter()
+            .filter(|(_, member)| member.seen.elapsed() < missing_after)
+            .map(|(n, _)| n.clone())
+            .collect();
+        (m.keys().cloned().collect(), live)
+    }
+
+    /// Publishes `cmd` and gathers answers until every `awaited` node
+    /// answered (then a short grace, for nodes not yet known) or `wait`
+    /// ends.
     async fn forward(
         &self,
         cmd: &Command,
         caller: &str,
-        asked: &BTreeSet<String>,
+        awaited: &BTreeSet<String>,
         wait: Duration,
     ) -> Result<Vec<NodeAnswer>, lapin::Error> {
-        let ch = self.link.channel().await?;
+        let ch = tokio::select! {
+            _ = self.stop.cancelled() => return Ok(Vec::new()),
+            c = self.link.channel() => c?,
+        };
+        let got = self.collect(&ch, cmd, caller, awaited, wait).await;
+        // Closing the channel also removes the reply queue (auto-delete),
+        // on every path.
+        let _ = ch.close(200, "answers collected".into()).await;
+        got
+    }
+
+    async fn collect(
+        &self,
+        ch: &Channel,
+        cmd: &Command,
+        caller: &str,
+        awaited: &BTreeSet<String>,
+        wait: Duration,
+    ) -> Result<Vec<NodeAnswer>, lapin::Error> {
         let q = ch
             .queue_declare(
                 "".into(),
@@ -402,7 +504,7 @@ impl Plane {
             )
             .await?;
         let reply = q.name().to_string();
-        let mut answers = consume(&ch, &reply, true).await?;
+        let mut answers = consume(ch, &reply, true).await?;
         let id = new_id();
         let key = match &cmd.node {
             Some(n) => topology::node_key(n),
@@ -410,6 +512,9 @@ impl Plane {
         };
         let mut headers = FieldTable::default();
         headers.insert(CALLER_HEADER.into(), AMQPValue::LongString(caller.into()));
+        // Past this a node does not run it: nobody waits for its answer.
+        let deadline = now_ms() + wait.as_millis() as i64;
+        headers.insert(DEADLINE_HEADER.into(), AMQPValue::LongLongInt(deadline));
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_reply_to(reply.as_str().into())
@@ -427,21 +532,25 @@ impl Plane {
         )
         .await?;
         let mut got: BTreeMap<String, NodeAnswer> = BTreeMap::new();
-        let _ = tokio::time::timeout(wait, async {
-            while let Some(Ok(d)) = answers.next().await {
-                if d.properties.correlation_id().as_ref().map(|c| c.as_str()) != Some(id.as_str()) {
-                    continue;
-                }
-                if let Ok(a) = serde_json::from_slice::<NodeAnswer>(&d.data) {
-                    got.insert(a.node.clone(), a);
-                }
-                if asked.iter().all(|n| got.contains_key(n)) {
-                    break;
-                }
+        let end = tokio::time::Instant::now() + wait;
+        let mut until = end;
+        loop {
+            let d = tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                d = answers.next() => match d { Some(Ok(d)) => d, _ => break },
+            };
+            if d.properties.correlation_id().as_ref().map(|c| c.as_str()) != Some(id.as_str()) {
+                continue;
             }
-        })
-        .await;
-        let _ = ch.close(200, "answers collected".into()).await;
+            if let Ok(a) = serde_json::from_slice::<NodeAnswer>(&d.data) {
+                got.insert(a.node.clone(), a);
+            }
+            if until == end && awaited.iter().all(|n| got.contains_key(n)) {
+                // A node that joined a moment ago (not yet known) answers
+                // a broadcast too: a short grace keeps its answer.
+                until = (tokio::time::Instant::now() + ANSWER_GRACE).min(end);
+            }
+        }
         Ok(got.into_values().collect())
     }
 

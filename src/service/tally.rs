@@ -29,6 +29,8 @@ struct Window {
     requests: u64,
     errors: u64,
     latencies_us: Vec<u64>,
+    /// Kept apart: past `SAMPLES` the reservoir may not hold the slowest.
+    max_us: u64,
 }
 
 /// Since start, per broker.
@@ -67,6 +69,7 @@ impl Tally {
             b.window.errors += 1;
         }
         let w = &mut b.window;
+        w.max_us = w.max_us.max(elapsed_us);
         if w.latencies_us.len() < SAMPLES {
             w.latencies_us.push(elapsed_us);
         } else {
@@ -114,7 +117,7 @@ impl Tally {
                     p50_us: at(0.50),
                     p95_us: at(0.95),
                     p99_us: at(0.99),
-                    max_us: w.latencies_us.last().copied().unwrap_or(0),
+                    max_us: w.max_us,
                 }
             })
             .collect()
@@ -143,6 +146,16 @@ mod tests {
             (100, 51, 99, 100)
         );
         assert_eq!((w[1].requests, w[1].errors), (2, 2));
+        // Past the reservoir, the slowest request still counts as the max.
+        for _ in 0..(2 * SAMPLES) {
+            t.record("mBroker", None, 1);
+        }
+        t.record("mBroker", None, 999_999);
+        let w = t.take_window();
+        assert_eq!(
+            (w[0].requests, w[0].max_us),
+            (2 * SAMPLES as u64 + 1, 999_999)
+        );
         // A new window starts empty; totals stay.
         assert!(t.take_window().is_empty());
         assert_eq!(t.totals()["rBroker"].handled, 100);

@@ -79,14 +79,25 @@ impl Cluster {
     /// Runs `beds admin ARGS --json` on this installation: exit code and
     /// the admin plane's answer (`Null` when stdout is not JSON).
     pub async fn admin(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"))
-            .args(["--config-dir", self.config_dir().to_str().unwrap(), "admin"])
+        self.admin_as(None, args).await
+    }
+
+    /// [`Cluster::admin`] as another RabbitMQ user.
+    pub async fn admin_as(
+        &self,
+        login: Option<&RabbitUser>,
+        args: &[&str],
+    ) -> (i32, serde_json::Value, String) {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_beds"));
+        cmd.args(["--config-dir", self.config_dir().to_str().unwrap(), "admin"])
             .args(args)
             .arg("--json")
-            .env("BEDS_ENV", "dev")
-            .output()
-            .await
-            .unwrap();
+            .env("BEDS_ENV", "dev");
+        if let Some(u) = login {
+            cmd.env("BEDS__AMQP__USER", &u.name)
+                .env("BEDS__AMQP__PASS", &u.pass);
+        }
+        let out = cmd.output().await.unwrap();
         let v = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         (
             out.status.code().unwrap_or(-1),
@@ -165,4 +176,48 @@ timeout_ms = 5000
         mongo = super::mongo_port(),
     );
     std::fs::write(config.join("env_dev.toml"), overlay).unwrap();
+}
+
+/// A RabbitMQ user of the test's own (through `rabbitmqctl`, which the
+/// machine running RabbitMQ has), with full rights on `/`; deleted when
+/// dropped.
+pub struct RabbitUser {
+    pub name: String,
+    pub pass: String,
+}
+
+impl RabbitUser {
+    pub fn create(tag: &str) -> RabbitUser {
+        let u = RabbitUser {
+            name: super::unique(tag),
+            pass: format!("pw{}", rand::random::<u64>()),
+        };
+        ctl(&["add_user", &u.name, &u.pass]);
+        ctl(&["set_permissions", "-p", "/", &u.name, ".*", ".*", ".*"]);
+        u
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://{}:{}@127.0.0.1:5672/%2f", self.name, self.pass)
+    }
+}
+
+impl Drop for RabbitUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["delete_user", &self.name])
+            .output();
+    }
+}
+
+fn ctl(args: &[&str]) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl: this test needs a second RabbitMQ user and makes one with it");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -55,15 +55,18 @@ BEGIN
 END //
 
 -- Moves up to p_max facts older than p_before to cool storage. Safe to
--- repeat, and safe after a crash between its two statements: a fact
--- already in cool storage is not copied again, and the hot copy of every
--- fact in cool storage is deleted. Returns how many hot rows went.
+-- repeat, and safe after a crash between its two statements: copying a
+-- fact again overwrites its cool copy with the hot one (a fact corrected
+-- by a later load wins), and the hot copy of every fact in cool storage is
+-- deleted. Returns how many hot rows went.
 CREATE OR REPLACE PROCEDURE wh_cool_move(IN p_before DATETIME, IN p_max INT)
 BEGIN
   DECLARE v_max INT DEFAULT COALESCE(p_max, 10000);
-  INSERT IGNORE INTO wh_sales_cool (sale_id, day, region, product, qty, amount)
+  INSERT INTO wh_sales_cool (sale_id, day, region, product, qty, amount)
   SELECT sale_id, day, region, product, qty, amount FROM wh_sales
-  WHERE day < DATE(p_before) ORDER BY day, sale_id LIMIT v_max;
+  WHERE day < DATE(p_before) ORDER BY day, sale_id LIMIT v_max
+  ON DUPLICATE KEY UPDATE day = VALUES(day), region = VALUES(region),
+    product = VALUES(product), qty = VALUES(qty), amount = VALUES(amount), moved = CURRENT_TIMESTAMP;
   DELETE h FROM wh_sales h JOIN wh_sales_cool c ON c.sale_id = h.sale_id
   WHERE h.day < DATE(p_before);
   SELECT ROW_COUNT() AS moved;

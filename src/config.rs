@@ -1493,6 +1493,18 @@ mod tests {
         c.node.role = "segundo".into();
         assert!(c.node_serves_template("wh_sales") && c.node_serves_template("wh_cool"));
         assert!(!c.node_serves_template("usr") && !c.node_serves_template("session"));
+        // A role of one's own may mix any brokers.
+        c.roles.insert(
+            "allInOne".into(),
+            RoleConfig {
+                brokers: vec!["rBroker".into(), "whBroker".into()],
+                admin: false,
+            },
+        );
+        c.node.role = "allInOne".into();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        assert!(c.node_serves_template("usr") && c.node_serves_template("wh_sales"));
+        assert!(!c.node_serves_template("wh_cool") && !c.node_serves_template("account"));
         // The admin role serves no broker, and only it may.
         c.node.role = "admin".into();
         assert!(c.problems().is_empty(), "{:?}", c.problems());

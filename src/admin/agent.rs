@@ -153,25 +153,7 @@ impl Agent {
         };
         let then_stop =
             answer.ok && Command::parse(&delivery.data).is_ok_and(|c| c.command == Verb::Shutdown);
-        if let (Some(reply_to), Ok(body)) =
-            (delivery.properties.reply_to(), serde_json::to_vec(&answer))
-        {
-            let mut props = BasicProperties::default().with_content_type("application/json".into());
-            if let Some(c) = delivery.properties.correlation_id() {
-                props = props.with_correlation_id(c.clone());
-            }
-            // Without a confirm: the admin node waits for it anyway, and
-            // names this node missing if it never comes.
-            let _ = ch
-                .basic_publish(
-                    "".into(),
-                    reply_to.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    props,
-                )
-                .await;
-        }
+        topology::reply(ch, &delivery.properties, &answer).await;
         let _ = delivery.ack(BasicAckOptions::default()).await;
         if then_stop {
             tracing::warn!("admin: shutdown requested; draining and exiting");

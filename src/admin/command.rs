@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-};
-use lapin::types::FieldTable;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
 use lapin::Confirmation;
 use serde_json::Value;
@@ -130,34 +127,13 @@ pub async fn send(
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| e.to_string())?;
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut answers = ch
-            .basic_consume(
-                q.name().as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let (reply, mut answers) = topology::reply_queue(&ch)
             .await
             .map_err(|e| e.to_string())?;
         let id = uuid::Uuid::new_v4().to_string();
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
-            .with_reply_to(q.name().clone())
+            .with_reply_to(reply.as_str().into())
             .with_correlation_id(id.as_str().into())
             .with_user_id(config.amqp.user.as_str().into())
             // Never run late: RabbitMQ drops it once this caller gave up.

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
@@ -301,23 +300,7 @@ impl Plane {
                 };
                 let (answer, cmd) = me.handle(user, d.redelivered, &d.data).await;
                 me.log(&answer, cmd.as_ref(), caller.as_deref(), started);
-                if let Some(reply_to) = d.properties.reply_to() {
-                    let mut props =
-                        BasicProperties::default().with_content_type("application/json".into());
-                    if let Some(id) = d.properties.correlation_id() {
-                        props = props.with_correlation_id(id.clone());
-                    }
-                    let body = serde_json::to_vec(&answer).unwrap_or_default();
-                    let _ = ch
-                        .basic_publish(
-                            "".into(),
-                            reply_to.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &body,
-                            props,
-                        )
-                        .await;
-                }
+                topology::reply(&ch, &d.properties, &answer).await;
                 let _ = d.ack(BasicAckOptions::default()).await;
             });
         };
@@ -492,19 +475,7 @@ impl Plane {
         awaited: &BTreeSet<String>,
         wait: Duration,
     ) -> Result<Vec<NodeAnswer>, lapin::Error> {
-        let q = ch
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let reply = q.name().to_string();
-        let mut answers = consume(ch, &reply, true).await?;
+        let (reply, mut answers) = topology::reply_queue(ch).await?;
         let id = new_id();
         let key = match &cmd.node {
             Some(n) => topology::node_key(n),

@@ -101,3 +101,57 @@ pub async fn private(
     }
     Ok(queue)
 }
+
+/// A reply queue of the caller's own (server-named, exclusive, gone with
+/// its channel) and a consumer on it: where answers come back.
+pub async fn reply_queue(ch: &Channel) -> Result<(String, lapin::Consumer), lapin::Error> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let name = q.name().to_string();
+    let consumer = ch
+        .basic_consume(
+            name.as_str().into(),
+            "".into(),
+            lapin::options::BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((name, consumer))
+}
+
+/// Publishes `answer` as JSON to the `reply_to` of `request`, with its
+/// correlation id. Without a confirm: whoever waits names the silence.
+pub async fn reply<T: serde::Serialize>(
+    ch: &Channel,
+    request: &lapin::BasicProperties,
+    answer: &T,
+) {
+    let (Some(reply_to), Ok(body)) = (request.reply_to(), serde_json::to_vec(answer)) else {
+        return;
+    };
+    let mut props = lapin::BasicProperties::default().with_content_type("application/json".into());
+    if let Some(id) = request.correlation_id() {
+        props = props.with_correlation_id(id.clone());
+    }
+    let _ = ch
+        .basic_publish(
+            "".into(),
+            reply_to.as_str().into(),
+            lapin::options::BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await;
+}

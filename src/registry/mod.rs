@@ -326,7 +326,7 @@ pub fn compile(text: &str, config: &Config) -> Result<Template, Vec<String>> {
         )),
         Some(_) => {}
         None => p.push(format!(
-            "database {:?} is not a [databases] entry of the node config (known: {})",
+            "database {:?} is not a [databases] entry of the node config, or not one this node opened at start (a node opens the databases its templates use; restart it to open another) (open: {})",
             file.database,
             config
                 .databases

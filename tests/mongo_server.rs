@@ -17,10 +17,21 @@ struct OwnServer {
     dir: std::path::PathBuf,
     args: Vec<&'static str>,
     child: Option<std::process::Child>,
+    /// One such server at a time: four Python servers building indexes at
+    /// once on a 2-core CI machine made nodes miss their IPL timeouts.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
+}
+
+/// Whose turn it is to run a server of its own.
+fn turns() -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    static TURN: std::sync::OnceLock<std::sync::Arc<tokio::sync::Mutex<()>>> =
+        std::sync::OnceLock::new();
+    TURN.get_or_init(Default::default).clone()
 }
 
 impl OwnServer {
     async fn start(args: &[&'static str]) -> OwnServer {
+        let turn = turns().lock_owned().await;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -33,6 +44,7 @@ impl OwnServer {
             dir,
             args: args.to_vec(),
             child: None,
+            _turn: turn,
         };
         s.spawn().await;
         s

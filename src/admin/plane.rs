@@ -316,114 +316,31 @@ impl Plane {
         redelivered: bool,
         body: &[u8],
     ) -> (PlaneAnswer, Option<Command>) {
-        let refuse = |command: &str, why: String| PlaneAnswer {
-            ok: false,
-            command: command.to_string(),
-            error: Some(why),
-            asked: 0,
-            answered: 0,
-            missing: Vec::new(),
-            nodes: Vec::new(),
-        };
-        let cmd = match Command::parse(body) {
+        let cmd = match admit(&self.admin, user, redelivered, body) {
             Ok(c) => c,
-            Err(e) => return (refuse("?", e), None),
+            Err((verb, why, cmd)) => return (refused(&verb, why), cmd),
         };
         let verb = cmd.command.as_str();
-        if let Some(p) = cmd.problem() {
-            return (refuse(verb, p), Some(cmd));
-        }
-        // An admin node stopped while this command was under way: it may
-        // have run on some nodes. At most once: it is not run again.
-        if redelivered {
-            return (
-                refuse(verb, "redelivered after an admin node stopped while running it; not run again (it may have reached some nodes): check with status and send it again if still wanted".into()),
-                Some(cmd),
-            );
-        }
-        let role = self.admin.role_of(user);
-        if role.is_none_or(|r| r < cmd.command.needs()) {
-            let has = role.map_or("no admin role".to_string(), |r| {
-                format!("role {}", r.as_str())
-            });
-            return (
-                refuse(
-                    verb,
-                    format!(
-                        "user {user} ({has}) may not run {verb}: it needs role {} (config [admin])",
-                        cmd.command.needs().as_str()
-                    ),
-                ),
-                Some(cmd),
-            );
-        }
         let (known, live) = self.known();
-        let asked: BTreeSet<String> = match &cmd.node {
-            Some(n) => [n.clone()].into(),
-            None => known.iter().cloned().collect(),
-        };
-        // Waited for: the asked nodes still sending heartbeats (and a
-        // node named on purpose). The silent ones are asked too, and
-        // named missing unless they answer within the grace.
-        let awaited: BTreeSet<String> = asked
-            .iter()
-            .filter(|n| cmd.node.is_some() || live.contains(*n))
-            .cloned()
-            .collect();
+        let (asked, awaited) = targets(&cmd, &known, &live);
         if asked.is_empty() {
-            return (
-                refuse(
-                    verb,
-                    format!(
-                        "no node is known yet: nodes announce themselves every {} ms on {SYSLOG}",
-                        self.admin.heartbeat_ms
-                    ),
-                ),
-                Some(cmd),
+            let why = format!(
+                "no node is known yet: nodes announce themselves every {} ms on {SYSLOG}",
+                self.admin.heartbeat_ms
             );
+            return (refused(verb, why), Some(cmd));
         }
         let mut wait = Duration::from_millis(self.admin.answer_timeout_ms);
         if cmd.command == Verb::Drain {
             wait += self.drain;
         }
-        let nodes = match self.forward(&cmd, user, &awaited, wait).await {
-            Ok(n) => n,
+        match self.forward(&cmd, user, &awaited, wait).await {
+            Ok(nodes) => (summarize(&cmd, &known, &asked, nodes), Some(cmd)),
             Err(e) => {
-                return (
-                    refuse(verb, format!("forwarding to the nodes failed: {e}")),
-                    Some(cmd),
-                )
+                let why = format!("forwarding to the nodes failed: {e}");
+                (refused(verb, why), Some(cmd))
             }
-        };
-        let answered: BTreeSet<&String> = nodes.iter().map(|a| &a.node).collect();
-        let missing: Vec<String> = asked
-            .iter()
-            .filter(|n| !answered.contains(n))
-            .cloned()
-            .collect();
-        let untouched = nodes
-            .iter()
-            .all(|a| a.result["brokers"].as_array().is_some_and(|b| b.is_empty()));
-        let error = match (&cmd.node, &cmd.broker) {
-            (Some(n), _) if !missing.is_empty() && !known.contains(n) => Some(format!(
-                "no node named {n} is known (known: {})",
-                known.join(", ")
-            )),
-            (None, Some(b)) if !nodes.is_empty() && untouched => {
-                Some(format!("no node that answered runs broker {b}"))
-            }
-            _ => None,
-        };
-        let answer = PlaneAnswer {
-            ok: missing.is_empty() && error.is_none() && nodes.iter().all(|a| a.ok),
-            command: verb.to_string(),
-            error,
-            asked: asked.len().max(answered.len()),
-            answered: nodes.len(),
-            missing,
-            nodes,
-        };
-        (answer, Some(cmd))
+        }
     }
 
     /// The members, and those of them heard within `missing_after_ms`;
@@ -620,5 +537,265 @@ fn counters_doc(c: &Counters) -> Document {
         "window_ms": c.window_ms as i64,
         "in_flight": c.in_flight,
         "brokers": brokers,
+    }
+}
+
+/// A refusal: nothing was forwarded.
+fn refused(command: &str, why: String) -> PlaneAnswer {
+    PlaneAnswer {
+        ok: false,
+        command: command.to_string(),
+        error: Some(why),
+        asked: 0,
+        answered: 0,
+        missing: Vec::new(),
+        nodes: Vec::new(),
+    }
+}
+
+/// The command, if `user` may run it now; else the verb, why not, and the
+/// command when it parsed.
+type Refusal = (String, String, Option<Command>);
+
+fn admit(
+    admin: &AdminConfig,
+    user: &str,
+    redelivered: bool,
+    body: &[u8],
+) -> Result<Command, Refusal> {
+    let cmd = Command::parse(body).map_err(|e| ("?".to_string(), e, None))?;
+    let verb = cmd.command.as_str().to_string();
+    if let Some(p) = cmd.problem() {
+        return Err((verb, p, Some(cmd)));
+    }
+    // An admin node stopped while this command was under way: it may have
+    // run on some nodes. At most once: it is not run again.
+    if redelivered {
+        let why = "redelivered after an admin node stopped while running it; not run again (it may have reached some nodes): check with status and send it again if still wanted";
+        return Err((verb, why.into(), Some(cmd)));
+    }
+    let role = admin.role_of(user);
+    if role.is_none_or(|r| r < cmd.command.needs()) {
+        let has = role.map_or("no admin role".to_string(), |r| {
+            format!("role {}", r.as_str())
+        });
+        let why = format!(
+            "user {user} ({has}) may not run {verb}: it needs role {} (config [admin])",
+            cmd.command.needs().as_str()
+        );
+        return Err((verb, why, Some(cmd)));
+    }
+    Ok(cmd)
+}
+
+/// The nodes asked (every known one, or the one named) and those waited
+/// for: the asked nodes still sending heartbeats, and a node named on
+/// purpose. Silent ones are asked too, and named missing unless they
+/// answer in time.
+fn targets(
+    cmd: &Command,
+    known: &[String],
+    live: &BTreeSet<String>,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let asked: BTreeSet<String> = match &cmd.node {
+        Some(n) => [n.clone()].into(),
+        None => known.iter().cloned().collect(),
+    };
+    let awaited = asked
+        .iter()
+        .filter(|n| cmd.node.is_some() || live.contains(*n))
+        .cloned()
+        .collect();
+    (asked, awaited)
+}
+
+/// The answer to the caller from the nodes' answers: who was asked, who
+/// answered, who is missing, and what went wrong overall.
+fn summarize(
+    cmd: &Command,
+    known: &[String],
+    asked: &BTreeSet<String>,
+    nodes: Vec<NodeAnswer>,
+) -> PlaneAnswer {
+    let answered: BTreeSet<&String> = nodes.iter().map(|a| &a.node).collect();
+    let missing: Vec<String> = asked
+        .iter()
+        .filter(|n| !answered.contains(n))
+        .cloned()
+        .collect();
+    let untouched = nodes
+        .iter()
+        .all(|a| a.result["brokers"].as_array().is_some_and(|b| b.is_empty()));
+    let error = match (&cmd.node, &cmd.broker) {
+        (Some(n), _) if !missing.is_empty() && !known.contains(n) => Some(format!(
+            "no node named {n} is known (known: {})",
+            known.join(", ")
+        )),
+        (None, Some(b)) if !nodes.is_empty() && untouched => {
+            Some(format!("no node that answered runs broker {b}"))
+        }
+        _ => None,
+    };
+    // A node that joined a moment ago answers a broadcast too.
+    let late = answered.iter().filter(|n| !asked.contains(**n)).count();
+    PlaneAnswer {
+        ok: missing.is_empty() && error.is_none() && nodes.iter().all(|a| a.ok),
+        command: cmd.command.as_str().to_string(),
+        error,
+        asked: asked.len() + late,
+        answered: nodes.len(),
+        missing,
+        nodes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn admin() -> AdminConfig {
+        AdminConfig {
+            viewers: vec!["vera".into()],
+            operators: vec!["otto".into()],
+            admins: vec!["ada".into()],
+            ..Default::default()
+        }
+    }
+
+    fn why(r: Result<Command, Refusal>) -> String {
+        r.unwrap_err().1
+    }
+
+    #[test]
+    fn admit_checks_the_body_then_redelivery_then_the_role() {
+        let a = admin();
+        assert!(why(admit(&a, "ada", false, b"{")).starts_with("not a command"));
+        assert!(why(admit(&a, "ada", false, br#"{"command":"prefetch"}"#)).contains("1 to 65535"));
+        assert!(why(admit(&a, "ada", true, br#"{"command":"status"}"#)).starts_with("redelivered"));
+        let pause = br#"{"command":"pause","broker":"rBroker"}"#;
+        assert_eq!(
+            why(admit(&a, "vera", false, pause)),
+            "user vera (role viewer) may not run pause: it needs role operator (config [admin])"
+        );
+        assert!(why(admit(&a, "mallory", false, br#"{"command":"status"}"#))
+            .contains("(no admin role)"));
+        assert!(why(admit(&a, "otto", false, br#"{"command":"shutdown"}"#))
+            .contains("needs role admin"));
+        assert_eq!(
+            admit(&a, "otto", false, pause).unwrap().broker.as_deref(),
+            Some("rBroker")
+        );
+        assert!(admit(&a, "vera", false, br#"{"command":"status"}"#).is_ok());
+        assert!(admit(
+            &a,
+            "ada",
+            false,
+            br#"{"command":"shutdown","node":"app-1"}"#
+        )
+        .is_ok());
+    }
+
+    fn cmd(node: Option<&str>, broker: Option<&str>) -> Command {
+        Command {
+            command: if broker.is_some() {
+                Verb::Pause
+            } else {
+                Verb::Status
+            },
+            node: node.map(str::to_string),
+            broker: broker.map(str::to_string),
+            prefetch: None,
+        }
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_broadcast_waits_only_for_live_nodes_a_named_node_always() {
+        let known = names(&["a", "b", "dead"]);
+        let live: BTreeSet<String> = names(&["a", "b"]).into_iter().collect();
+        let (asked, awaited) = targets(&cmd(None, None), &known, &live);
+        assert_eq!((asked.len(), awaited.len()), (3, 2));
+        let (asked, awaited) = targets(&cmd(Some("dead"), None), &known, &live);
+        assert_eq!(
+            (asked, awaited.clone()),
+            (awaited, names(&["dead"]).into_iter().collect())
+        );
+    }
+
+    fn answer(node: &str, ok: bool, result: serde_json::Value) -> NodeAnswer {
+        NodeAnswer {
+            node: node.into(),
+            role: "appServer".into(),
+            ok,
+            error: None,
+            result,
+        }
+    }
+
+    #[test]
+    fn the_summary_names_missing_unknown_and_useless_targets() {
+        let known = names(&["a", "b", "dead"]);
+        let all: BTreeSet<String> = known.iter().cloned().collect();
+        // A silent node is named, and the whole is not ok.
+        let s = summarize(
+            &cmd(None, None),
+            &known,
+            &all,
+            vec![answer("a", true, json!({})), answer("b", true, json!({}))],
+        );
+        assert_eq!(
+            (s.ok, s.asked, s.answered, s.missing.clone()),
+            (false, 3, 2, names(&["dead"]))
+        );
+        // A late joiner counts as asked and answered.
+        let two: BTreeSet<String> = names(&["a", "b"]).into_iter().collect();
+        let s = summarize(
+            &cmd(None, None),
+            &known,
+            &two,
+            vec![
+                answer("a", true, json!({})),
+                answer("b", true, json!({})),
+                answer("new", true, json!({})),
+            ],
+        );
+        assert_eq!((s.ok, s.asked, s.answered), (true, 3, 3));
+        // A node nobody knows, named on purpose.
+        let ghost: BTreeSet<String> = names(&["ghost"]).into_iter().collect();
+        let s = summarize(&cmd(Some("ghost"), None), &known, &ghost, vec![]);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("no node named ghost is known (known: a, b, dead)")
+        );
+        // A broker no node runs.
+        let s = summarize(
+            &cmd(None, Some("xBroker")),
+            &known,
+            &two,
+            vec![
+                answer("a", true, json!({"brokers": []})),
+                answer("b", true, json!({"brokers": []})),
+            ],
+        );
+        assert_eq!(
+            (s.ok, s.error.as_deref()),
+            (false, Some("no node that answered runs broker xBroker"))
+        );
+        // One node failing fails the whole.
+        let s = summarize(
+            &cmd(None, Some("rBroker")),
+            &known,
+            &two,
+            vec![
+                answer("a", true, json!({"brokers": ["rBroker"]})),
+                answer("b", false, json!(null)),
+            ],
+        );
+        assert!(!s.ok && s.error.is_none());
     }
 }

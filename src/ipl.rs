@@ -344,6 +344,7 @@ impl Node {
             self.events.clone(),
             self.writer.collection(),
             self.supervisor.token(),
+            self.shutdown.clone(),
         ));
         if let Err(e) = plane.ensure_indexes().await {
             tracing::warn!(error = %e, "admin plane: the counters' TTL index could not be made; retried at the next start");

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use beds::client::{CallOptions, Client};
-use common::cluster::{Cluster, NodeProc, RabbitUser};
+use common::cluster::{Cluster, RabbitUser};
 use serde_json::{json, Value};
 
 /// Fast heartbeats and counters, so the test does not wait long.
@@ -43,22 +43,14 @@ fn opts(secs: u64) -> CallOptions {
     }
 }
 
-async fn stop(mut n: NodeProc) -> i32 {
-    let pid = n.child.id().unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
-    n.child.wait().await.unwrap().code().unwrap_or(-1)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane() {
     let c = Cluster::new("admin");
     c.overlay(&format!("{FAST}admins = [\"guest\"]\n"));
-    let _adm = c.node("admin", "adm", &[]).await;
+    let adm = c.node("admin", "adm", &[]).await;
     let app1 = c.node("appServer", "app-1", &[]).await;
     let app2 = c.node("appServer", "app-2", &[]).await;
-    let _seg = c.node("segundo", "seg", &[]).await;
+    let seg = c.node("segundo", "seg", &[]).await;
     let client = Client::connect(common::AMQP_URL, c.prefix()).await.unwrap();
 
     // status: every node, its role and brokers, healthy databases.
@@ -320,7 +312,27 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
         .any(|i| i.options.as_ref().and_then(|o| o.expire_after)
             == Some(Duration::from_secs(14 * 86_400))));
     client.close().await;
-    let _ = stop(_seg).await;
+
+    // shutdown of all: every live node, the admin node last (after its
+    // answer); the killed one named missing.
+    let (code, v, _) = c.admin(&["shutdown"]).await;
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(
+        (v["answered"].clone(), v["missing"].clone()),
+        (json!(2), json!(["app-2"])),
+        "{v}"
+    );
+    assert!(
+        node(&v, "adm")["ok"] == true && node(&v, "seg")["ok"] == true,
+        "{v}"
+    );
+    for mut n in [adm, seg] {
+        let exit = tokio::time::timeout(Duration::from_secs(20), n.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(exit.code(), Some(0), "{} exits 0 after shutdown", n.name);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

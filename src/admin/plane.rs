@@ -41,6 +41,7 @@ pub struct Member {
 
 pub struct Plane {
     pub node: String,
+    pub role: String,
     pub prefix: String,
     pub amqp_user: String,
     pub admin: AdminConfig,
@@ -52,6 +53,9 @@ pub struct Plane {
     pub graphs: Option<Collection<Document>>,
     pub members: Mutex<BTreeMap<String, Member>>,
     pub stop: CancellationToken,
+    /// This node's own shutdown: a `shutdown` that includes the admin node
+    /// stops it only after the caller has its answer.
+    pub shutdown: CancellationToken,
 }
 
 impl Plane {
@@ -61,6 +65,7 @@ impl Plane {
         events: EventLog,
         log: Option<&Collection<Document>>,
         stop: CancellationToken,
+        shutdown: CancellationToken,
     ) -> Plane {
         let graphs = log.map(|c| {
             c.client()
@@ -69,6 +74,7 @@ impl Plane {
         });
         Plane {
             node: config.node.name.clone(),
+            role: config.node.role.clone(),
             prefix: config.amqp.prefix.clone(),
             amqp_user: config.amqp.user.clone(),
             admin: config.admin.clone(),
@@ -78,6 +84,7 @@ impl Plane {
             graphs,
             members: Mutex::default(),
             stop,
+            shutdown,
         }
     }
 
@@ -302,6 +309,14 @@ impl Plane {
                 me.log(&answer, cmd.as_ref(), caller.as_deref(), started);
                 topology::reply(&ch, &d.properties, &answer).await;
                 let _ = d.ack(BasicAckOptions::default()).await;
+                if answer
+                    .nodes
+                    .iter()
+                    .any(|n| n.node == me.node && n.ok && n.result["stopping"] == true)
+                {
+                    tracing::warn!("admin: shutdown requested; draining and exiting");
+                    me.shutdown.cancel();
+                }
             });
         };
         running.close();
@@ -334,8 +349,33 @@ impl Plane {
         if cmd.command == Verb::Drain {
             wait += self.drain;
         }
-        match self.forward(&cmd, user, &awaited, wait).await {
-            Ok(nodes) => (summarize(&cmd, &known, &asked, nodes), Some(cmd)),
+        // A shutdown that includes this node: the others are told one by
+        // one (a broadcast would reach this node's own agent, which would
+        // stop it before the caller has the answer), and this node stops
+        // after answering.
+        let stop_here = cmd.command == Verb::Shutdown && asked.contains(&self.node);
+        let keys: Vec<String> = match (&cmd.node, stop_here) {
+            (_, true) => awaited
+                .iter()
+                .filter(|n| **n != self.node)
+                .map(|n| topology::node_key(n))
+                .collect(),
+            (Some(n), false) => vec![topology::node_key(n)],
+            (None, false) => vec![OUT.to_string()],
+        };
+        match self.forward(&cmd, user, &keys, &awaited, wait).await {
+            Ok(mut nodes) => {
+                if stop_here {
+                    nodes.push(NodeAnswer {
+                        node: self.node.clone(),
+                        role: self.role.clone(),
+                        ok: true,
+                        error: None,
+                        result: serde_json::json!({ "stopping": true }),
+                    });
+                }
+                (summarize(&cmd, &known, &asked, nodes), Some(cmd))
+            }
             Err(e) => {
                 let why = format!("forwarding to the nodes failed: {e}");
                 (refused(verb, why), Some(cmd))
@@ -370,14 +410,23 @@ impl Plane {
         &self,
         cmd: &Command,
         caller: &str,
+        keys: &[String],
         awaited: &BTreeSet<String>,
         wait: Duration,
     ) -> Result<Vec<NodeAnswer>, lapin::Error> {
+        let awaited: BTreeSet<String> = awaited
+            .iter()
+            .filter(|n| **n != self.node || cmd.command != Verb::Shutdown)
+            .cloned()
+            .collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let ch = tokio::select! {
             _ = self.stop.cancelled() => return Ok(Vec::new()),
             c = self.link.channel() => c?,
         };
-        let got = self.collect(&ch, cmd, caller, awaited, wait).await;
+        let got = self.collect(&ch, cmd, caller, keys, &awaited, wait).await;
         // Closing the channel also removes the reply queue (auto-delete),
         // on every path.
         let _ = ch.close(200, "answers collected".into()).await;
@@ -389,15 +438,12 @@ impl Plane {
         ch: &Channel,
         cmd: &Command,
         caller: &str,
+        keys: &[String],
         awaited: &BTreeSet<String>,
         wait: Duration,
     ) -> Result<Vec<NodeAnswer>, lapin::Error> {
         let (reply, mut answers) = topology::reply_queue(ch).await?;
         let id = new_id();
-        let key = match &cmd.node {
-            Some(n) => topology::node_key(n),
-            None => OUT.to_string(),
-        };
         let mut headers = FieldTable::default();
         headers.insert(CALLER_HEADER.into(), AMQPValue::LongString(caller.into()));
         // Past this a node does not run it: nobody waits for its answer.
@@ -411,14 +457,16 @@ impl Plane {
             .with_expiration(wait.as_millis().to_string().as_str().into())
             .with_headers(headers);
         let body = serde_json::to_vec(cmd).unwrap_or_default();
-        ch.basic_publish(
-            self.prefix.as_str().into(),
-            key.as_str().into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
-        .await?;
+        for key in keys {
+            ch.basic_publish(
+                self.prefix.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await?;
+        }
         let mut got: BTreeMap<String, NodeAnswer> = BTreeMap::new();
         let end = tokio::time::Instant::now() + wait;
         let mut until = end;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -17,6 +16,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::channel::{forever, next, open};
 use super::topology::{self, GRAPH, OUT, SYSLOG};
 use super::{Command, Counters, Heartbeat, NodeAnswer, Verb};
 use crate::broker::AmqpLink;
@@ -24,7 +24,6 @@ use crate::config::{AdminConfig, Config};
 use crate::logger::now_ms;
 use crate::registry::Registry;
 use crate::service::http::Endpoints;
-use crate::supervisor::Backoff;
 
 /// What a node's agent reaches.
 pub struct Agent {
@@ -88,27 +87,12 @@ impl Agent {
     /// Consumes this node's admin queue until stop, reconnecting with
     /// backoff.
     pub async fn run_commands(self: Arc<Self>) {
-        let mut backoff = Backoff::default();
-        while !self.stop.is_cancelled() {
-            match self.serve_commands().await {
-                Ok(()) => return,
-                Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, ?wait, "admin: command queue lost; reconnecting");
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
-        }
+        forever("command queue", &self.stop, || self.serve_commands()).await
     }
 
     async fn serve_commands(self: &Arc<Self>) -> Result<(), lapin::Error> {
-        // Opening may hang on a half-open connection: stop wins.
-        let ch = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(()),
-            c = self.link.channel() => c?,
+        let Some(ch) = open(&self.link, &self.stop).await? else {
+            return Ok(());
         };
         ch.basic_qos(8, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
@@ -127,13 +111,10 @@ impl Agent {
         // not hold up a status.
         let running = TaskTracker::new();
         let result = loop {
-            let delivery = tokio::select! {
-                _ = self.stop.cancelled() => break Ok(()),
-                d = consumer.next() => match d {
-                    Some(Ok(d)) => d,
-                    Some(Err(e)) => break Err(e),
-                    None => break Err(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "admin consumer ended").into()),
-                },
+            let delivery = match next(&self.stop, &mut consumer).await {
+                Ok(Some(d)) => d,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
             let (me, ch) = (self.clone(), ch.clone());
             running.spawn(async move { me.one(&ch, delivery).await });
@@ -433,12 +414,9 @@ impl Agent {
     /// heartbeat lost is a heartbeat late.
     async fn send_on<T: serde::Serialize>(&self, ch: &mut Option<Channel>, key: &str, body: &T) {
         if ch.as_ref().is_none_or(|c| !c.status().connected()) {
-            let opened = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                c = self.link.channel() => c,
-            };
-            *ch = match opened {
-                Ok(c) => Some(c),
+            *ch = match open(&self.link, &self.stop).await {
+                Ok(Some(c)) => Some(c),
+                Ok(None) => return,
                 Err(e) => {
                     tracing::debug!(error = %e, "admin: no channel for {key}");
                     return;

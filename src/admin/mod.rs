@@ -14,6 +14,7 @@
 //!   executes forwarded commands and sends heartbeats and counters.
 
 pub mod agent;
+pub mod channel;
 pub mod command;
 pub mod plane;
 pub mod topology;

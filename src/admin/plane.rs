@@ -7,9 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use mongodb::bson::{doc, Document};
@@ -18,12 +16,12 @@ use mongodb::{Collection, IndexModel};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::channel::{consume, forever, next, open};
 use super::topology::{self, OUT, SYSLOG};
 use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb, DEADLINE_HEADER};
 use crate::broker::AmqpLink;
 use crate::config::{AdminConfig, Config};
 use crate::logger::{new_id, now_ms, Event, EventLog};
-use crate::supervisor::Backoff;
 
 /// Who called, carried to the nodes for their logs.
 pub const CALLER_HEADER: &str = "x-beds-admin-caller";
@@ -114,37 +112,14 @@ impl Plane {
             .map_err(|e| e.to_string())
     }
 
-    /// Runs `serve` until stop, reconnecting with backoff.
-    async fn forever<F, Fut>(&self, what: &str, serve: F)
-    where
-        F: Fn() -> Fut,
-        Fut: std::future::Future<Output = Result<(), lapin::Error>>,
-    {
-        let mut backoff = Backoff::default();
-        while !self.stop.is_cancelled() {
-            if let Err(e) = serve().await {
-                let wait = backoff.next_delay();
-                tracing::warn!(error = %e, ?wait, "admin plane: {what} lost; reconnecting");
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-            } else {
-                return;
-            }
-        }
-    }
-
     /// Keeps the membership from every heartbeat.
     pub async fn run_membership(self: Arc<Self>) {
-        self.forever("heartbeat queue", || self.membership()).await
+        forever("heartbeat queue", &self.stop, || self.membership()).await
     }
 
     async fn membership(&self) -> Result<(), lapin::Error> {
-        // Opening may hang on a half-open connection: stop wins.
-        let ch = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(()),
-            c = self.link.channel() => c?,
+        let Some(ch) = open(&self.link, &self.stop).await? else {
+            return Ok(());
         };
         topology::declare_shared(&ch, &self.prefix).await?;
         let q = topology::private(
@@ -156,9 +131,8 @@ impl Plane {
         .await?;
         let mut c = consume(&ch, &q, true).await?;
         loop {
-            let d = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
+            let Some(d) = next(&self.stop, &mut c).await? else {
+                return Ok(());
             };
             if !self.sent_by_node(&d.properties) {
                 continue;
@@ -209,22 +183,19 @@ impl Plane {
 
     /// Stores each counter window once (the queue is shared by admin nodes).
     pub async fn run_graphs(self: Arc<Self>) {
-        self.forever("counter queue", || self.graphs()).await
+        forever("counter queue", &self.stop, || self.graphs()).await
     }
 
     async fn graphs(&self) -> Result<(), lapin::Error> {
-        // Opening may hang on a half-open connection: stop wins.
-        let ch = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(()),
-            c = self.link.channel() => c?,
+        let Some(ch) = open(&self.link, &self.stop).await? else {
+            return Ok(());
         };
         ch.basic_qos(64, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
         let mut c = consume(&ch, &topology::graph_queue(&self.prefix), false).await?;
         loop {
-            let d = tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
-                d = c.next() => match d { Some(d) => d?, None => return Err(closed()) },
+            let Some(d) = next(&self.stop, &mut c).await? else {
+                return Ok(());
             };
             let from_node = self.sent_by_node(&d.properties);
             let parsed = if from_node {
@@ -273,24 +244,22 @@ impl Plane {
     /// Answers `beds admin` commands.
     pub async fn run_commands(self: Arc<Self>) {
         let me = self.clone();
-        self.forever("command queue", || me.clone().commands())
-            .await
+        forever("command queue", &self.stop, || me.clone().commands()).await
     }
 
     async fn commands(self: Arc<Self>) -> Result<(), lapin::Error> {
-        // Opening may hang on a half-open connection: stop wins.
-        let ch = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(()),
-            c = self.link.channel() => c?,
+        let Some(ch) = open(&self.link, &self.stop).await? else {
+            return Ok(());
         };
         ch.basic_qos(8, BasicQosOptions::default()).await?;
         topology::declare_shared(&ch, &self.prefix).await?;
         let mut c = consume(&ch, &topology::in_queue(&self.prefix), false).await?;
         let running = TaskTracker::new();
         let result = loop {
-            let d = tokio::select! {
-                _ = self.stop.cancelled() => break Ok(()),
-                d = c.next() => match d { Some(Ok(d)) => d, Some(Err(e)) => break Err(e), None => break Err(closed()) },
+            let d = match next(&self.stop, &mut c).await {
+                Ok(Some(d)) => d,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
             // Side by side: a drain waiting on one node does not hold up a
             // status.
@@ -422,9 +391,8 @@ impl Plane {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let ch = tokio::select! {
-            _ = self.stop.cancelled() => return Ok(Vec::new()),
-            c = self.link.channel() => c?,
+        let Some(ch) = open(&self.link, &self.stop).await? else {
+            return Ok(Vec::new());
         };
         let got = self.collect(&ch, cmd, caller, keys, &awaited, wait).await;
         // Closing the channel also removes the reply queue (auto-delete),
@@ -542,23 +510,6 @@ impl Plane {
             ..Default::default()
         });
     }
-}
-
-async fn consume(ch: &Channel, queue: &str, no_ack: bool) -> Result<lapin::Consumer, lapin::Error> {
-    ch.basic_consume(
-        queue.into(),
-        "".into(),
-        BasicConsumeOptions {
-            no_ack,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-}
-
-fn closed() -> lapin::Error {
-    lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer ended").into()
 }
 
 /// One counter window as stored: a BSON date for the TTL index.

@@ -439,10 +439,13 @@ pub(crate) fn resolve<'r>(
             served_by: broker.scope.served_by(&p.template),
         })
     };
-    if registry.is_elsewhere(&p.template) {
-        return Err(elsewhere());
-    }
-    let t = registry.get(&p.template).map_err(f)?;
+    // Another role's template is looked for only once the name is not
+    // found: the served path pays no extra lookup.
+    let t = match registry.get(&p.template) {
+        Ok(t) => t,
+        Err(_) if registry.is_elsewhere(&p.template) => return Err(elsewhere()),
+        Err(e) => return Err(f(e)),
+    };
     if !broker.scope.serves(&p.template) {
         return Err(elsewhere());
     }

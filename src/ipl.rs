@@ -548,7 +548,6 @@ impl Node {
                 retry_tiers: config.dispatch.retry_tiers_ms.len(),
                 max_payload: config.dispatch.max_payload_bytes,
                 max_batch: config.dispatch.max_batch,
-                prefetch: config.dispatch.prefetch,
                 drain: Duration::from_millis(config.dispatch.drain_timeout_ms),
             },
             retry_key,

@@ -167,7 +167,6 @@ fn shared(primary: Arc<FakeDb>, docs: Arc<FakeDb>) -> Arc<Shared> {
             retry_tiers: 2,
             max_payload: 64 * 1024,
             max_batch: 10,
-            prefetch: 8,
             drain: Duration::from_secs(1),
         },
         retry_key: b"0123456789abcdef".to_vec(),

@@ -47,8 +47,6 @@ pub struct Limits {
     pub max_payload: usize,
     /// Most entries one batch may hold.
     pub max_batch: usize,
-    /// Deliveries in flight per dispatcher.
-    pub prefetch: u16,
     /// How long a shutdown waits for in-flight requests.
     pub drain: Duration,
 }

@@ -246,6 +246,10 @@ pub struct AdminConfig {
     pub graph_collection: String,
     #[serde(default = "default_graph_retention")]
     pub graph_retention_days: u32,
+    /// The admin node's record of every member's last heartbeat (same
+    /// database), for the observer's node list; kept as long as counters.
+    #[serde(default = "default_node_collection")]
+    pub node_collection: String,
     /// How long the admin node waits for the nodes' answers.
     #[serde(default = "default_answer_timeout")]
     pub answer_timeout_ms: u64,
@@ -262,6 +266,9 @@ fn default_graph_interval() -> u64 {
 }
 fn default_graph_collection() -> String {
     "msGraphs".into()
+}
+fn default_node_collection() -> String {
+    "msNodes".into()
 }
 fn default_graph_retention() -> u32 {
     14
@@ -282,9 +289,15 @@ impl Default for AdminConfig {
             graph_interval_ms: default_graph_interval(),
             graph_collection: default_graph_collection(),
             graph_retention_days: default_graph_retention(),
+            node_collection: default_node_collection(),
             answer_timeout_ms: default_answer_timeout(),
         }
     }
+}
+
+/// A MongoDB collection name BEDS may own: no `$`, NUL or `system.` prefix.
+fn is_collection_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['$', '\0']) && !name.starts_with("system.")
 }
 
 /// What an operator may do on the admin plane, lowest first.
@@ -999,6 +1012,19 @@ impl Config {
         if a.graph_retention_days == 0 {
             p.push("admin.graph_retention_days must be at least 1".into());
         }
+        for (key, name) in [
+            ("graph_collection", &a.graph_collection),
+            ("node_collection", &a.node_collection),
+        ] {
+            if !is_collection_name(name) {
+                p.push(format!(
+                    "admin.{key} = {name:?} must be a plain collection name"
+                ));
+            }
+        }
+        if a.graph_collection == a.node_collection {
+            p.push("admin.graph_collection and admin.node_collection must differ".into());
+        }
         if !is_amqp_name(&self.node.name) {
             p.push(format!(
                 "node.name = {:?}: may hold only letters, digits, '_' and '-' (it names the node's admin queue)",
@@ -1098,10 +1124,7 @@ impl Config {
             }
         }
         if self.event_database().is_some() {
-            if ev.collection.is_empty()
-                || ev.collection.contains('$')
-                || ev.collection.starts_with("system.")
-            {
+            if !is_collection_name(&ev.collection) {
                 p.push("events.collection must be a plain collection name".into());
             }
             if ev.retention_days == 0 || ev.retention_days > 3660 {
@@ -1518,6 +1541,20 @@ mod tests {
             .problems()
             .iter()
             .any(|p| p.contains("brokers.whBroker.templates names \"Bad-Name\"")));
+    }
+
+    #[test]
+    fn the_admin_collections_must_be_plain_and_apart() {
+        let mut c = shipped_for_tests();
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        c.admin.node_collection = "system.nodes".into();
+        c.admin.graph_collection = "$g".into();
+        let p = c.problems().join("\n");
+        assert!(p.contains("admin.node_collection = \"system.nodes\""), "{p}");
+        assert!(p.contains("admin.graph_collection = \"$g\""), "{p}");
+        c.admin.node_collection = "msGraphs".into();
+        c.admin.graph_collection = "msGraphs".into();
+        assert!(c.problems().iter().any(|p| p.contains("must differ")));
     }
 
     #[test]

@@ -347,7 +347,7 @@ impl Node {
             self.shutdown.clone(),
         ));
         if let Err(e) = plane.ensure_indexes().await {
-            tracing::warn!(error = %e, "admin plane: the counters' TTL index could not be made; retried at the next start");
+            tracing::warn!(error = %e, "admin plane: the counters' or node records' TTL index could not be made; retried at the next start");
         }
         let p = plane.clone();
         self.supervisor
@@ -358,6 +358,11 @@ impl Node {
         self.supervisor
             .spawn("admin plane membership".into(), move || {
                 p.clone().run_membership()
+            });
+        let p = plane.clone();
+        self.supervisor
+            .spawn("admin plane node records".into(), move || {
+                p.clone().run_roster()
             });
         self.supervisor
             .spawn("admin plane counters".into(), move || {

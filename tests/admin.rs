@@ -311,6 +311,51 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
         .iter()
         .any(|i| i.options.as_ref().and_then(|o| o.expire_after)
             == Some(Duration::from_secs(14 * 86_400))));
+
+    // The node records the observer lists: the stopped node says so, the
+    // killed one's last heartbeat is older than its missing_after_ms, the
+    // live ones are fresh; all with their role and template set.
+    let records = db.collection::<mongodb::bson::Document>("msNodes");
+    let now = mongodb::bson::DateTime::now().timestamp_millis();
+    let record = |name: &'static str| {
+        let records = records.clone();
+        async move {
+            records
+                .find_one(mongodb::bson::doc! {"_id": name})
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no msNodes record for {name}"))
+        }
+    };
+    let age =
+        |d: &mongodb::bson::Document| now - d.get_datetime("last_seen").unwrap().timestamp_millis();
+    let (r_app1, r_app2, r_seg, r_adm) = (
+        record("app-1").await,
+        record("app-2").await,
+        record("seg").await,
+        record("adm").await,
+    );
+    assert_eq!(r_app1.get_bool("alive"), Ok(false), "{r_app1}");
+    assert_eq!(r_app2.get_bool("alive"), Ok(true), "{r_app2}");
+    assert_eq!(r_app2.get_i64("missing_after_ms"), Ok(1500), "{r_app2}");
+    assert!(
+        age(&r_app2) > 1500,
+        "app-2 is missing by its record: {r_app2}"
+    );
+    for r in [&r_seg, &r_adm] {
+        assert_eq!(r.get_bool("alive"), Ok(true), "{r}");
+        assert!(age(r) < 1500, "a live node's record is fresh: {r}");
+    }
+    assert_eq!(r_seg.get_str("role"), Ok("segundo"));
+    assert!(r_seg
+        .get_array("brokers")
+        .unwrap()
+        .contains(&mongodb::bson::Bson::String("whBroker".into())));
+    assert_eq!(
+        r_seg.get_str("templates").ok(),
+        node(&s, "seg")["result"]["templates"]["version"].as_str(),
+        "{r_seg} vs {s}"
+    );
     client.close().await;
 
     // shutdown of all: every live node, the admin node last (after its

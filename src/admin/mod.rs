@@ -8,7 +8,8 @@
 //!   known node, or one), collects the answers, names the nodes that did
 //!   not answer, replies, and logs an `admin` event. It also keeps the
 //!   membership from the heartbeats on `adminSyslogBroker` and stores the
-//!   counters from `adminGraphBroker` in MongoDB.
+//!   counters from `adminGraphBroker` in MongoDB, and records each member's
+//!   last heartbeat there too ([`roster`]) for the observer.
 //! - Every node, of any role, runs an [`agent`] on its own channel and
 //!   task (so a node whose dispatchers are saturated still answers): it
 //!   executes forwarded commands and sends heartbeats and counters.
@@ -17,6 +18,7 @@ pub mod agent;
 pub mod channel;
 pub mod command;
 pub mod plane;
+pub mod roster;
 pub mod topology;
 
 use serde::{Deserialize, Serialize};

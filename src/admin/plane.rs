@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::channel::{consume, forever, next, open};
+use super::roster::Roster;
 use super::topology::{self, OUT, SYSLOG};
 use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb, DEADLINE_HEADER};
 use crate::broker::AmqpLink;
@@ -49,6 +50,8 @@ pub struct Plane {
     pub events: EventLog,
     /// Where counter windows go (`None`: no event-log database).
     pub graphs: Option<Collection<Document>>,
+    /// Where each member's last heartbeat is recorded (same database).
+    pub roster: Option<Roster>,
     pub members: Mutex<BTreeMap<String, Member>>,
     pub stop: CancellationToken,
     /// This node's own shutdown: a `shutdown` that includes the admin node
@@ -65,11 +68,16 @@ impl Plane {
         stop: CancellationToken,
         shutdown: CancellationToken,
     ) -> Plane {
-        let graphs = log.map(|c| {
-            c.client()
-                .database(&c.namespace().db)
-                .collection(&config.admin.graph_collection)
-        });
+        let sibling = |name: &str| {
+            log.map(|c| {
+                c.client()
+                    .database(&c.namespace().db)
+                    .collection::<Document>(name)
+            })
+        };
+        let graphs = sibling(&config.admin.graph_collection);
+        let roster = sibling(&config.admin.node_collection)
+            .map(|c| Roster::new(c, config.admin.missing_after_ms));
         Plane {
             node: config.node.name.clone(),
             role: config.node.role.clone(),
@@ -80,17 +88,21 @@ impl Plane {
             link,
             events,
             graphs,
+            roster,
             members: Mutex::default(),
             stop,
             shutdown,
         }
     }
 
-    /// The counters' TTL index (the admin node owns the collection, as
-    /// BEDS owns the event log's).
+    /// The counters' and node records' TTL indexes (the admin node owns
+    /// the collections, as BEDS owns the event log's).
     pub async fn ensure_indexes(&self) -> Result<(), String> {
-        let Some(c) = &self.graphs else { return Ok(()) };
         let ttl = Duration::from_secs(u64::from(self.admin.graph_retention_days) * 86_400);
+        if let Some(r) = &self.roster {
+            r.ensure_indexes(ttl).await?;
+        }
+        let Some(c) = &self.graphs else { return Ok(()) };
         let models = vec![
             IndexModel::builder()
                 .keys(doc! {"ts": 1})
@@ -163,7 +175,17 @@ impl Plane {
         ok
     }
 
+    /// Writes the members' records to MongoDB as heartbeats come in.
+    pub async fn run_roster(self: Arc<Self>) {
+        if let Some(r) = &self.roster {
+            r.run(&self.stop).await;
+        }
+    }
+
     pub fn heard(&self, hb: Heartbeat) {
+        if let Some(r) = &self.roster {
+            r.heard(&hb, now_ms());
+        }
         let mut m = self.members.lock().unwrap();
         if hb.alive {
             if !m.contains_key(&hb.node) {

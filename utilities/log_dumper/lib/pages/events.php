@@ -96,7 +96,7 @@ function page_events(Ctx $c): void
     $first = $skip + 1;
     $last = $skip + count($rows);
     echo '<p class="summary" id="summary" data-rows="', count($rows), '">',
-        $rows ? "events $first–$last, newest first" : 'no events match', '</p>';
+        $rows ? "events {$first}–{$last}, newest first" : 'no events match', '</p>';
     if ($rows) {
         echo '<table class="events"><thead><tr><th>time (UTC)</th><th>node</th><th>broker</th><th>template.op</th>',
             '<th>status</th><th>elapsed</th><th>attempt</th><th>message</th><th>event</th></tr></thead><tbody>';

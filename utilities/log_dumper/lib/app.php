@@ -86,8 +86,7 @@ function obs_main(): void
         obs_error_page(503, 'MongoDB unavailable',
             'The event log could not be read from MongoDB at <code>' . h(obs_uri_hosts($cfg['uri'] ?? '')) . '</code>, database <code>'
             . h($cfg['db'] ?? '?') . '</code> (URI <code>' . h(obs_redact_uri($cfg['uri'] ?? '')) . '</code>).<br>Driver: '
-            . h($e->getMessage()) . '<br>BEDS itself does not depend on this page; check that MongoDB runs and that '
-            . 'BEDS_OBSERVER_URI / the ini file point at it.', $cfg);
+            . h($e->getMessage()) . '<br>Check that MongoDB runs and that BEDS_OBSERVER_URI (or <code>uri</code> in the ini file) points at it.', $cfg);
     } catch (Throwable $e) {
         error_log('beds observer: ' . get_class($e) . ': ' . $e->getMessage() . ' at ' . $e->getFile() . ':' . $e->getLine());
         obs_error_page(500, 'Internal error', 'The observer failed; the details are in the web server\'s error log.', $cfg);

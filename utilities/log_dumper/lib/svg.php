@@ -40,7 +40,7 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
         }
     }
     $ymax = svg_nice_max($ymax);
-    $x = fn (int $t): float => $L + ($t - $fromMs) / $span * $plotW;
+    $x = fn (int $t): float => $L + (max($fromMs, min($toMs, $t)) - $fromMs) / $span * $plotW; // a bucket's middle may pass the range
     $y = fn (float $v): float => $T + $plotH - ($v / $ymax) * $plotH;
 
     $o = '<svg class="chart" role="img" viewBox="0 0 ' . $W . ' ' . $H . '" width="' . $W . '" height="' . $H

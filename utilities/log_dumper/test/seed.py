@@ -90,17 +90,18 @@ def build(now_ms):
             brokers = []
             for b, broker in enumerate(["rBroker", "wBroker"]):
                 req = 600 + 40 * ((w + b * 7) % 11) + (200 if node == "app-2" else 0)
+                k = b + (2 if node == "app-2" else 0)  # four distinct latency levels
                 brokers.append({"broker": broker, "requests": req, "errors": (w + b) % 5,
-                                "p50_us": 900 + 30 * (w % 9) + 400 * b, "p95_us": 4000 + 150 * (w % 13) + 900 * b,
-                                "p99_us": 9000 + 400 * (w % 17) + 2000 * b, "max_us": 30000})
+                                "p50_us": 700 + 30 * (w % 9) + 350 * k, "p95_us": 3000 + 150 * (w % 13) + 1100 * k,
+                                "p99_us": 7000 + 400 * (w % 17) + 2500 * k, "max_us": 30000})
             graphs.append({"node": node, "role": "appServer", "ts": dt(end), "window_ms": 60000,
                            "in_flight": w % 4, "brokers": brokers})
 
-    def nodedoc(name, role, brokers, last_ago, alive):
+    def nodedoc(name, role, brokers, last_ago, alive, missing_after=15000):
         return {"_id": name, "node": name, "role": role, "brokers": brokers, "version": "0.9.0",
                 "templates": "6f2a0c9d11b3", "started": dt(now_ms - 3 * 3600 * 1000),
-                "last_seen": dt(now_ms - last_ago), "alive": alive, "missing_after_ms": 15000}
-    nodes = [nodedoc("app-1", "appServer", ["rBroker", "wBroker"], 2000, True),
+                "last_seen": dt(now_ms - last_ago), "alive": alive, "missing_after_ms": missing_after}
+    nodes = [nodedoc("app-1", "appServer", ["rBroker", "wBroker"], 2000, True, 300000),
              nodedoc("app-2", "appServer", ["rBroker", "wBroker"], 10 * 60 * 1000, True),
              nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False)]
     names = {"root": rid, "child": child["_id"], "grand": grand["_id"], "batch": batch["_id"],

@@ -61,7 +61,7 @@ function page_failures(Ctx $c): void
         return;
     }
     echo '<table class="failures"><thead><tr><th>count</th><th>code</th><th>template</th><th>ops</th><th>node</th>',
-        '<th>broker</th><th>first</th><th>last</th><th>replay parked messages (<code>beds dlq</code>)</th></tr></thead><tbody>';
+        '<th>broker</th><th>parked</th><th>first</th><th>last</th></tr></thead><tbody>';
     foreach ($groups as $g) {
         $k = $g['_id'];
         $code = is_string($k['code'] ?? null) ? $k['code'] : null;
@@ -77,7 +77,10 @@ function page_failures(Ctx $c): void
             '<td class="num">', a($link, (string) (int) $g['count']), '</td>',
             '<td class="st-error">', h($code ?? '-'), '</td><td>', h($tpl ?? '-'), '</td><td>', h(implode(', ', $ops)), '</td>',
             '<td>', h($gnode ?? '-'), '</td><td>', h($broker ?? '-'), '</td>',
-            '<td class="ts">', h(fmt_ts(dt_ms($g['first'] ?? null))), '</td><td class="ts">', h(fmt_ts(dt_ms($g['last'] ?? null))), '</td><td>';
+            '<td class="num">', h((int) ($g['parked'] ?? 0)), '</td>',
+            '<td class="ts">', h(fmt_ts(dt_ms($g['first'] ?? null))), '</td><td class="ts">', h(fmt_ts(dt_ms($g['last'] ?? null))), '</td></tr>';
+        // The replay lines get a row of their own: they are long, and copied whole.
+        echo '<tr class="cmds"><td></td><td colspan="8">';
         if ($broker !== null) {
             $cmd = 'beds dlq replay ' . shell_arg($broker);
             foreach (['code' => $code, 'template' => $tpl, 'node' => $gnode] as $fk => $fv) {
@@ -85,15 +88,15 @@ function page_failures(Ctx $c): void
                     $cmd .= ' --filter ' . shell_arg("$fk=$fv");
                 }
             }
-            echo '<span class="muted">', h((int) ($g['parked'] ?? 0)), ' parked in this range</span>',
-                '<pre class="cmd dry">', h($cmd . ' --dry-run'), '</pre><pre class="cmd">', h($cmd), '</pre>';
+            echo '<div class="cmdline"><span class="muted">check</span><pre class="cmd dry">', h($cmd . ' --dry-run'), '</pre></div>',
+                '<div class="cmdline"><span class="muted">replay</span><pre class="cmd">', h($cmd), '</pre></div>';
         } else {
             echo '<span class="muted">no broker: nothing to replay</span>';
         }
         echo '</td></tr>';
     }
     echo '</tbody></table><p class="muted">Only messages that were parked (outcome "parked") are in the dead-letter queue. ',
-        'Run the <code>--dry-run</code> line first; see also <code>beds dlq list &lt;broker&gt; --group-by code</code>.</p>';
+        'Run the <code>--dry-run</code> line first (it lists what would be replayed); see also <code>beds dlq list &lt;broker&gt; --group-by code</code>.</p>';
     page_end();
 }
 

@@ -85,10 +85,12 @@ function page_graphs(Ctx $c): void
         foreach ($byB as $b => [$req, $err, $rate, $p50, $p95, $p99]) {
             $mid = $b + intdiv($bucket, 2);
             $series['rate'][$key][] = [$mid, $rate];
-            $series['err'][$key][] = [$mid, $req > 0 ? 100 * $err / $req : 0.0];
-            $series['p50'][$key][] = [$mid, $p50];
-            $series['p95'][$key][] = [$mid, $p95];
-            $series['p99'][$key][] = [$mid, $p99];
+            if ($req > 0) { // no requests: no error rate or latency to draw
+                $series['err'][$key][] = [$mid, 100 * $err / $req];
+                $series['p50'][$key][] = [$mid, $p50];
+                $series['p95'][$key][] = [$mid, $p95];
+                $series['p99'][$key][] = [$mid, $p99];
+            }
             $t = [$t[0] + $req, $t[1] + $err, max($t[2], $p99)];
         }
         $totals[$key] = $t;
@@ -99,7 +101,7 @@ function page_graphs(Ctx $c): void
     range_form('graphs', $range, $c, ['node' => $node]);
     echo '<p class="summary" id="source" data-source="', h($source), '">',
         $source === 'log' ? '<b>From the event log</b> (' . h($c->cfg['graphs']) . ' has no counters in this range). ' : '',
-        h($note), ' ', h(range_text($range)), ', one point per ', h(fmt_age($bucket)), '.</p>';
+        h($note), ' Range: ', h(range_text($range)), ', one point per ', h(fmt_age($bucket)), '.</p>';
     if (!$rows) {
         echo '<p class="warn">No requests in this range.</p>';
         page_end();
@@ -157,6 +159,14 @@ function graphs_from_log(Ctx $c, array $match, int $bucket): array
         $lat[$key][$ms - $ms % $bucket][] = $e['elapsed_us'];
     }
     $rows = [];
+    $keys = array_unique(array_map(fn ($g) => str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null), $agg));
+    // In the log, a bucket without events means no requests: draw 0, not a gap.
+    $first = intdiv((int) (string) $match['ts']['$gte'], $bucket) * $bucket;
+    foreach ($keys as $key) {
+        for ($b = $first; $b <= (int) (string) $match['ts']['$lte']; $b += $bucket) {
+            $rows[$key][$b] = [0, 0, 0.0, 0.0, 0.0, 0.0];
+        }
+    }
     foreach ($agg as $g) {
         $key = str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null);
         $b = (int) $g['_id']['b'];

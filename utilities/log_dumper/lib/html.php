@@ -127,9 +127,9 @@ function page_start(array $cfg, string $page, string $title, ?Ctx $c): void
         echo '<span class="meta">', h(obs_uri_hosts($c->cfg['uri'])), ' / ', h($c->cfg['db']),
             ' · ', h(gmdate('Y-m-d H:i:s', intdiv($c->nowMs, 1000))), ' UTC</span>';
         // observer.js reads these; without JS the page simply does not refresh.
-        $secs = $c->refresh > 0 ? $c->refresh : (int) $c->cfg['refresh'];
-        echo '<label class="refresh"><input type="checkbox" id="autorefresh" data-seconds="', h(max(1, $secs)),
-            '" data-url-off="', $c->refresh === 0 ? '1' : '0', '"> auto-refresh every ', h(max(1, $secs)), ' s</label>';
+        $secs = $c->refresh > 0 ? $c->refresh : ((int) $c->cfg['refresh'] > 0 ? (int) $c->cfg['refresh'] : 10);
+        echo '<label class="refresh"><input type="checkbox" id="autorefresh" data-seconds="', h($secs),
+            '" data-url-off="', $c->refresh === 0 ? '1' : '0', '"> auto-refresh every ', h($secs), ' s</label>';
     }
     echo "</header>\n<main>\n";
 }

@@ -246,8 +246,8 @@ def main():
     st, _, body = get(MAIN, "page=failures")
     d = Dom(body)
     want = Counter((e["code"], e["template"], e["node"], e["broker"]) for e in ev if e["status"] == "error")
-    got = {(r.attrs["data-code"], r.attrs["data-template"], r.attrs["data-node"], r.attrs["data-broker"]):
-           int(r.attrs["data-count"]) for r in d.find("tr", cls="grp")}
+    got = {(r.attrs.get("data-code"), r.attrs.get("data-template"), r.attrs.get("data-node"), r.attrs.get("data-broker")):
+           int(r.attrs.get("data-count") or -1) for r in d.find("tr", cls="grp")}
     check(st == 200 and got == dict(want), f"failures: {len(want)} groups with exact counts (got {len(got)})")
     counts = [int(r.attrs["data-count"]) for r in d.find("tr", cls="grp")]
     check(counts == sorted(counts, reverse=True), "failure groups sorted by count")
@@ -376,4 +376,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as exc:  # a page so broken the checks cannot read it: a failure, said plainly
+        import traceback
+        traceback.print_exc()
+        print(f"not ok - the checks stopped: {type(exc).__name__}: {exc}")
+        sys.exit(1)

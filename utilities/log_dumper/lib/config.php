@@ -1,0 +1,82 @@
+<?php
+// Configuration: defaults, then the ini file, then environment variables.
+// Environment wins, so one Apache site can override a shared ini with SetEnv.
+declare(strict_types=1);
+
+const OBS_KEYS = [
+    // key => [env variable, default]
+    'uri'     => ['BEDS_OBSERVER_URI', 'mongodb://127.0.0.1:27017/?directConnection=true'],
+    'db'      => ['BEDS_OBSERVER_DB', 'beds'],
+    'logs'    => ['BEDS_OBSERVER_LOGS', 'msLogs'],
+    'graphs'  => ['BEDS_OBSERVER_GRAPHS', 'msGraphs'],
+    'nodes'   => ['BEDS_OBSERVER_NODES', 'msNodes'],
+    'title'   => ['BEDS_OBSERVER_TITLE', 'BEDS observer'],
+    'refresh' => ['BEDS_OBSERVER_REFRESH', '10'],
+];
+
+// Apache's SetEnv lands in $_SERVER (getenv() misses it under mod_php), php -S and
+// CLI put it in the real environment: look in both.
+function obs_env(string $name): ?string
+{
+    $v = $_SERVER[$name] ?? getenv($name);
+    return (is_string($v) && $v !== '') ? $v : null;
+}
+
+/** @return array{0: array<string,string>, 1: ?string} the config and the ini path read (or null) */
+function obs_config(): array
+{
+    $cfg = [];
+    foreach (OBS_KEYS as $k => [, $default]) {
+        $cfg[$k] = $default;
+    }
+    $ini = obs_env('BEDS_OBSERVER_INI') ?? '/etc/beds/observer.ini';
+    $used = null;
+    if (is_file($ini) && is_readable($ini)) {
+        // INI_SCANNER_RAW: a password with ; or " in the URI stays intact.
+        $parsed = parse_ini_file($ini, false, INI_SCANNER_RAW);
+        if ($parsed === false) {
+            throw new ObsConfigError("cannot parse the ini file $ini");
+        }
+        foreach ($parsed as $k => $v) {
+            if (isset(OBS_KEYS[$k]) && is_string($v) && $v !== '') {
+                $cfg[$k] = $v;
+            }
+        }
+        $used = $ini;
+    }
+    foreach (OBS_KEYS as $k => [$env]) {
+        $v = obs_env($env);
+        if ($v !== null) {
+            $cfg[$k] = $v;
+        }
+    }
+    foreach (['db', 'logs', 'graphs', 'nodes'] as $k) {
+        // A database or collection name never needs more; refuse anything odd early.
+        if (!preg_match('/^[A-Za-z0-9_.-]{1,64}$/', $cfg[$k])) {
+            throw new ObsConfigError("config key $k is not a valid MongoDB name");
+        }
+    }
+    $r = filter_var($cfg['refresh'], FILTER_VALIDATE_INT);
+    $cfg['refresh'] = (string) (($r === false) ? 10 : max(0, min(3600, $r)));
+    return [$cfg, $used];
+}
+
+/** The URI without user:password@, safe to show. */
+function obs_redact_uri(string $uri): string
+{
+    return (string) preg_replace('#^([a-z+]+://)[^/?\#]*@#i', '$1', $uri);
+}
+
+/** The host list of a URI, for messages. */
+function obs_uri_hosts(string $uri): string
+{
+    $u = obs_redact_uri($uri);
+    if (preg_match('#^[a-z+]+://([^/?]*)#i', $u, $m)) {
+        return $m[1];
+    }
+    return '?';
+}
+
+final class ObsConfigError extends RuntimeException
+{
+}

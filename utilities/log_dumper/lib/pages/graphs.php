@@ -1,0 +1,181 @@
+<?php
+// Throughput, error rate and latency per node and broker over time: from the
+// admin node's counter windows (msGraphs), or, when it has nothing in the range,
+// aggregated from the event log itself.
+declare(strict_types=1);
+
+const GRAPH_BUCKETS = 60;           // points per line at most
+const GRAPH_MAX_GROUPS = 20000;     // rows an aggregation may return
+const GRAPH_LOG_SAMPLE = 20000;     // events read for percentiles in the fallback
+
+function graph_bucket_ms(int $spanMs): int
+{
+    foreach ([10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400] as $s) {
+        if ($spanMs / ($s * 1000) <= GRAPH_BUCKETS) {
+            return $s * 1000;
+        }
+    }
+    return 86400000;
+}
+
+/** Epoch ms of the start of a document's bucket, computed in the server (works on MongoDB 4.x too). */
+function graph_bucket_expr(int $bucketMs): array
+{
+    $ms = ['$subtract' => ['$ts', bson_date(0)]];
+    return ['$subtract' => [$ms, ['$mod' => [$ms, $bucketMs]]]];
+}
+
+/** Nearest-rank percentile of a sorted list. */
+function percentile(array $sorted, float $p): float
+{
+    $n = count($sorted);
+    if ($n === 0) {
+        return 0.0;
+    }
+    $rank = (int) ceil($p / 100 * $n);
+    return (float) $sorted[max(0, min($n - 1, $rank - 1))];
+}
+
+function page_graphs(Ctx $c): void
+{
+    $range = in_range($c->nowMs, '1h');
+    $node = in_str('node', 200);
+    $from = $range['from'] ?? ($c->nowMs - 3600000);
+    $to = $range['to'] ?? $c->nowMs;
+    $bucket = graph_bucket_ms($to - $from);
+    $match = ['ts' => ['$gte' => bson_date($from), '$lte' => bson_date($to)]];
+    if ($node !== null) {
+        $match['node'] = $node;
+    }
+    // rows: key "node · broker" => bucket ms => [requests, errors, rate/s, p50, p95, p99] (µs)
+    $rows = [];
+    $source = 'msGraphs';
+    $note = '';
+    if ($c->db->find($c->cfg['graphs'], $match, ['limit' => 1, 'projection' => ['_id' => 1]])) {
+        $agg = $c->db->aggregate($c->cfg['graphs'], [
+            ['$match' => $match],
+            ['$unwind' => '$brokers'],
+            ['$group' => [
+                '_id' => ['node' => '$node', 'broker' => '$brokers.broker', 'b' => graph_bucket_expr($bucket)],
+                'requests' => ['$sum' => '$brokers.requests'], 'errors' => ['$sum' => '$brokers.errors'],
+                'window_ms' => ['$sum' => '$window_ms'],
+                'p50' => ['$max' => '$brokers.p50_us'], 'p95' => ['$max' => '$brokers.p95_us'], 'p99' => ['$max' => '$brokers.p99_us'],
+            ]],
+            ['$limit' => GRAPH_MAX_GROUPS],
+        ]);
+        foreach ($agg as $g) {
+            $key = str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null);
+            $secs = max(1, (int) ($g['window_ms'] ?? 0)) / 1000;
+            $rows[$key][(int) $g['_id']['b']] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / $secs,
+                (float) ($g['p50'] ?? 0), (float) ($g['p95'] ?? 0), (float) ($g['p99'] ?? 0)];
+        }
+        $note = 'From the admin node\'s counter windows (' . $c->cfg['graphs'] . '). Throughput = requests / window length; '
+            . 'a percentile per point is the highest of the windows in it.';
+    } else {
+        $source = 'log';
+        [$rows, $note] = graphs_from_log($c, $match, $bucket);
+    }
+    ksort($rows);
+
+    $series = ['rate' => [], 'err' => [], 'p50' => [], 'p95' => [], 'p99' => []];
+    $totals = [];
+    foreach ($rows as $key => $byB) {
+        ksort($byB);
+        $t = [0, 0, 0.0];
+        foreach ($byB as $b => [$req, $err, $rate, $p50, $p95, $p99]) {
+            $mid = $b + intdiv($bucket, 2);
+            $series['rate'][$key][] = [$mid, $rate];
+            if ($req > 0) { // no requests: no error rate or latency to draw
+                $series['err'][$key][] = [$mid, 100 * $err / $req];
+                $series['p50'][$key][] = [$mid, $p50];
+                $series['p95'][$key][] = [$mid, $p95];
+                $series['p99'][$key][] = [$mid, $p99];
+            }
+            $t = [$t[0] + $req, $t[1] + $err, max($t[2], $p99)];
+        }
+        $totals[$key] = $t;
+    }
+
+    page_start($c->cfg, 'graphs', 'Graphs', $c);
+    echo '<h2>Graphs</h2>';
+    range_form('graphs', $range, $c, ['node' => $node]);
+    echo '<p class="summary" id="source" data-source="', h($source), '">',
+        $source === 'log' ? '<b>From the event log</b> (' . h($c->cfg['graphs']) . ' has no counters in this range). ' : '',
+        h($note), ' Range: ', h(range_text($range)), ', one point per ', h(fmt_age($bucket)), '.</p>';
+    if (!$rows) {
+        echo '<p class="warn">No requests in this range.</p>';
+        page_end();
+        return;
+    }
+    $gap = 3 * max($bucket, 60000);
+    $fmtRate = fn (float $v) => $v >= 100 ? sprintf('%.0f/s', $v) : sprintf('%.3g/s', $v);
+    $fmtPct = fn (float $v) => sprintf('%.3g%%', $v);
+    $fmtLat = fn (float $v) => fmt_us((int) round($v));
+    echo '<div class="charts">',
+        svg_line_chart('Throughput (requests/s)', $series['rate'], $from, $to, $fmtRate, $gap),
+        svg_line_chart('Error rate (% of requests)', $series['err'], $from, $to, $fmtPct, $gap),
+        svg_line_chart('Latency p50', $series['p50'], $from, $to, $fmtLat, $gap),
+        svg_line_chart('Latency p95', $series['p95'], $from, $to, $fmtLat, $gap),
+        svg_line_chart('Latency p99', $series['p99'], $from, $to, $fmtLat, $gap),
+        '</div>';
+    echo '<h3>Totals in the range</h3><table class="totals"><thead><tr><th>node · broker</th><th>requests</th>',
+        '<th>errors</th><th>error rate</th><th>highest p99</th></tr></thead><tbody>';
+    foreach ($totals as $key => [$req, $err, $p99]) {
+        echo '<tr data-series="', h($key), '" data-requests="', $req, '" data-errors="', $err, '"><td>', h($key), '</td><td class="num">', $req,
+            '</td><td class="num">', $err, '</td><td class="num', $err > 0 ? ' st-error' : '', '">',
+            h($req > 0 ? sprintf('%.2f%%', 100 * $err / $req) : '-'), '</td><td class="num">', h(fmt_us((int) $p99)), '</td></tr>';
+    }
+    echo '</tbody></table>';
+    page_end();
+}
+
+/**
+ * The fallback: counts per node, broker and bucket with one $group (exact), and
+ * percentiles computed here from the newest GRAPH_LOG_SAMPLE events (bounded).
+ * @return array{0: array, 1: string}
+ */
+function graphs_from_log(Ctx $c, array $match, int $bucket): array
+{
+    $match['broker'] = ['$type' => 'string']; // lifecycle events have no broker
+    $logs = $c->cfg['logs'];
+    $agg = $c->db->aggregate($logs, [
+        ['$match' => $match],
+        ['$group' => [
+            '_id' => ['node' => '$node', 'broker' => '$broker', 'b' => graph_bucket_expr($bucket)],
+            'requests' => ['$sum' => 1],
+            'errors' => ['$sum' => ['$cond' => [['$eq' => ['$status', 'error']], 1, 0]]],
+        ]],
+        ['$limit' => GRAPH_MAX_GROUPS],
+    ]);
+    $sample = $c->db->find($logs, $match, ['sort' => ['ts' => -1], 'limit' => GRAPH_LOG_SAMPLE,
+        'projection' => ['_id' => 0, 'node' => 1, 'broker' => 1, 'ts' => 1, 'elapsed_us' => 1]]);
+    $lat = [];
+    foreach ($sample as $e) {
+        $ms = dt_ms($e['ts'] ?? null);
+        if ($ms === null || !is_int($e['elapsed_us'] ?? null)) {
+            continue;
+        }
+        $key = str_or($e['node'] ?? null) . ' · ' . str_or($e['broker'] ?? null);
+        $lat[$key][$ms - $ms % $bucket][] = $e['elapsed_us'];
+    }
+    $rows = [];
+    $keys = array_unique(array_map(fn ($g) => str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null), $agg));
+    // In the log, a bucket without events means no requests: draw 0, not a gap.
+    $first = intdiv((int) (string) $match['ts']['$gte'], $bucket) * $bucket;
+    foreach ($keys as $key) {
+        for ($b = $first; $b <= (int) (string) $match['ts']['$lte']; $b += $bucket) {
+            $rows[$key][$b] = [0, 0, 0.0, 0.0, 0.0, 0.0];
+        }
+    }
+    foreach ($agg as $g) {
+        $key = str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null);
+        $b = (int) $g['_id']['b'];
+        $l = $lat[$key][$b] ?? [];
+        sort($l);
+        $rows[$key][$b] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / ($bucket / 1000),
+            percentile($l, 50), percentile($l, 95), percentile($l, 99)];
+    }
+    $note = 'Counts per bucket from the event log (' . $logs . '); percentiles from the newest '
+        . (count($sample) >= GRAPH_LOG_SAMPLE ? GRAPH_LOG_SAMPLE . ' events in the range (older buckets show 0 latency).' : 'events (all of them in the range).');
+    return [$rows, $note];
+}

@@ -1,0 +1,385 @@
+"""The observer's checks: seeds a database, asks the running php -S servers
+(started by test/run) for every page over HTTP, renders them in headless
+Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
+
+usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir>"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from datetime import timezone
+from html.parser import HTMLParser
+
+import pymongo
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import seed  # noqa: E402
+
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS = sys.argv[1:8]
+FAILED = []
+BODIES = []  # every response body, for the checks that span all pages
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+LEAKS = re.compile(r"Warning:|Notice:|Deprecated:|Fatal error|Stack trace|Uncaught|\.php\b|on line \d")
+RAW_SCRIPT = '<script>alert("x")</script>'
+ESC_SCRIPT = "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;"
+
+
+def check(cond, what):
+    print(("ok - " if cond else "not ok - ") + what, flush=True)
+    if not cond:
+        FAILED.append(what)
+    return cond
+
+
+class El:
+    def __init__(self, tag, attrs, parent):
+        self.tag, self.attrs, self.parent, self.kids, self.text = tag, dict(attrs), parent, [], ""
+
+    def cls(self):
+        return (self.attrs.get("class") or "").split()
+
+    def ancestors(self):
+        p = self.parent
+        while p is not None:
+            yield p
+            p = p.parent
+
+    def all_text(self):
+        return self.text + "".join(k.all_text() for k in self.kids)
+
+
+class Dom(HTMLParser):
+    """Just enough of a DOM: elements with attributes, parents and text."""
+
+    def __init__(self, html):
+        super().__init__(convert_charrefs=True)
+        self.root = El("#root", [], None)
+        self.cur = self.root
+        self.els = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        el = El(tag, attrs, self.cur)
+        self.cur.kids.append(el)
+        self.els.append(el)
+        if tag not in VOID:
+            self.cur = el
+
+    def handle_startendtag(self, tag, attrs):
+        el = El(tag, attrs, self.cur)
+        self.cur.kids.append(el)
+        self.els.append(el)
+
+    def handle_endtag(self, tag):
+        p = self.cur
+        while p is not None and p.tag != tag:
+            p = p.parent
+        if p is not None and p.parent is not None:
+            self.cur = p.parent
+
+    def handle_data(self, data):
+        self.cur.text += data
+
+    def find(self, tag=None, cls=None, **attrs):
+        out = []
+        for e in self.els:
+            if tag and e.tag != tag:
+                continue
+            if cls and cls not in e.cls():
+                continue
+            if any(e.attrs.get(k.replace("_", "-")) != v for k, v in attrs.items()):
+                continue
+            out.append(e)
+        return out
+
+
+def get(base, query):
+    url = base + "/" + (("?" + query) if query else "")
+    try:
+        with urllib.request.urlopen(url, timeout=15) as r:
+            status, headers, body = r.status, r.headers, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        status, headers, body = e.code, e.headers, e.read().decode("utf-8", "replace")
+    BODIES.append((query, headers, body))
+    return status, headers, body
+
+
+def q(**kw):
+    return urllib.parse.urlencode({"page": "events", **kw})
+
+
+def rows(dom):
+    return [(e.attrs["data-id"], int(e.attrs["data-ts"])) for e in dom.find("tr", cls="ev")]
+
+
+def chromium(args, url, timeout=40):
+    prof = tempfile.mkdtemp(prefix="obs-chrome-")
+    cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--log-level=3", "--no-first-run",
+           "--user-data-dir=" + prof, "--window-size=1280,900", "--virtual-time-budget=2000"] + args + [url]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).stdout
+    finally:
+        subprocess.run(["rm", "-rf", prof])
+
+
+def shot(name, base, query, height=900):
+    path = os.path.join(SHOTS, name + ".png")
+    if os.path.exists(path):
+        os.remove(path)
+    chromium(["--screenshot=" + path, f"--window-size=1280,{height}"], base + "/?" + query)
+    check(os.path.exists(path) and os.path.getsize(path) > 5000, f"screenshot {path}")
+
+
+def main():
+    client = pymongo.MongoClient(f"mongodb://127.0.0.1:{PORT}/?directConnection=true", serverSelectionTimeoutMS=5000)
+    db = client[DB]
+    now_ms = int(time.time() * 1000) // 1000 * 1000 - 5000
+    ev, graphs, nodes, names = seed.insert(db, now_ms)
+    byid = {e["_id"]: e for e in ev}
+    ms = {e["_id"]: int(e["ts"].replace(tzinfo=timezone.utc).timestamp() * 1000) for e in ev}
+    print(f"# seeded {len(ev)} events, {len(graphs)} counter windows, {len(nodes)} nodes into {DB}")
+
+    # ---- events: newest first, paging -------------------------------------------------
+    st, hd, body = get(MAIN, q())
+    d = Dom(body)
+    r1 = rows(d)
+    check(st == 200, "events page answers 200")
+    csp = hd.get("Content-Security-Policy", "")
+    check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp,
+          "Content-Security-Policy is strict")
+    check(hd.get("X-Content-Type-Options") == "nosniff", "X-Content-Type-Options: nosniff")
+    check(len(r1) == 50, f"events page 1 has 50 rows (got {len(r1)})")
+    newest = sorted(ev, key=lambda e: -ms[e["_id"]])
+    check([t for _, t in r1] == [ms[e["_id"]] for e in newest[:50]], "page 1 is the 50 newest events, newest first")
+    seen, pages, url_q, prev_last = [], 0, q(), None
+    ordered = True
+    while url_q is not None and pages < 20:
+        pd = Dom(get(MAIN, url_q)[2])
+        pr = rows(pd)
+        if prev_last is not None and pr and pr[0][1] > prev_last:
+            ordered = False
+        if any(b[1] > a[1] for a, b in zip(pr, pr[1:])):
+            ordered = False
+        prev_last = pr[-1][1] if pr else prev_last
+        seen += [i for i, _ in pr]
+        pages += 1
+        older = pd.find("a", cls="older")
+        url_q = urllib.parse.urlparse(older[0].attrs["href"]).query if older else None
+    check(pages == 4, f"{len(ev)} events make 4 pages of 50 (got {pages})")
+    check(len(seen) == len(ev) and set(seen) == set(byid), "the pages together hold every event exactly once")
+    check(ordered, "each page continues the order of the previous one (ts descending)")
+    p2 = rows(Dom(get(MAIN, q(p=2))[2]))
+    check(len(p2) == 50 and not set(i for i, _ in p2) & set(i for i, _ in r1), "page 2 differs from page 1")
+
+    # ---- events: filters (exact) ------------------------------------------------------
+    t_from, t_to = now_ms - 40 * 60000, now_ms - 25 * 60000
+    iso = lambda m: time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(m / 1000))  # noqa: E731
+    filters = [
+        ({"status": "error"}, lambda e: e["status"] == "error"),
+        ({"code": "TIMEOUT"}, lambda e: e["code"] == "TIMEOUT"),
+        ({"code": "DB_UNAVAILABLE"}, lambda e: e["code"] == "DB_UNAVAILABLE"),
+        ({"template": "usr"}, lambda e: e["template"] == "usr"),
+        ({"template": seed.HOSTILE_TEMPLATE}, lambda e: e["template"] == seed.HOSTILE_TEMPLATE),
+        ({"op": "get"}, lambda e: e["op"] == "get"),
+        ({"node": "app-2"}, lambda e: e["node"] == "app-2"),
+        ({"broker": "mBroker"}, lambda e: e["broker"] == "mBroker"),
+        ({"kind": "lifecycle"}, lambda e: e["kind"] == "lifecycle"),
+        ({"from": iso(t_from), "to": iso(t_to)}, lambda e: t_from <= ms[e["_id"]] <= t_to),
+        ({"event": names["grand"]}, lambda e: e["_id"] == names["grand"]),
+        ({"message_id": "m-shared"}, lambda e: e["message_id"] == "m-shared"),
+        ({"status": "error", "node": "app-1", "template": "ord"},
+         lambda e: e["status"] == "error" and e["node"] == "app-1" and e["template"] == "ord"),
+        ({"status": "ok", "code": "TIMEOUT"}, lambda e: False),
+    ]
+    for params, pred in filters:
+        want = {e["_id"] for e in ev if pred(e)}
+        got = rows(Dom(get(MAIN, q(limit=200, **params))[2]))
+        check({i for i, _ in got} == want and len(got) == len(want),
+              f"filter {params} shows exactly the {len(want)} matching events (got {len(got)})")
+    d = Dom(get(MAIN, q(status="ok", broker="wBroker", limit=20))[2])
+    older = d.find("a", cls="older")
+    href = older[0].attrs["href"] if older else ""
+    hq = urllib.parse.parse_qs(urllib.parse.urlparse(href).query)
+    check(hq.get("status") == ["ok"] and hq.get("broker") == ["wBroker"] and hq.get("limit") == ["20"] and hq.get("p") == ["2"],
+          f"paging links keep the filter in the URL ({href})")
+    d = Dom(get(MAIN, q(refresh=0))[2])
+    box = d.find("input", id="autorefresh")
+    check(box and box[0].attrs.get("data-url-off") == "1"
+          and "refresh=0" in (d.find("a", cls="older") or [El("a", [], None)])[0].attrs.get("href", ""),
+          "refresh=0 turns auto-refresh off and stays on the links")
+
+    # ---- one event and its chain --------------------------------------------------------
+    st, _, body = get(MAIN, urllib.parse.urlencode({"page": "event", "id": names["grand"]}))
+    d = Dom(body)
+    check(st == 200, "event page of the grandchild answers 200")
+    li = {e.attrs["data-id"]: e for e in d.find("li", cls="hop")}
+    want_chain = {names["root"], names["child"], names["grand"], names["batch"], *names["entries"]}
+    check(set(li) == want_chain, f"the tree holds the whole chain ({len(want_chain)} events, got {len(li)})")
+    g = li.get(names["grand"])
+    anc = [a.attrs.get("data-id") for a in g.ancestors() if a.tag == "li"] if g else []
+    check(anc == [names["child"], names["root"]], "grandchild sits under child under root")
+    ent = li.get(names["entries"][0])
+    check(ent is not None and [a.attrs.get("data-id") for a in ent.ancestors() if a.tag == "li"]
+          == [names["batch"], names["root"]], "batch entries sit under their batch")
+    links = {urllib.parse.parse_qs(urllib.parse.urlparse(a.attrs.get("href", "")).query).get("id", [""])[0]
+             for a in d.find("a")}
+    check(want_chain <= links, "every tree node links to its own detail")
+    check(g is not None and "err" in g.cls() and "asked" in g.cls(), "the failed grandchild is highlighted (class err)")
+    check(li.get(names["child"]) is not None and "err" not in li[names["child"]].cls(), "the ok child is not highlighted")
+    check(li[names["child"]].attrs.get("data-wait-us") == "3500" and g.attrs.get("data-wait-us") == "8000"
+          and li[names["batch"]].attrs.get("data-wait-us") == "18500",
+          "wait after parent's reply = child.ts - (parent.ts + parent.elapsed): 3.5 ms, 8 ms, 18.5 ms")
+    check(all("data-wait-us" not in li[i].attrs for i in names["entries"]) and "data-wait-us" not in li[names["root"]].attrs,
+          "no wait shown for batch entries (shared ts) or the root")
+    check(g.attrs.get("data-exec-us") == "30000" and "exec 30.0 ms" in g.all_text()
+          and "wait after parent's reply 8.0 ms" in g.all_text(), "exec and wait are printed per hop")
+    st, _, body = get(MAIN, urllib.parse.urlencode({"page": "event", "id": "no-such-event"}))
+    check(st == 404 and "No event no-such-event" in body, "an unknown event id is a 404 with a message")
+
+    # ---- failures -----------------------------------------------------------------------
+    st, _, body = get(MAIN, "page=failures")
+    d = Dom(body)
+    want = Counter((e["code"], e["template"], e["node"], e["broker"]) for e in ev if e["status"] == "error")
+    got = {(r.attrs.get("data-code"), r.attrs.get("data-template"), r.attrs.get("data-node"), r.attrs.get("data-broker")):
+           int(r.attrs.get("data-count") or -1) for r in d.find("tr", cls="grp")}
+    check(st == 200 and got == dict(want), f"failures: {len(want)} groups with exact counts (got {len(got)})")
+    counts = [int(r.attrs["data-count"]) for r in d.find("tr", cls="grp")]
+    check(counts == sorted(counts, reverse=True), "failure groups sorted by count")
+    cmds = [p.all_text() for p in d.find("pre", cls="cmd")]
+    check("beds dlq replay wBroker --filter code=TIMEOUT --filter template=pay --filter node=app-1 --dry-run" in cmds
+          and "beds dlq replay wBroker --filter code=TIMEOUT --filter template=pay --filter node=app-1" in cmds,
+          "failures show the dlq replay lines (dry run and real)")
+    check("--filter 'template=<script>alert(\"x\")</script>'" in " ".join(cmds), "hostile template shell-quoted in the dlq line")
+    grp = [r for r in d.find("tr", cls="grp") if r.attrs["data-code"] == "DB_UNAVAILABLE"]
+    link = next((x.attrs["href"] for x in d.els if x.tag == "a" and grp and grp[0] in x.ancestors()), "")
+    lq = urllib.parse.urlparse(link).query
+    got_rows = rows(Dom(get(MAIN, lq + "&limit=200")[2])) if lq else []
+    check(lq != "" and len(got_rows) == int(grp[0].attrs["data-count"]),
+          f"a failure group links to the events list filtered to it ({len(got_rows)} events)")
+
+    # ---- graphs -------------------------------------------------------------------------
+    st, _, body = get(MAIN, "page=graphs")
+    d = Dom(body)
+    svgs = d.find("svg", cls="chart")
+    series = {f"{n} · {b}" for n in ("app-1", "app-2") for b in ("rBroker", "wBroker")}
+    check(st == 200 and len(svgs) == 5, f"graphs page draws 5 SVG charts from msGraphs (got {len(svgs)})")
+    check(d.find(id="source") and d.find(id="source")[0].attrs.get("data-source") == "msGraphs", "graphs read msGraphs")
+    ok = bool(svgs) and all(series <= {p.attrs.get("data-series") for p in d.find("polyline") if s in p.ancestors()} for s in svgs)
+    check(ok, "every chart has a polyline per seeded node · broker")
+    tot = {r.attrs["data-series"]: int(r.attrs["data-requests"]) for r in d.find("tr") if "data-requests" in r.attrs}
+    want_tot = Counter()
+    for gdoc in graphs:
+        for b in gdoc["brokers"]:
+            want_tot[f"{gdoc['node']} · {b['broker']}"] += b["requests"]
+    check(tot == dict(want_tot), "graph totals equal the seeded counter windows")
+    st, _, body = get(FALLBACK, "page=graphs")
+    d = Dom(body)
+    want_tot = Counter(f"{e['node']} · {e['broker']}" for e in ev if e["broker"] is not None)
+    svgs = d.find("svg", cls="chart")
+    check(st == 200 and "From the event log" in body and d.find(id="source")[0].attrs.get("data-source") == "log",
+          "without msGraphs the graphs say they come from the event log")
+    ok = all(set(want_tot) <= {p.attrs.get("data-series") for p in d.find("polyline") if s in p.ancestors()} for s in svgs)
+    check(len(svgs) == 5 and ok, f"log fallback draws a polyline per node · broker ({len(want_tot)} series)")
+    tot = {r.attrs["data-series"]: int(r.attrs["data-requests"]) for r in d.find("tr") if "data-requests" in r.attrs}
+    check(tot == dict(want_tot), "log fallback counts every event with a broker")
+
+    # ---- nodes --------------------------------------------------------------------------
+    st, _, body = get(MAIN, "page=nodes")
+    d = Dom(body)
+    state = {r.attrs["data-node"]: (r.attrs["data-state"], r.cls()) for r in d.find("tr", cls="node")}
+    check(st == 200 and state.get("app-1", ("",))[0] == "up", "nodes: the fresh node is up")
+    check(state.get("app-2", ("", []))[0] == "MISSING" and "missing" in state["app-2"][1], "nodes: the stale node is MISSING (red)")
+    check(state.get("segundo", ("",))[0] == "stopped", "nodes: alive=false is shown as stopped")
+    st, _, body = get(FALLBACK, "page=nodes")
+    check(st == 200 and "No admin node has recorded heartbeats" in body, "nodes: an absent collection says no heartbeats")
+
+    # ---- escaping -----------------------------------------------------------------------
+    hostile_q = [q(template=seed.HOSTILE_TEMPLATE), urllib.parse.urlencode({"page": "event", "id": names["hostile"]}),
+                 q(op=seed.HOSTILE_OP), q(message_id=seed.HOSTILE_OP), "page=failures"]
+    for hq_ in hostile_q:
+        body = get(MAIN, hq_)[2]
+        check(RAW_SCRIPT not in body and ESC_SCRIPT in body and "<img" not in body,
+              f"hostile strings escaped: {hq_[:60]}")
+    for name, qq in [("events-hostile", hostile_q[0]), ("event-hostile", hostile_q[1])]:
+        dom = Dom(chromium(["--dump-dom"], MAIN + "/?" + qq))
+        imgs = [e for e in dom.find("img") if "onerror" in e.attrs]
+        scripts = [e for e in dom.find("script") if e.attrs.get("src") != "observer.js"]
+        check(dom.find("table") or dom.find("ul"), f"chromium rendered the {name} page")
+        check(not imgs and not scripts, f"chromium DOM of {name}: no img[onerror], no foreign script")
+
+    # ---- hostile parameters -------------------------------------------------------------
+    bad = ["page=events&status[]=x", "page=events&status[$ne]=x", "page=events&code[$gt]=", "page=events&template="
+           + "A" * 10240, "page=events&from=yesterday", "page=events&from=2024-02-30", "page=events&to=2024-13-01T99:00",
+           "page=-1", "page=events&p=-1", "page=events&p=abc", "page=event", "page[]=events", "page=event&id[]=1",
+           "page=events&status=maybe", "page=events&node=%00x", "page=events&template=%C0%AF", "page=graphs&since=2y",
+           "page=failures&from=2024-05-02&to=2024-05-01", "page=events&p=100000"]
+    for b in bad:
+        st, hd, body = get(MAIN, b)
+        check(st == 400 and 'id="error"' in body and not LEAKS.search(body) and "Content-Security-Policy" in hd,
+              f"bad input {b[:50]!r} -> 400 with a message (got {st})")
+    st, _, body = get(MAIN, "page=events&limit=99999")
+    check(st == 200 and len(rows(Dom(body))) == min(200, len(ev)), "limit is clamped to 200")
+
+    # ---- MongoDB down ------------------------------------------------------------------
+    t0 = time.time()
+    st, hd, body = get(DOWN, "page=events")
+    took = time.time() - t0
+    check(st == 503 and "MongoDB unavailable" in body and "127.0.0.1:1" in body and DB in body,
+          "MongoDB down: 503 naming the host and database")
+    check(not LEAKS.search(body) and "s3cret" not in body and "observer:s3cret" not in body,
+          "MongoDB down: no stack trace, warning or password")
+    check(took < 6, f"MongoDB down answers quickly ({took:.1f} s)")
+
+    # ---- the ini file --------------------------------------------------------------------
+    st, _, body = get(INI, "page=events")
+    check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == 50, "config from the ini file works")
+
+    # ---- static files, no external requests ----------------------------------------------
+    for f in ("observer.css", "observer.js"):
+        try:
+            with urllib.request.urlopen(MAIN + "/" + f, timeout=10) as r:
+                check(r.status == 200, f"{f} is served")
+        except urllib.error.HTTPError as e:
+            check(False, f"{f} is served ({e.code})")
+    ext = [qq for qq, _, b in BODIES if re.search(r"https?://", b)]
+    check(not ext, f"no response names an external URL ({len(BODIES)} responses; offenders: {ext[:3]})")
+    nocsp = [qq for qq, h_, _ in BODIES if "frame-ancestors 'none'" not in (h_.get("Content-Security-Policy") or "")]
+    check(not nocsp, f"every response carries the CSP ({nocsp[:3]})")
+    internal = [qq for qq, _, b in BODIES if 'data-status="500"' in b]
+    check(not internal, f"no request ended in an internal error ({internal[:3]})")
+    leaks = [qq for qq, _, b in BODIES if LEAKS.search(b)]
+    check(not leaks, f"no response shows PHP warnings, notices or paths ({leaks[:3]})")
+
+    # ---- screenshots ---------------------------------------------------------------------
+    os.makedirs(SHOTS, exist_ok=True)
+    shot("events", MAIN, q(), 1500)
+    shot("events-filtered", MAIN, q(status="error"), 900)
+    shot("event-chain", MAIN, urllib.parse.urlencode({"page": "event", "id": names["grand"]}), 1100)
+    shot("failures", MAIN, "page=failures", 1300)
+    shot("graphs", MAIN, "page=graphs", 1700)
+    shot("graphs-from-log", FALLBACK, "page=graphs", 1700)
+    shot("nodes", MAIN, "page=nodes", 500)
+    shot("bad-input", MAIN, "page=events&from=yesterday", 400)
+    shot("mongodb-down", DOWN, "page=events", 400)
+    print(f"# screenshots in {SHOTS}")
+
+    if FAILED:
+        print(f"# {len(FAILED)} check(s) failed")
+        sys.exit(1)
+    print("# all checks passed")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception as exc:  # a page so broken the checks cannot read it: a failure, said plainly
+        import traceback
+        traceback.print_exc()
+        print(f"not ok - the checks stopped: {type(exc).__name__}: {exc}")
+        sys.exit(1)

@@ -1550,7 +1550,10 @@ mod tests {
         c.admin.node_collection = "system.nodes".into();
         c.admin.graph_collection = "$g".into();
         let p = c.problems().join("\n");
-        assert!(p.contains("admin.node_collection = \"system.nodes\""), "{p}");
+        assert!(
+            p.contains("admin.node_collection = \"system.nodes\""),
+            "{p}"
+        );
         assert!(p.contains("admin.graph_collection = \"$g\""), "{p}");
         c.admin.node_collection = "msGraphs".into();
         c.admin.graph_collection = "msGraphs".into();

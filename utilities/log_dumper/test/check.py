@@ -251,10 +251,15 @@ def main():
     check(st == 200 and got == dict(want), f"failures: {len(want)} groups with exact counts (got {len(got)})")
     counts = [int(r.attrs["data-count"]) for r in d.find("tr", cls="grp")]
     check(counts == sorted(counts, reverse=True), "failure groups sorted by count")
+    check(counts[0] == 6, f"the repeated failure is one group of 6, first (got {counts[:3]})")
     cmds = [p.all_text() for p in d.find("pre", cls="cmd")]
-    check("beds dlq replay wBroker --filter code=TIMEOUT --filter template=pay --filter node=app-1 --dry-run" in cmds
-          and "beds dlq replay wBroker --filter code=TIMEOUT --filter template=pay --filter node=app-1" in cmds,
-          "failures show the dlq replay lines (dry run and real)")
+    check("beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2 --dry-run" in cmds
+          and "beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2" in cmds,
+          "failures show the dlq replay lines (dry run and real) for a parked group")
+    parked_groups = len({(e["code"], e["template"], e["node"], e["broker"]) for e in ev if e.get("outcome") == "parked"})
+    check(len(cmds) == 2 * parked_groups and not any("code=TIMEOUT" in x for x in cmds)
+          and "nothing in the dead-letter queue" in body,
+          f"replay lines only for the {parked_groups} groups with parked messages")
     check("--filter 'template=<script>alert(\"x\")</script>'" in " ".join(cmds), "hostile template shell-quoted in the dlq line")
     grp = [r for r in d.find("tr", cls="grp") if r.attrs["data-code"] == "DB_UNAVAILABLE"]
     link = next((x.attrs["href"] for x in d.els if x.tag == "a" and grp and grp[0] in x.ancestors()), "")

@@ -71,8 +71,15 @@ def build(now_ms):
     ev += [root, child, grand, batch] + entries
     ev[10]["message_id"] = "m-shared"  # a second event with the shared message id
     # hostile client strings
-    ev.append(event(now_ms - 20 * 60 * 1000, 2001, node="app-1", broker="wBroker", template=HOSTILE_TEMPLATE,
-                    op=HOSTILE_OP, status="error", code="VALIDATION", message=HOSTILE_TEMPLATE + HOSTILE_OP))
+    hostile = event(now_ms - 20 * 60 * 1000, 2001, node="app-1", broker="wBroker", template=HOSTILE_TEMPLATE,
+                    op=HOSTILE_OP, status="error", code="DB_UNAVAILABLE", message=HOSTILE_TEMPLATE + HOSTILE_OP,
+                    outcome="parked")
+    ev.append(hostile)
+    # one failure repeated, so a group holds several events (5 parked of 6)
+    for k in range(6):
+        ev.append(event(now_ms - (40 - k) * 60 * 1000 + 11, 2100 + k, node="app-2", broker="mBroker", template="note",
+                        op=["create", "update"][k % 2], status="error", code="DB_UNAVAILABLE",
+                        message="database docs unavailable", outcome="parked" if k else "retry", attempt=1 + k % 3))
     ev.append(event(now_ms - 19 * 60 * 1000, 2002, node="app-2", broker="rBroker", template=HOSTILE_TEMPLATE,
                     op="get", message_id=HOSTILE_OP))
     # lifecycle and admin events
@@ -105,7 +112,7 @@ def build(now_ms):
              nodedoc("app-2", "appServer", ["rBroker", "wBroker"], 10 * 60 * 1000, True),
              nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False)]
     names = {"root": rid, "child": child["_id"], "grand": grand["_id"], "batch": batch["_id"],
-             "entries": [e["_id"] for e in entries], "hostile": ev[-8]["_id"]}
+             "entries": [e["_id"] for e in entries], "hostile": hostile["_id"]}
     return ev, graphs, nodes, names
 
 

@@ -81,7 +81,10 @@ function page_failures(Ctx $c): void
             '<td class="ts">', h(fmt_ts(dt_ms($g['first'] ?? null))), '</td><td class="ts">', h(fmt_ts(dt_ms($g['last'] ?? null))), '</td></tr>';
         // The replay lines get a row of their own: they are long, and copied whole.
         echo '<tr class="cmds"><td></td><td colspan="8">';
-        if ($broker !== null) {
+        $parked = (int) ($g['parked'] ?? 0);
+        if ($parked === 0) {
+            echo '<span class="muted">none parked: nothing in the dead-letter queue to replay</span>';
+        } elseif ($broker !== null) {
             $cmd = 'beds dlq replay ' . shell_arg($broker);
             foreach (['code' => $code, 'template' => $tpl, 'node' => $gnode] as $fk => $fv) {
                 if ($fv !== null) {

@@ -50,6 +50,15 @@ check(not bad, f"each event's page and chain render ({min(len(ids), 40)} pages; 
 for page in ("failures", "graphs", "nodes"):
     st, body = get(f"page={page}")
     check(st == 200 and clean(body), f"the {page} page answers")
-st, body = get("page=graphs")
-check("<svg" in body and "From the event log" in body, "graphs drawn from the log (no counters here)")
+# The counter windows and node records the admin node beside that node
+# stored (utilities/dev: bc-app serves, bc-admin records).
+st, body = get("page=graphs&since=1h")
+series = set(re.findall(r'<tr data-series="([^"]+)" data-requests="(\d+)"', body))
+app_series = {name for name, req in series if name.startswith("bc-app") and int(req) > 0}
+check("<svg" in body and "From the event log" not in body and len(app_series) >= 2,
+      f"graphs drawn from the admin node's counter windows, a line per broker of bc-app ({sorted(app_series)})")
+st, body = get("page=nodes")
+state = dict(re.findall(r'<tr class="node[^"]*" data-node="([^"]+)" data-state="([^"]+)"', body))
+check(state.get("bc-app") == "stopped" and "bc-admin" in state,
+      f"the node list has both nodes from msNodes, bc-app stopped cleanly ({state})")
 sys.exit(1 if failed else 0)

@@ -85,7 +85,7 @@ function obs_main(): void
     } catch (ObsDbError $e) {
         obs_error_page(503, 'MongoDB unavailable',
             'The event log could not be read from MongoDB at <code>' . h(obs_uri_hosts($cfg['uri'] ?? '')) . '</code>, database <code>'
-            . h($cfg['db'] ?? '?') . '</code> (URI <code>' . h(obs_redact_uri($cfg['uri'] ?? '')) . '</code>).<br>Driver: '
+            . h($cfg['db'] ?? '?') . '</code>.<br>Driver: '
             . h($e->getMessage()) . '<br>Check that MongoDB runs and that BEDS_OBSERVER_URI (or <code>uri</code> in the ini file) points at it.', $cfg);
     } catch (Throwable $e) {
         error_log('beds observer: ' . get_class($e) . ': ' . $e->getMessage() . ' at ' . $e->getFile() . ':' . $e->getLine());

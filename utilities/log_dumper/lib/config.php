@@ -61,20 +61,23 @@ function obs_config(): array
     return [$cfg, $used];
 }
 
-/** The URI without user:password@, safe to show. */
-function obs_redact_uri(string $uri): string
-{
-    return (string) preg_replace('#^([a-z+]+://)[^/?\#]*@#i', '$1', $uri);
-}
-
-/** The host list of a URI, for messages. */
+/**
+ * The host list of a URI, the only part of it ever shown: the password may hold
+ * ? # @ unencoded, and options (tlsCertificateKeyFilePassword=…) are secrets too.
+ * The authority ends at the first / (the driver refuses / in a password), the
+ * user info at the authority's last @, the host list at the next ?.
+ */
 function obs_uri_hosts(string $uri): string
 {
-    $u = obs_redact_uri($uri);
-    if (preg_match('#^[a-z+]+://([^/?]*)#i', $u, $m)) {
-        return $m[1];
+    $p = strpos($uri, '://');
+    if ($p === false) {
+        return '?';
     }
-    return '?';
+    $auth = explode('/', substr($uri, $p + 3))[0];
+    $at = strrpos($auth, '@');
+    $hosts = explode('?', $at === false ? $auth : substr($auth, $at + 1))[0];
+    // Anything but a plain host list is a URI we misread: show nothing of it.
+    return preg_match('/^[A-Za-z0-9._~%:,\[\]-]{1,500}$/', $hosts) ? $hosts : '?';
 }
 
 final class ObsConfigError extends RuntimeException

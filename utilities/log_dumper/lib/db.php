@@ -79,11 +79,11 @@ final class ObsDb
         }
     }
 
-    /** Driver messages may quote the URI, password included: never pass that on. */
+    /** Driver messages may quote the whole URI (password, secret options): never pass it on. */
     private function clean(string $msg): string
     {
-        $msg = str_replace($this->uri, obs_redact_uri($this->uri), $msg);
-        $msg = (string) preg_replace('#([a-z+]+://)[^/?\#\s\'"]*@#i', '$1', $msg);
+        $msg = str_replace($this->uri, '(the configured URI)', $msg);
+        $msg = (string) preg_replace('#[a-z+]+://\S*#i', '(a URI)', $msg);
         return mb_strimwidth_safe($msg, 300);
     }
 }

@@ -2,7 +2,7 @@
 (started by test/run) for every page over HTTP, renders them in headless
 Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
 
-usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir>"""
+usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url>"""
 import os
 import re
 import subprocess
@@ -21,7 +21,9 @@ import pymongo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed  # noqa: E402
 
-PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS = sys.argv[1:8]
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET = sys.argv[1:9]
+PASSWORD = "zz#pw?zz@x"  # test/run's observers log in with it (DOWN: and tlsCertificateKeyFilePassword=zzsecret)
+SECRETS = ["zz#pw", "pw?zz", "zz%40x", "zz@x", "zzsecret"]
 FAILED = []
 BODIES = []  # every response body, for the checks that span all pages
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -337,9 +339,17 @@ def main():
     took = time.time() - t0
     check(st == 503 and "MongoDB unavailable" in body and "127.0.0.1:1" in body and DB in body,
           "MongoDB down: 503 naming the host and database")
-    check(not LEAKS.search(body) and "s3cret" not in body and "observer:s3cret" not in body,
-          "MongoDB down: no stack trace, warning or password")
+    check(not LEAKS.search(body) and not any(x in body for x in SECRETS) and "observer:" not in body,
+          "MongoDB down: no stack trace, warning, user, password or secret option")
     check(took < 6, f"MongoDB down answers quickly ({took:.1f} s)")
+
+    # ---- a password with # ? @ in the URI: the header shows the host list only ------------
+    db.command("createUser", "observer", pwd=PASSWORD, roles=[{"role": "read", "db": DB}])
+    for qq in (q(), "page=failures", "page=graphs", "page=nodes"):
+        st, _, body = get(SECRET, qq)
+        meta = Dom(body).find("span", cls="meta")
+        check(st == 200 and meta and meta[0].all_text().startswith(f"127.0.0.1:{PORT} / {DB} ·")
+              and not any(x in body for x in SECRETS), f"logged in with a password holding # ? @: {qq} names only the hosts")
 
     # ---- the ini file --------------------------------------------------------------------
     st, _, body = get(INI, "page=events")
@@ -358,6 +368,8 @@ def main():
     check(not nocsp, f"every response carries the CSP ({nocsp[:3]})")
     internal = [qq for qq, _, b in BODIES if 'data-status="500"' in b]
     check(not internal, f"no request ended in an internal error ({internal[:3]})")
+    secret = [qq for qq, _, b in BODIES if any(x in b for x in SECRETS)]
+    check(not secret, f"no response shows the password or a secret option ({secret[:3]})")
     leaks = [qq for qq, _, b in BODIES if LEAKS.search(b)]
     check(not leaks, f"no response shows PHP warnings, notices or paths ({leaks[:3]})")
 

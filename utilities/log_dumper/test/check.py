@@ -295,6 +295,21 @@ def main():
     check(len(svgs) == 5 and ok, f"log fallback draws a polyline per node · broker ({len(want_tot)} series)")
     tot = {r.attrs["data-series"]: int(r.attrs["data-requests"]) for r in d.find("tr") if "data-requests" in r.attrs}
     check(tot == dict(want_tot), "log fallback counts every event with a broker")
+    # a long range is refused; the longest allowed has a bounded number of points and ticks
+    st, _, body = get(FALLBACK, "page=graphs&from=1970-01-01&to=2200-01-01")
+    check(st == 400 and "at most 90 days" in body and len(body) < 10000, f"graphs over 230 years: 400 ({st}, {len(body)} bytes)")
+    g_from, g_to, day = now_ms - 90 * 86400000, now_ms, 86400000
+    st, _, body = get(FALLBACK, urllib.parse.urlencode({"page": "graphs", "from": iso(g_from), "to": iso(g_to)}))
+    d = Dom(body)
+    bucket, step = 2 * day, 14 * day
+    n_points = len(range(g_from // bucket * bucket, g_to + 1, bucket))
+    n_ticks = len(range(-(-g_from // step) * step, g_to + 1, step))
+    chart = d.find("svg", cls="chart")[0] if d.find("svg", cls="chart") else None
+    pts = [len(p.attrs["points"].split()) for p in d.find("polyline") if chart in p.ancestors()]
+    ticks = [t for t in d.find("text", cls="tick") if chart in t.ancestors()]
+    check(st == 200 and "one point per 2 d" in body and pts and set(pts) == {n_points},
+          f"graphs over 90 days: one point per 2 days, {n_points} per line (got {sorted(set(pts))})")
+    check(len(ticks) == n_ticks, f"graphs over 90 days: {n_ticks} axis ticks, one per 14 days (got {len(ticks)})")
 
     # ---- nodes --------------------------------------------------------------------------
     st, _, body = get(MAIN, "page=nodes")

@@ -5,17 +5,19 @@
 declare(strict_types=1);
 
 const GRAPH_BUCKETS = 60;           // points per line at most
+const GRAPH_MAX_DAYS = 90;          // longest range: the page's work grows with it
 const GRAPH_MAX_GROUPS = 20000;     // rows an aggregation may return
 const GRAPH_LOG_SAMPLE = 20000;     // events read for percentiles in the fallback
 
+/** A round bucket length giving at most GRAPH_BUCKETS points over the span. */
 function graph_bucket_ms(int $spanMs): int
 {
-    foreach ([10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400] as $s) {
+    foreach ([10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400, 172800] as $s) {
         if ($spanMs / ($s * 1000) <= GRAPH_BUCKETS) {
             return $s * 1000;
         }
     }
-    return 86400000;
+    return (int) ceil($spanMs / GRAPH_BUCKETS / 1000) * 1000; // not reached while the span is capped
 }
 
 /** Epoch ms of the start of a document's bucket, computed in the server (works on MongoDB 4.x too). */
@@ -42,6 +44,9 @@ function page_graphs(Ctx $c): void
     $node = in_str('node', 200);
     $from = $range['from'] ?? ($c->nowMs - 3600000);
     $to = $range['to'] ?? $c->nowMs;
+    if ($to - $from > GRAPH_MAX_DAYS * 86400000) {
+        throw new ObsBadInput('the graphs cover at most ' . GRAPH_MAX_DAYS . ' days: narrow "from" and "to"');
+    }
     $bucket = graph_bucket_ms($to - $from);
     $match = ['ts' => ['$gte' => bson_date($from), '$lte' => bson_date($to)]];
     if ($node !== null) {

@@ -52,6 +52,9 @@ class El:
             yield p
             p = p.parent
 
+    def find_all(self, tag):
+        return [k for k in self.kids if k.tag == tag] + [x for k in self.kids for x in k.find_all(tag)]
+
     def all_text(self):
         return self.text + "".join(k.all_text() for k in self.kids)
 
@@ -247,7 +250,7 @@ def main():
     # ---- failures -----------------------------------------------------------------------
     st, _, body = get(MAIN, "page=failures")
     d = Dom(body)
-    want = Counter((e["code"], e["template"], e["node"], e["broker"]) for e in ev if e["status"] == "error")
+    want = Counter(tuple(e[k] or "" for k in ("code", "template", "node", "broker")) for e in ev if e["status"] == "error")
     got = {(r.attrs.get("data-code"), r.attrs.get("data-template"), r.attrs.get("data-node"), r.attrs.get("data-broker")):
            int(r.attrs.get("data-count") or -1) for r in d.find("tr", cls="grp")}
     check(st == 200 and got == dict(want), f"failures: {len(want)} groups with exact counts (got {len(got)})")
@@ -258,10 +261,18 @@ def main():
     check("beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2 --dry-run" in cmds
           and "beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2" in cmds,
           "failures show the dlq replay lines (dry run and real) for a parked group")
-    parked_groups = len({(e["code"], e["template"], e["node"], e["broker"]) for e in ev if e.get("outcome") == "parked"})
+    parked_groups = len({(e["code"], e["template"], e["node"], e["broker"]) for e in ev
+                         if e.get("outcome") == "parked" and e["template"] != seed.STAR_TEMPLATE})
     check(len(cmds) == 2 * parked_groups and not any("code=TIMEOUT" in x for x in cmds)
           and "nothing in the dead-letter queue" in body,
-          f"replay lines only for the {parked_groups} groups with parked messages")
+          f"replay lines only for the {parked_groups} groups with parked messages (and no *)")
+    check("beds dlq replay mBroker --filter code=BAD_MESSAGE --filter template= --filter node=app-1" in cmds,
+          "a group without a template replays with an empty --filter template= (not the whole broker)")
+    star = [r for r in d.find("tr", cls="grp") if r.attrs["data-template"] == seed.STAR_TEMPLATE]
+    star_cmds = star[0].parent.kids[star[0].parent.kids.index(star[0]) + 1] if star else None
+    check(star_cmds is not None and "replay by event id or message id instead" in star_cmds.all_text()
+          and not star_cmds.find_all("pre") and not any("inv*" in x for x in cmds),
+          "a group with * in a value gets a warning, no replay line")
     check("--filter 'template=<script>alert(\"x\")</script>'" in " ".join(cmds), "hostile template shell-quoted in the dlq line")
     grp = [r for r in d.find("tr", cls="grp") if r.attrs["data-code"] == "DB_UNAVAILABLE"]
     link = next((x.attrs["href"] for x in d.els if x.tag == "a" and grp and grp[0] in x.ancestors()), "")

@@ -10,6 +10,7 @@ OPS = ["get", "create", "update", "list", "delete"]
 CODES = ["NOT_FOUND", "VALIDATION", "TIMEOUT", "DB_UNAVAILABLE"]
 HOSTILE_TEMPLATE = '<script>alert("x")</script>'
 HOSTILE_OP = '"><img src=x onerror=alert(1)>'
+STAR_TEMPLATE = "inv*"  # beds dlq would read the * as a wildcard
 BULK = 160
 
 
@@ -80,6 +81,11 @@ def build(now_ms):
         ev.append(event(now_ms - (40 - k) * 60 * 1000 + 11, 2100 + k, node="app-2", broker="mBroker", template="note",
                         op=["create", "update"][k % 2], status="error", code="DB_UNAVAILABLE",
                         message="database docs unavailable", outcome="parked" if k else "retry", attempt=1 + k % 3))
+    # parked failures whose dlq line needs care: no template (an empty --filter), a * in the template (no line)
+    ev.append(event(now_ms - 17 * 60 * 1000 + 13, 2200, node="app-1", broker="mBroker", template=None, op=None,
+                    status="error", code="BAD_MESSAGE", message="not a request", outcome="parked"))
+    ev.append(event(now_ms - 16 * 60 * 1000 + 13, 2201, node="app-2", broker="wBroker", template=STAR_TEMPLATE,
+                    op="create", status="error", code="VALIDATION", message="bad field", outcome="parked"))
     ev.append(event(now_ms - 19 * 60 * 1000, 2002, node="app-2", broker="rBroker", template=HOSTILE_TEMPLATE,
                     op="get", message_id=HOSTILE_OP))
     # lifecycle and admin events

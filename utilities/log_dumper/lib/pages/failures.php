@@ -15,6 +15,17 @@ function shell_arg(string $s): string
     return "'" . str_replace("'", "'\\''", $s) . "'";
 }
 
+/** @param list<?string> $values */
+function dlq_has_star(array $values): bool
+{
+    foreach ($values as $v) {
+        if ($v !== null && str_contains($v, '*')) {
+            return true;
+        }
+    }
+    return false;
+}
+
 function page_failures(Ctx $c): void
 {
     $range = in_range($c->nowMs, '24h');
@@ -84,12 +95,15 @@ function page_failures(Ctx $c): void
         $parked = (int) ($g['parked'] ?? 0);
         if ($parked === 0) {
             echo '<span class="muted">none parked: nothing in the dead-letter queue to replay</span>';
+        } elseif ($broker !== null && dlq_has_star([$code, $tpl, $gnode])) {
+            // beds dlq reads * as a wildcard and cannot escape it: the line would replay more than this group.
+            echo '<span class="warn dlq-star">a value contains *, which beds dlq reads as a wildcard: ',
+                'replay by event id or message id instead</span>';
         } elseif ($broker !== null) {
             $cmd = 'beds dlq replay ' . shell_arg($broker);
             foreach (['code' => $code, 'template' => $tpl, 'node' => $gnode] as $fk => $fv) {
-                if ($fv !== null) {
-                    $cmd .= ' --filter ' . shell_arg("$fk=$fv");
-                }
+                // An empty value matches messages without the field; leaving the filter out would match the whole broker.
+                $cmd .= ' --filter ' . shell_arg("$fk=" . ($fv ?? ''));
             }
             echo '<div class="cmdline"><span class="muted">check</span><pre class="cmd dry">', h($cmd . ' --dry-run'), '</pre></div>',
                 '<div class="cmdline"><span class="muted">replay</span><pre class="cmd">', h($cmd), '</pre></div>';

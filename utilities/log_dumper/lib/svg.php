@@ -86,7 +86,7 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
                 $segs[] = $cur;
                 $cur = [];
             }
-            $cur[] = round($x($t), 1) . ',' . round($y((float) $v), 1);
+            $cur[] = [round($x($t), 1) . ',' . round($y((float) $v), 1), round((float) $v, 3)];
             $prev = $t;
         }
         if ($cur) {
@@ -94,11 +94,12 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
         }
         foreach ($segs as $seg) {
             if (count($seg) === 1) {
-                [$cx, $cy] = explode(',', $seg[0]);
+                [$cx, $cy] = explode(',', $seg[0][0]);
                 $o .= '<circle cx="' . $cx . '" cy="' . $cy . '" r="2.5" fill="' . $color . '" data-series="' . h($name) . '"/>';
             }
+            // data-values: the plotted values, unscaled (for reading and for the test)
             $o .= '<polyline fill="none" stroke="' . $color . '" stroke-width="1.6" stroke-linejoin="round" data-series="'
-                . h($name) . '" points="' . implode(' ', $seg) . '"/>';
+                . h($name) . '" data-values="' . implode(' ', array_column($seg, 1)) . '" points="' . implode(' ', array_column($seg, 0)) . '"/>';
         }
         // legend, four per row under the axis
         $lx = $L + ($i % 4) * 205;

@@ -296,6 +296,22 @@ def main():
         for b in gdoc["brokers"]:
             want_tot[f"{gdoc['node']} · {b['broker']}"] += b["requests"]
     check(tot == dict(want_tot), "graph totals equal the seeded counter windows")
+    # throughput = requests / all of the node's windows, also those where the broker was idle (left out)
+    bucket = 600000  # 6 h in 10-minute buckets
+    d = Dom(get(MAIN, "page=graphs&since=6h")[2])
+    node_ms, m_req = Counter(), Counter()
+    for gdoc in graphs:
+        if gdoc["node"] == "app-1":
+            b = int(gdoc["ts"].replace(tzinfo=timezone.utc).timestamp() * 1000) // bucket
+            node_ms[b] += gdoc["window_ms"]
+            m_req[b] += sum(x["requests"] for x in gdoc["brokers"] if x["broker"] == "mBroker")
+    want_rate = [round(m_req[b] / (node_ms[b] / 1000), 3) for b in sorted(node_ms)]
+    chart = d.find("svg", cls="chart")[0]
+    got_rate = [[float(v) for v in p.attrs["data-values"].split()] for p in d.find("polyline", data_series="app-1 · mBroker")
+                if chart in p.ancestors()]
+    check(got_rate == [want_rate], f"throughput of a mostly idle broker per 10 min: {want_rate} /s (got {got_rate})")
+    rate = [r.attrs.get("data-rate") for r in d.find("tr", data_series="app-1 · mBroker")]
+    check(rate == ["0.2"], f"its average over the node's windows: 6 × 120 requests in 60 min = 0.2/s (got {rate})")
     st, _, body = get(FALLBACK, "page=graphs")
     d = Dom(body)
     want_tot = Counter(f"{e['node']} · {e['broker']}" for e in ev if e["broker"] is not None)

@@ -107,6 +107,9 @@ def build(now_ms):
                 brokers.append({"broker": broker, "requests": req, "errors": (w + b) % 5,
                                 "p50_us": 700 + 30 * (w % 9) + 350 * k, "p95_us": 3000 + 150 * (w % 13) + 1100 * k,
                                 "p99_us": 7000 + 400 * (w % 17) + 2500 * k, "max_us": 30000})
+            if node == "app-1" and w % 10 == 0:  # mBroker is idle (left out) in 9 windows of 10
+                brokers.append({"broker": "mBroker", "requests": 120, "errors": 0, "p50_us": 900, "p95_us": 1900,
+                                "p99_us": 2900, "max_us": 3000})
             graphs.append({"node": node, "role": "appServer", "ts": dt(end), "window_ms": 60000,
                            "in_flight": w % 4, "brokers": brokers})
 

@@ -54,28 +54,48 @@ function page_graphs(Ctx $c): void
     }
     // rows: key "node · broker" => bucket ms => [requests, errors, rate/s, p50, p95, p99] (µs)
     $rows = [];
+    $windowMs = []; // key => ms the rate is over (msGraphs: its node's windows; the log: the range)
     $source = 'msGraphs';
     $note = '';
     if ($c->db->find($c->cfg['graphs'], $match, ['limit' => 1, 'projection' => ['_id' => 1]])) {
+        // A window lists only the brokers that had requests in it, so a broker's time
+        // is all of its node's windows: sum window_ms per node and bucket before $unwind.
+        $win = $c->db->aggregate($c->cfg['graphs'], [
+            ['$match' => $match],
+            ['$group' => ['_id' => ['node' => '$node', 'b' => graph_bucket_expr($bucket)], 'window_ms' => ['$sum' => '$window_ms']]],
+            ['$limit' => GRAPH_MAX_GROUPS],
+        ]);
         $agg = $c->db->aggregate($c->cfg['graphs'], [
             ['$match' => $match],
             ['$unwind' => '$brokers'],
             ['$group' => [
                 '_id' => ['node' => '$node', 'broker' => '$brokers.broker', 'b' => graph_bucket_expr($bucket)],
                 'requests' => ['$sum' => '$brokers.requests'], 'errors' => ['$sum' => '$brokers.errors'],
-                'window_ms' => ['$sum' => '$window_ms'],
                 'p50' => ['$max' => '$brokers.p50_us'], 'p95' => ['$max' => '$brokers.p95_us'], 'p99' => ['$max' => '$brokers.p99_us'],
             ]],
             ['$limit' => GRAPH_MAX_GROUPS],
         ]);
-        foreach ($agg as $g) {
-            $key = str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null);
-            $secs = max(1, (int) ($g['window_ms'] ?? 0)) / 1000;
-            $rows[$key][(int) $g['_id']['b']] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / $secs,
-                (float) ($g['p50'] ?? 0), (float) ($g['p95'] ?? 0), (float) ($g['p99'] ?? 0)];
+        $nodeMs = []; // node => bucket => window_ms of all its windows
+        foreach ($win as $g) {
+            $nodeMs[str_or($g['_id']['node'] ?? null)][(int) $g['_id']['b']] = (int) ($g['window_ms'] ?? 0);
         }
-        $note = 'From the admin node\'s counter windows (' . $c->cfg['graphs'] . '). Throughput = requests / window length; '
-            . 'a percentile per point is the highest of the windows in it.';
+        $got = []; // node => broker => bucket => the group
+        foreach ($agg as $g) {
+            $got[str_or($g['_id']['node'] ?? null)][str_or($g['_id']['broker'] ?? null)][(int) $g['_id']['b']] = $g;
+        }
+        foreach ($got as $n => $brokers) {
+            foreach ($brokers as $br => $byB) {
+                // every bucket the node reported in; where this broker is absent it had 0 requests
+                foreach ($nodeMs[$n] ?? [] as $b => $wms) {
+                    $g = $byB[$b] ?? ['requests' => 0, 'errors' => 0];
+                    $rows["$n · $br"][$b] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / (max(1, $wms) / 1000),
+                        (float) ($g['p50'] ?? 0), (float) ($g['p95'] ?? 0), (float) ($g['p99'] ?? 0)];
+                }
+                $windowMs["$n · $br"] = array_sum($nodeMs[$n] ?? []);
+            }
+        }
+        $note = 'From the admin node\'s counter windows (' . $c->cfg['graphs'] . '). Throughput = requests / the length '
+            . 'of the node\'s windows; a percentile per point is the highest of the windows in it.';
     } else {
         $source = 'log';
         [$rows, $note] = graphs_from_log($c, $match, $bucket);
@@ -124,9 +144,11 @@ function page_graphs(Ctx $c): void
         svg_line_chart('Latency p99', $series['p99'], $from, $to, $fmtLat, $gap),
         '</div>';
     echo '<h3>Totals in the range</h3><table class="totals"><thead><tr><th>node · broker</th><th>requests</th>',
-        '<th>errors</th><th>error rate</th><th>highest p99</th></tr></thead><tbody>';
+        '<th>requests/s</th><th>errors</th><th>error rate</th><th>highest p99</th></tr></thead><tbody>';
     foreach ($totals as $key => [$req, $err, $p99]) {
-        echo '<tr data-series="', h($key), '" data-requests="', $req, '" data-errors="', $err, '"><td>', h($key), '</td><td class="num">', $req,
+        $rate = round($req / (max(1, $windowMs[$key] ?? ($to - $from)) / 1000), 3);
+        echo '<tr data-series="', h($key), '" data-requests="', $req, '" data-errors="', $err, '" data-rate="', $rate, '"><td>',
+            h($key), '</td><td class="num">', $req, '</td><td class="num">', h($fmtRate($rate)),
             '</td><td class="num">', $err, '</td><td class="num', $err > 0 ? ' st-error' : '', '">',
             h($req > 0 ? sprintf('%.2f%%', 100 * $err / $req) : '-'), '</td><td class="num">', h(fmt_us((int) $p99)), '</td></tr>';
     }

@@ -123,6 +123,18 @@ def rows(dom):
     return [(e.attrs["data-id"], int(e.attrs["data-ts"])) for e in dom.find("tr", cls="ev")]
 
 
+def keyset_pages(ts_desc, limit):
+    """The observer's pages over these ts (newest first): limit rows, plus every row sharing the last one's ts."""
+    pages, i = [], 0
+    while i < len(ts_desc):
+        j = min(i + limit, len(ts_desc))
+        while j < len(ts_desc) and ts_desc[j] == ts_desc[j - 1]:
+            j += 1
+        pages.append(ts_desc[i:j])
+        i = j
+    return pages
+
+
 def chromium(args, url, timeout=40):
     prof = tempfile.mkdtemp(prefix="obs-chrome-")
     cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--log-level=3", "--no-first-run",
@@ -159,28 +171,35 @@ def main():
     check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp,
           "Content-Security-Policy is strict")
     check(hd.get("X-Content-Type-Options") == "nosniff", "X-Content-Type-Options: nosniff")
-    check(len(r1) == 50, f"events page 1 has 50 rows (got {len(r1)})")
     newest = sorted(ev, key=lambda e: -ms[e["_id"]])
-    check([t for _, t in r1] == [ms[e["_id"]] for e in newest[:50]], "page 1 is the 50 newest events, newest first")
-    seen, pages, url_q, prev_last = [], 0, q(), None
+    want_pages = keyset_pages([ms[e["_id"]] for e in newest], 50)
+    check(len(r1) == len(want_pages[0]) == 53, f"events page 1: the 50 newest and the 3 more sharing the 50th's ts (got {len(r1)})")
+    check([t for _, t in r1] == want_pages[0], "page 1 is the newest events, newest first")
+    check(set(names["ties"]) <= {i for i, _ in r1}, "the 4 events sharing the boundary's ts are all on page 1")
+    got_pages, url_q, prev_last = [], q(), None
     ordered = True
-    while url_q is not None and pages < 20:
+    while url_q is not None and len(got_pages) < 20:
         pd = Dom(get(MAIN, url_q)[2])
         pr = rows(pd)
-        if prev_last is not None and pr and pr[0][1] > prev_last:
+        if prev_last is not None and pr and pr[0][1] >= prev_last:
             ordered = False
         if any(b[1] > a[1] for a, b in zip(pr, pr[1:])):
             ordered = False
         prev_last = pr[-1][1] if pr else prev_last
-        seen += [i for i, _ in pr]
-        pages += 1
+        got_pages.append(pr)
         older = pd.find("a", cls="older")
         url_q = urllib.parse.urlparse(older[0].attrs["href"]).query if older else None
-    check(pages == 4, f"{len(ev)} events make 4 pages of 50 (got {pages})")
+    seen = [i for pr in got_pages for i, _ in pr]
+    check([len(p) for p in got_pages] == [len(p) for p in want_pages],
+          f"{len(ev)} events make pages of {[len(p) for p in want_pages]} (got {[len(p) for p in got_pages]})")
     check(len(seen) == len(ev) and set(seen) == set(byid), "the pages together hold every event exactly once")
-    check(ordered, "each page continues the order of the previous one (ts descending)")
-    p2 = rows(Dom(get(MAIN, q(p=2))[2]))
-    check(len(p2) == 50 and not set(i for i, _ in p2) & set(i for i, _ in r1), "page 2 differs from page 1")
+    check(ordered, "each page continues below the previous one's last ts (ts descending)")
+    older = d.find("a", cls="older")
+    hq = urllib.parse.parse_qs(urllib.parse.urlparse(older[0].attrs["href"]).query) if older else {}
+    check(hq.get("before") == [str(want_pages[0][-1])], f"the older link carries before=<last row's ts> ({hq.get('before')})")
+    p2 = Dom(get(MAIN, urllib.parse.urlparse(older[0].attrs["href"]).query)[2]) if older else None
+    newer = p2.find("a", cls="newer") if p2 else []
+    check(newer and "before" not in newer[0].attrs["href"], "page 2 links back to the newest events")
 
     # ---- events: filters (exact) ------------------------------------------------------
     t_from, t_to = now_ms - 40 * 60000, now_ms - 25 * 60000
@@ -211,8 +230,9 @@ def main():
     older = d.find("a", cls="older")
     href = older[0].attrs["href"] if older else ""
     hq = urllib.parse.parse_qs(urllib.parse.urlparse(href).query)
-    check(hq.get("status") == ["ok"] and hq.get("broker") == ["wBroker"] and hq.get("limit") == ["20"] and hq.get("p") == ["2"],
-          f"paging links keep the filter in the URL ({href})")
+    last_ts = rows(d)[-1][1] if rows(d) else None
+    check(hq.get("status") == ["ok"] and hq.get("broker") == ["wBroker"] and hq.get("limit") == ["20"]
+          and hq.get("before") == [str(last_ts)], f"paging links keep the filter in the URL ({href})")
     d = Dom(get(MAIN, q(refresh=0))[2])
     box = d.find("input", id="autorefresh")
     check(box and box[0].attrs.get("data-url-off") == "1"
@@ -365,9 +385,9 @@ def main():
     # ---- hostile parameters -------------------------------------------------------------
     bad = ["page=events&status[]=x", "page=events&status[$ne]=x", "page=events&code[$gt]=", "page=events&template="
            + "A" * 10240, "page=events&from=yesterday", "page=events&from=2024-02-30", "page=events&to=2024-13-01T99:00",
-           "page=-1", "page=events&p=-1", "page=events&p=abc", "page=event", "page[]=events", "page=event&id[]=1",
+           "page=-1", "page=events&before=-1", "page=events&before=abc", "page=event", "page[]=events", "page=event&id[]=1",
            "page=events&status=maybe", "page=events&node=%00x", "page=events&template=%C0%AF", "page=graphs&since=2y",
-           "page=failures&from=2024-05-02&to=2024-05-01", "page=events&p=100000"]
+           "page=failures&from=2024-05-02&to=2024-05-01", "page=events&before=99999999999999"]
     for b in bad:
         st, hd, body = get(MAIN, b)
         check(st == 400 and 'id="error"' in body and not LEAKS.search(body) and "Content-Security-Policy" in hd,
@@ -395,7 +415,7 @@ def main():
 
     # ---- the ini file --------------------------------------------------------------------
     st, _, body = get(INI, "page=events")
-    check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == 50, "config from the ini file works")
+    check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == len(want_pages[0]), "config from the ini file works")
 
     # ---- static files, no external requests ----------------------------------------------
     for f in ("observer.css", "observer.js"):

@@ -96,6 +96,15 @@ def build(now_ms):
         ev.append(event(now_ms - (10 - k) * 60 * 1000 + 9, 4000 + k, kind="admin", node="adm", role="admin",
                         broker="adminBrokerIn", template="admin", op=op, user_id="ops", elapsed_us=800))
 
+    # three more events sharing the ts of the 50th newest: a tie across the first page's boundary
+    at_boundary = sorted(ev, key=lambda e: e["ts"], reverse=True)[49]
+    ties = []
+    for k in range(3):
+        e = event(round(at_boundary["ts"].timestamp() * 1000), 5000 + k, node="app-2", broker="rBroker", template="usr", op="list", elapsed_us=300 + k)
+        e["ts"] = at_boundary["ts"]
+        ties.append(e)
+    ev += ties
+
     graphs = []
     for node in ["app-1", "app-2"]:
         for w in range(60):
@@ -121,7 +130,8 @@ def build(now_ms):
              nodedoc("app-2", "appServer", ["rBroker", "wBroker"], 10 * 60 * 1000, True),
              nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False)]
     names = {"root": rid, "child": child["_id"], "grand": grand["_id"], "batch": batch["_id"],
-             "entries": [e["_id"] for e in entries], "hostile": hostile["_id"]}
+             "entries": [e["_id"] for e in entries], "hostile": hostile["_id"],
+             "ties": [at_boundary["_id"]] + [e["_id"] for e in ties]}
     return ev, graphs, nodes, names
 
 

@@ -264,6 +264,14 @@ def main():
           "no wait shown for batch entries (shared ts) or the root")
     check(g.attrs.get("data-exec-us") == "30000" and "exec 30.0 ms" in g.all_text()
           and "wait after parent's reply 8.0 ms" in g.all_text(), "exec and wait are printed per hop")
+    a_, b_ = names["cycle"]
+    d = Dom(get(MAIN, urllib.parse.urlencode({"page": "event", "id": a_}))[2])
+    li = {e.attrs["data-id"]: e for e in d.find("li", cls="hop")}
+    top = [e for e in li.values() if not any(x.tag == "li" for x in e.ancestors())]
+    check(set(li) == {a_, b_} and [t.attrs["data-id"] for t in top] == [a_]
+          and [x.attrs.get("data-id") for x in li[b_].ancestors() if x.tag == "li"] == [a_]
+          and "parent not in chain / cycle" in top[0].all_text(),
+          "a 2-cycle is drawn: the older event at the top level, marked, the other under it")
     st, _, body = get(MAIN, urllib.parse.urlencode({"page": "event", "id": "no-such-event"}))
     check(st == 404 and "No event no-such-event" in body, "an unknown event id is a 404 with a message")
 
@@ -440,6 +448,7 @@ def main():
     shot("events", MAIN, q(), 1500)
     shot("events-filtered", MAIN, q(status="error"), 900)
     shot("event-chain", MAIN, urllib.parse.urlencode({"page": "event", "id": names["grand"]}), 1100)
+    shot("event-cycle", MAIN, urllib.parse.urlencode({"page": "event", "id": names["cycle"][0]}), 950)
     shot("failures", MAIN, "page=failures", 1300)
     shot("graphs", MAIN, "page=graphs", 1700)
     shot("graphs-from-log", FALLBACK, "page=graphs", 1700)

@@ -96,6 +96,12 @@ def build(now_ms):
         ev.append(event(now_ms - (10 - k) * 60 * 1000 + 9, 4000 + k, kind="admin", node="adm", role="admin",
                         broker="adminBrokerIn", template="admin", op=op, user_id="ops", elapsed_us=800))
 
+    # bad data: a 2-cycle (each the other's parent) under a root id no event has
+    cyc = [event(now_ms - 12 * 60 * 1000 + k * 3, 2300 + k, node="app-1", broker="rBroker", template="usr", op="get",
+                 root_event_id="cycle-root") for k in range(2)]
+    cyc[0]["parent_event_id"], cyc[1]["parent_event_id"] = cyc[1]["_id"], cyc[0]["_id"]
+    ev += cyc
+
     # three more events sharing the ts of the 50th newest: a tie across the first page's boundary
     at_boundary = sorted(ev, key=lambda e: e["ts"], reverse=True)[49]
     ties = []
@@ -131,7 +137,7 @@ def build(now_ms):
              nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False)]
     names = {"root": rid, "child": child["_id"], "grand": grand["_id"], "batch": batch["_id"],
              "entries": [e["_id"] for e in entries], "hostile": hostile["_id"],
-             "ties": [at_boundary["_id"]] + [e["_id"] for e in ties]}
+             "ties": [at_boundary["_id"]] + [e["_id"] for e in ties], "cycle": [e["_id"] for e in cyc]}
     return ev, graphs, nodes, names
 
 

@@ -350,6 +350,22 @@ def main():
     check(len(svgs) == 5 and ok, f"log fallback draws a polyline per node · broker ({len(want_tot)} series)")
     tot = {r.attrs["data-series"]: int(r.attrs["data-requests"]) for r in d.find("tr") if "data-requests" in r.attrs}
     check(tot == dict(want_tot), "log fallback counts every event with a broker")
+    # the range cuts its first and last buckets: their rate is over the covered part only
+    g_to = ms[names["hostile"]]  # a whole second, so `to` is exact; the hostile event falls in the last bucket
+    g_from, bucket = g_to - 30 * 60000, 30000  # 30 min in 30 s buckets
+    d = Dom(get(FALLBACK, urllib.parse.urlencode({"page": "graphs", "from": iso(g_from), "to": iso(g_to)}))[2])
+    chart = d.find("svg", cls="chart")[0]
+    got = {p.attrs["data-series"]: [float(v) for v in p.attrs["data-values"].split()] for p in d.find("polyline")
+           if chart in p.ancestors()}
+    per = Counter((f"{e['node']} · {e['broker']}", ms[e["_id"]] // bucket * bucket) for e in ev
+                  if e["broker"] is not None and g_from <= ms[e["_id"]] <= g_to)
+    want = {}
+    for key in {k for k, _ in per}:
+        want[key] = [round(per[(key, b)] / ((min(b + bucket, g_to + 1) - max(b, g_from)) / 1000), 3)
+                     for b in range(g_from // bucket * bucket, g_to + 1, bucket)]
+    last = want.get(f"app-1 · wBroker", [0])[-1]
+    check(got == want and last == round(1000 / (g_to % bucket + 1), 3),
+          f"log fallback: the first and last buckets' rate is over the part the range covers (last {last}/s)")
     # a long range is refused; the longest allowed has a bounded number of points and ticks
     st, _, body = get(FALLBACK, "page=graphs&from=1970-01-01&to=2200-01-01")
     check(st == 400 and "at most 90 days" in body and len(body) < 10000, f"graphs over 230 years: 400 ({st}, {len(body)} bytes)")

@@ -27,15 +27,20 @@ function graph_bucket_expr(int $bucketMs): array
     return ['$subtract' => [$ms, ['$mod' => [$ms, $bucketMs]]]];
 }
 
-/** Nearest-rank percentile of a sorted list. */
-function percentile(array $sorted, float $p): float
+/** Nearest-rank percentile of a sorted list; null for none (no point is drawn). */
+function percentile(array $sorted, float $p): ?float
 {
     $n = count($sorted);
     if ($n === 0) {
-        return 0.0;
+        return null;
     }
     $rank = (int) ceil($p / 100 * $n);
     return (float) $sorted[max(0, min($n - 1, $rank - 1))];
+}
+
+function num_or_null(mixed $v): ?float
+{
+    return is_int($v) || is_float($v) ? (float) $v : null;
 }
 
 function page_graphs(Ctx $c): void
@@ -57,6 +62,7 @@ function page_graphs(Ctx $c): void
     $windowMs = []; // key => ms the rate is over (msGraphs: its node's windows; the log: the range)
     $source = 'msGraphs';
     $note = '';
+    $truncated = false; // an aggregation hit GRAPH_MAX_GROUPS
     if ($c->db->find($c->cfg['graphs'], $match, ['limit' => 1, 'projection' => ['_id' => 1]])) {
         // A window lists only the brokers that had requests in it, so a broker's time
         // is all of its node's windows: sum window_ms per node and bucket before $unwind.
@@ -75,6 +81,7 @@ function page_graphs(Ctx $c): void
             ]],
             ['$limit' => GRAPH_MAX_GROUPS],
         ]);
+        $truncated = count($win) >= GRAPH_MAX_GROUPS || count($agg) >= GRAPH_MAX_GROUPS;
         $nodeMs = []; // node => bucket => window_ms of all its windows
         foreach ($win as $g) {
             $nodeMs[str_or($g['_id']['node'] ?? null)][(int) $g['_id']['b']] = (int) ($g['window_ms'] ?? 0);
@@ -89,7 +96,7 @@ function page_graphs(Ctx $c): void
                 foreach ($nodeMs[$n] ?? [] as $b => $wms) {
                     $g = $byB[$b] ?? ['requests' => 0, 'errors' => 0];
                     $rows["$n · $br"][$b] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / (max(1, $wms) / 1000),
-                        (float) ($g['p50'] ?? 0), (float) ($g['p95'] ?? 0), (float) ($g['p99'] ?? 0)];
+                        num_or_null($g['p50'] ?? null), num_or_null($g['p95'] ?? null), num_or_null($g['p99'] ?? null)];
                 }
                 $windowMs["$n · $br"] = array_sum($nodeMs[$n] ?? []);
             }
@@ -98,7 +105,7 @@ function page_graphs(Ctx $c): void
             . 'of the node\'s windows; a percentile per point is the highest of the windows in it.';
     } else {
         $source = 'log';
-        [$rows, $note] = graphs_from_log($c, $match, $bucket);
+        [$rows, $note, $truncated] = graphs_from_log($c, $match, $bucket);
     }
     ksort($rows);
 
@@ -112,11 +119,13 @@ function page_graphs(Ctx $c): void
             $series['rate'][$key][] = [$mid, $rate];
             if ($req > 0) { // no requests: no error rate or latency to draw
                 $series['err'][$key][] = [$mid, 100 * $err / $req];
-                $series['p50'][$key][] = [$mid, $p50];
-                $series['p95'][$key][] = [$mid, $p95];
-                $series['p99'][$key][] = [$mid, $p99];
+                foreach (['p50' => $p50, 'p95' => $p95, 'p99' => $p99] as $pk => $pv) {
+                    if ($pv !== null) { // null: not measured (outside the log's sample), not 0 µs
+                        $series[$pk][$key][] = [$mid, $pv];
+                    }
+                }
             }
-            $t = [$t[0] + $req, $t[1] + $err, max($t[2], $p99)];
+            $t = [$t[0] + $req, $t[1] + $err, max($t[2], $p99 ?? 0.0)];
         }
         $totals[$key] = $t;
     }
@@ -127,6 +136,10 @@ function page_graphs(Ctx $c): void
     echo '<p class="summary" id="source" data-source="', h($source), '">',
         $source === 'log' ? '<b>From the event log</b> (' . h($c->cfg['graphs']) . ' has no counters in this range). ' : '',
         h($note), ' Range: ', h(range_text($range)), ', one point per ', h(fmt_age($bucket)), '.</p>';
+    if ($truncated) {
+        echo '<p class="warn" id="truncated">More than ', GRAPH_MAX_GROUPS, ' node · broker · bucket groups: ',
+            'some lines or points are missing. Pick a node or a shorter range.</p>';
+    }
     if (!$rows) {
         echo '<p class="warn">No requests in this range.</p>';
         page_end();
@@ -159,7 +172,7 @@ function page_graphs(Ctx $c): void
 /**
  * The fallback: counts per node, broker and bucket with one $group (exact), and
  * percentiles computed here from the newest GRAPH_LOG_SAMPLE events (bounded).
- * @return array{0: array, 1: string}
+ * @return array{0: array, 1: string, 2: bool} rows, note, whether the $group hit GRAPH_MAX_GROUPS
  */
 function graphs_from_log(Ctx $c, array $match, int $bucket): array
 {
@@ -188,10 +201,12 @@ function graphs_from_log(Ctx $c, array $match, int $bucket): array
     $rows = [];
     $keys = array_unique(array_map(fn ($g) => str_or($g['_id']['node'] ?? null) . ' · ' . str_or($g['_id']['broker'] ?? null), $agg));
     // In the log, a bucket without events means no requests: draw 0, not a gap.
-    $first = intdiv((int) (string) $match['ts']['$gte'], $bucket) * $bucket;
+    $from = (int) (string) $match['ts']['$gte'];
+    $to = (int) (string) $match['ts']['$lte'];
+    $first = intdiv($from, $bucket) * $bucket;
     foreach ($keys as $key) {
-        for ($b = $first; $b <= (int) (string) $match['ts']['$lte']; $b += $bucket) {
-            $rows[$key][$b] = [0, 0, 0.0, 0.0, 0.0, 0.0];
+        for ($b = $first; $b <= $to; $b += $bucket) {
+            $rows[$key][$b] = [0, 0, 0.0, null, null, null];
         }
     }
     foreach ($agg as $g) {
@@ -199,10 +214,12 @@ function graphs_from_log(Ctx $c, array $match, int $bucket): array
         $b = (int) $g['_id']['b'];
         $l = $lat[$key][$b] ?? [];
         sort($l);
-        $rows[$key][$b] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / ($bucket / 1000),
+        // The first and last buckets are cut by the range: a rate over their covered part only.
+        $covered = min($b + $bucket, $to + 1) - max($b, $from);
+        $rows[$key][$b] = [(int) $g['requests'], (int) $g['errors'], $g['requests'] / (max(1, $covered) / 1000),
             percentile($l, 50), percentile($l, 95), percentile($l, 99)];
     }
     $note = 'Counts per bucket from the event log (' . $logs . '); percentiles from the newest '
-        . (count($sample) >= GRAPH_LOG_SAMPLE ? GRAPH_LOG_SAMPLE . ' events in the range (older buckets show 0 latency).' : 'events (all of them in the range).');
-    return [$rows, $note];
+        . (count($sample) >= GRAPH_LOG_SAMPLE ? GRAPH_LOG_SAMPLE . ' events in the range (older buckets have no latency points).' : 'events (all of them in the range).');
+    return [$rows, $note, count($agg) >= GRAPH_MAX_GROUPS];
 }

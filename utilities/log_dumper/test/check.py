@@ -2,7 +2,9 @@
 (started by test/run) for every page over HTTP, renders them in headless
 Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
 
-usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url>"""
+usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url> <many url>
+
+The many url reads msLogsMany: more failure groups than the failures page shows."""
 import os
 import re
 import subprocess
@@ -21,7 +23,7 @@ import pymongo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed  # noqa: E402
 
-PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET = sys.argv[1:9]
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY = sys.argv[1:10]
 PASSWORD = "zz#pw?zz@x"  # test/run's observers log in with it (DOWN: and tlsCertificateKeyFilePassword=zzsecret)
 SECRETS = ["zz#pw", "pw?zz", "zz%40x", "zz@x", "zzsecret"]
 FAILED = []
@@ -308,6 +310,15 @@ def main():
     got_rows = rows(Dom(get(MAIN, lq + "&limit=200")[2])) if lq else []
     check(lq != "" and len(got_rows) == int(grp[0].attrs["data-count"]),
           f"a failure group links to the events list filtered to it ({len(got_rows)} events)")
+
+    # more groups than shown (msLogsMany: 505 single failures and a group of 15): the total still counts all
+    many = [seed.event(now_ms - 60000 - k, 9000 + k, status="error", code=f"E{k:03d}") for k in range(505)]
+    many += [seed.event(now_ms - 120000 - k, 9600 + k, status="error", code="BIG") for k in range(15)]
+    db.msLogsMany.insert_many(many)
+    d = Dom(get(MANY, "page=failures")[2])
+    sm = d.find(id="summary")[0].attrs if d.find(id="summary") else {}
+    check(sm.get("data-total") == "520" and sm.get("data-groups") == "500" and d.find(id="more-groups"),
+          f"failures over 506 groups: the largest 500 shown, the total counts all 520 (got {sm.get('data-total')})")
 
     # ---- graphs -------------------------------------------------------------------------
     st, _, body = get(MAIN, "page=graphs")

@@ -54,18 +54,24 @@ function page_failures(Ctx $c): void
     ]);
     $more = count($groups) > FAIL_MAX_GROUPS;
     $groups = array_slice($groups, 0, FAIL_MAX_GROUPS);
+    $total = array_sum(array_map(fn ($g) => (int) $g['count'], $groups));
+    if ($more) {
+        // The groups shown are not all of them: count every failure in the range once more.
+        $all = $c->db->aggregate($c->cfg['logs'], [['$match' => $match], ['$group' => ['_id' => null, 'n' => ['$sum' => 1]]]]);
+        $total = (int) ($all[0]['n'] ?? $total);
+    }
     $rangeParams = $range['since'] !== null ? ['since' => $range['since']]
         : ['from' => fmt_ts_input($range['from']), 'to' => $range['to'] !== null ? fmt_ts_input($range['to']) : null];
 
     page_start($c->cfg, 'failures', 'Failures', $c);
     echo '<h2>Failures</h2>';
     range_form('failures', $range, $c, ['node' => $node]);
-    $total = array_sum(array_map(fn ($g) => (int) $g['count'], $groups));
     echo '<p class="summary" id="summary" data-groups="', count($groups), '" data-total="', $total, '">',
-        $groups ? h("$total failed event(s) in " . count($groups) . ' group(s), ' . range_text($range)) : h('no failures ' . range_text($range)),
-        '</p>';
+        $groups ? h("$total failed event(s) in " . ($more ? 'more than ' : '') . count($groups) . ' group(s), ' . range_text($range))
+        : h('no failures ' . range_text($range)), '</p>';
     if ($more) {
-        echo '<p class="warn">More than ', FAIL_MAX_GROUPS, ' groups: only the largest are shown.</p>';
+        echo '<p class="warn" id="more-groups">More than ', FAIL_MAX_GROUPS, ' groups: only the largest ', FAIL_MAX_GROUPS,
+            ' are shown (the total counts them all).</p>';
     }
     if (!$groups) {
         page_end();

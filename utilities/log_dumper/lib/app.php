@@ -82,6 +82,9 @@ function obs_main(): void
         obs_error_page(400, 'Bad request', h($e->getMessage()) . '. ' . a('?page=events', 'Start over'), $cfg);
     } catch (ObsConfigError $e) {
         obs_error_page(500, 'Configuration error', h($e->getMessage()), $cfg);
+    } catch (ObsDbTimeout $e) {
+        obs_error_page(504, 'Query too slow', 'The query took longer than ' . intdiv(OBS_MAX_TIME_MS, 1000)
+            . ' s: narrow the filter or the time range. ' . a('?page=events', 'Start over'), $cfg);
     } catch (ObsDbError $e) {
         obs_error_page(503, 'MongoDB unavailable',
             'The event log could not be read from MongoDB at <code>' . h(obs_uri_hosts($cfg['uri'] ?? '')) . '</code>, database <code>'

@@ -5,6 +5,7 @@ declare(strict_types=1);
 
 use MongoDB\Driver\Command;
 use MongoDB\Driver\Exception\Exception as DriverException;
+use MongoDB\Driver\Exception\ExecutionTimeoutException;
 use MongoDB\Driver\Manager;
 use MongoDB\Driver\Query;
 
@@ -12,6 +13,11 @@ use MongoDB\Driver\Query;
 const OBS_MAX_TIME_MS = 8000;
 
 final class ObsDbError extends RuntimeException
+{
+}
+
+/** A query ran past OBS_MAX_TIME_MS: MongoDB is up, the question was too wide. */
+final class ObsDbTimeout extends RuntimeException
 {
 }
 
@@ -74,6 +80,8 @@ final class ObsDb
             $cursor = $op();
             $cursor->setTypeMap(['root' => 'array', 'document' => 'array', 'array' => 'array']);
             return $cursor->toArray();
+        } catch (ExecutionTimeoutException $e) {
+            throw new ObsDbTimeout($this->clean($e->getMessage()));
         } catch (DriverException $e) {
             throw new ObsDbError($this->clean($e->getMessage()));
         }

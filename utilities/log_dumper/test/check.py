@@ -3,8 +3,10 @@
 Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
 
 usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url> <many url>
+       <silent url> <slow url>
 
-The many url reads msLogsMany: more failure groups than the failures page shows."""
+The many url reads msLogsMany: more failure groups than the failures page shows; silent and slow
+read test/fake_mongo.py's servers (never answers; every query past maxTimeMS)."""
 import os
 import re
 import subprocess
@@ -23,7 +25,7 @@ import pymongo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed  # noqa: E402
 
-PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY = sys.argv[1:10]
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY, SILENT, SLOW = sys.argv[1:12]
 PASSWORD = "zz#pw?zz@x"  # test/run's observers log in with it (DOWN: and tlsCertificateKeyFilePassword=zzsecret)
 SECRETS = ["zz#pw", "pw?zz", "zz%40x", "zz@x", "zzsecret"]
 FAILED = []
@@ -228,6 +230,15 @@ def main():
         got = rows(Dom(get(MAIN, q(limit=200, **params))[2]))
         check({i for i, _ in got} == want and len(got) == len(want),
               f"filter {params} shows exactly the {len(want)} matching events (got {len(got)})")
+    d = Dom(get(MAIN, q(broker="mBroker"))[2])
+    older = d.find("a", cls="older")
+    check(d.find(id="default-range") and older and "since=24h" in older[0].attrs["href"],
+          "broker alone (no index) defaults to the last 24 h, says so, and keeps it on the links")
+    check(not Dom(get(MAIN, q(template="usr"))[2]).find(id="default-range")
+          and not Dom(get(MAIN, q(broker="mBroker", since="7d"))[2]).find(id="default-range"),
+          "an indexed filter or a chosen range gets no default range")
+    hrefs = [a_.attrs["href"] for a_ in Dom(get(FALLBACK, "page=nodes")[2]).find("a") if "kind=lifecycle" in a_.attrs["href"]]
+    check(hrefs == ["?page=events&kind=lifecycle&since=24h"], f"nodes: the lifecycle link has a time range ({hrefs})")
     d = Dom(get(MAIN, q(status="ok", broker="wBroker", limit=20))[2])
     older = d.find("a", cls="older")
     href = older[0].attrs["href"] if older else ""
@@ -439,6 +450,14 @@ def main():
     check(not LEAKS.search(body) and not any(x in body for x in SECRETS) and "observer:" not in body,
           "MongoDB down: no stack trace, warning, user, password or secret option")
     check(took < 6, f"MongoDB down answers quickly ({took:.1f} s)")
+    t0 = time.time()
+    st, hd, body = get(SILENT, "page=events")
+    took = time.time() - t0
+    check(st == 503 and "MongoDB unavailable" in body and took < 6,
+          f"a MongoDB that accepts and never answers: 503 in {took:.1f} s (got {st})")
+    st, hd, body = get(SLOW, "page=failures")
+    check(st == 504 and "took longer than 8 s: narrow the filter or the time range" in body
+          and "MongoDB unavailable" not in body, f"a query past maxTimeMS: 504 saying so, not 'unavailable' (got {st})")
 
     # ---- a password with # ? @ in the URI: the header shows the host list only ------------
     db.command("createUser", "observer", pwd=PASSWORD, roles=[{"role": "read", "db": DB}])
@@ -482,6 +501,7 @@ def main():
     shot("nodes", MAIN, "page=nodes", 500)
     shot("bad-input", MAIN, "page=events&from=yesterday", 400)
     shot("mongodb-down", DOWN, "page=events", 400)
+    shot("query-too-slow", SLOW, "page=events", 400)
     print(f"# screenshots in {SHOTS}")
 
     if FAILED:

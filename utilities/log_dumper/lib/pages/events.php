@@ -8,6 +8,10 @@ const EV_FILTERS = [
     'status' => 'status', 'code' => 'code', 'template' => 'template', 'op' => 'op',
     'node' => 'node', 'broker' => 'broker', 'kind' => 'kind', 'event' => '_id', 'message_id' => 'message_id',
 ];
+// Filters an index serves with the ts sort (status_code_ts, template_op_ts, node_ts, _id,
+// message_id). broker, kind and op have none: alone they scan, so they get a default range.
+const EV_INDEXED = ['status' => 1, 'code' => 1, 'template' => 1, 'node' => 1, 'event' => 1, 'message_id' => 1];
+const EV_DEFAULT_SINCE = '24h';
 const EV_MAX_TIES = 1000;  // rows sharing the page's last ts added to it (keyset paging needs them all)
 const EV_MAX_TS = 7258118400000; // 2200-01-01, the latest time in_time() takes
 
@@ -34,6 +38,9 @@ function events_query(array $f, array $range): array
     $q = [];
     foreach ($f as $param => $v) {
         $q[EV_FILTERS[$param]] = (string) $v;
+    }
+    if (isset($f['code']) && !isset($f['status'])) {
+        $q['status'] = ['$in' => ['ok', 'error']]; // so status_code_ts serves a code alone
     }
     $ts = [];
     if ($range['from'] !== null) {
@@ -73,6 +80,10 @@ function page_events(Ctx $c): void
 {
     $f = events_filters();
     $range = in_range($c->nowMs, null);
+    $defaulted = $f && $range['from'] === null && $range['to'] === null && !array_intersect_key($f, EV_INDEXED);
+    if ($defaulted) {
+        $range = in_range($c->nowMs, EV_DEFAULT_SINCE);
+    }
     $limit = in_int('limit', 50, 1, 200, true);
     $before = in_int('before', -1, 0, EV_MAX_TS);
     $query = events_query($f, $range);
@@ -110,6 +121,10 @@ function page_events(Ctx $c): void
     events_form($f, $range, $limit, $c);
     echo '<p class="summary" id="summary" data-rows="', count($rows), '">', $rows ? count($rows) . ' events, newest first'
         . ($before >= 0 ? ', older than ' . h(fmt_ts($before)) . ' UTC' : '') : 'no events match', '</p>';
+    if ($defaulted) {
+        echo '<p class="warn" id="default-range">broker, kind and op have no index of their own: without a time range ',
+            'they would scan the whole log, so this shows the last ', EV_DEFAULT_SINCE, '. Pick a range to see more.</p>';
+    }
     if ($tiesCut) {
         echo '<p class="warn" id="ties-cut">More than ', EV_MAX_TIES, ' events share the time ', h(fmt_ts($lastTs)),
             ': only ', EV_MAX_TIES, ' of them are shown, and the older page starts below that millisecond. Narrow the filter.</p>';

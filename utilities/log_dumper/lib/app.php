@@ -18,7 +18,7 @@ const OBS_ROUTES = ['events', 'event', 'failures', 'graphs', 'nodes'];
 
 function obs_headers(): void
 {
-    header("Content-Security-Policy: default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+    header("Content-Security-Policy: default-src 'none'; style-src 'self'; script-src 'self'; "
         . "form-action 'self'; base-uri 'none'; frame-ancestors 'none'");
     header('X-Content-Type-Options: nosniff');
     header('X-Frame-Options: DENY');

@@ -32,10 +32,16 @@ function obs_config(): array
     $ini = obs_env('BEDS_OBSERVER_INI') ?? '/etc/beds/observer.ini';
     $used = null;
     if (is_file($ini) && is_readable($ini)) {
-        // INI_SCANNER_RAW: a password with ; or " in the URI stays intact.
-        $parsed = parse_ini_file($ini, false, INI_SCANNER_RAW);
+        // INI_SCANNER_RAW: a password with ; or " in the URI stays intact. A syntax error is
+        // a PHP warning (an exception here); its text may quote the file, so only the line is kept.
+        try {
+            $parsed = parse_ini_file($ini, false, INI_SCANNER_RAW);
+        } catch (ErrorException $e) {
+            $parsed = false;
+            $line = preg_match('/on line (\d+)/', $e->getMessage(), $m) ? " (line {$m[1]})" : '';
+        }
         if ($parsed === false) {
-            throw new ObsConfigError("cannot parse the ini file $ini");
+            throw new ObsConfigError("cannot parse the ini file $ini" . ($line ?? ''));
         }
         foreach ($parsed as $k => $v) {
             if (isset(OBS_KEYS[$k]) && is_string($v) && $v !== '') {

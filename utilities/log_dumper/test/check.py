@@ -3,7 +3,7 @@
 Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
 
 usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url> <many url>
-       <silent url> <slow url>
+       <silent url> <slow url> <bad ini url>
 
 The many url reads msLogsMany: more failure groups than the failures page shows; silent and slow
 read test/fake_mongo.py's servers (never answers; every query past maxTimeMS)."""
@@ -25,7 +25,7 @@ import pymongo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed  # noqa: E402
 
-PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY, SILENT, SLOW = sys.argv[1:12]
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY, SILENT, SLOW, BADINI = sys.argv[1:13]
 PASSWORD = "zz#pw?zz@x"  # test/run's observers log in with it (DOWN: and tlsCertificateKeyFilePassword=zzsecret)
 SECRETS = ["zz#pw", "pw?zz", "zz%40x", "zz@x", "zzsecret"]
 FAILED = []
@@ -172,8 +172,8 @@ def main():
     r1 = rows(d)
     check(st == 200, "events page answers 200")
     csp = hd.get("Content-Security-Policy", "")
-    check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp,
-          "Content-Security-Policy is strict")
+    check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+          and "img-src" not in csp and "data:" not in csp, "Content-Security-Policy is strict (no images at all)")
     check(hd.get("X-Content-Type-Options") == "nosniff", "X-Content-Type-Options: nosniff")
     newest = sorted(ev, key=lambda e: -ms[e["_id"]])
     want_pages = keyset_pages([ms[e["_id"]] for e in newest], 50)
@@ -315,6 +315,12 @@ def main():
           and not star_cmds.find_all("pre") and not any("inv*" in x for x in cmds),
           "a group with * in a value gets a warning, no replay line")
     check("--filter 'template=<script>alert(\"x\")</script>'" in " ".join(cmds), "hostile template shell-quoted in the dlq line")
+    t_ms = now_ms - 2 * 3600000 + 250  # from/to keep their milliseconds in the form and the links
+    d2 = Dom(get(MAIN, urllib.parse.urlencode({"page": "failures", "from": iso(t_ms) + ".250"}))[2])
+    a_ = next((x for x in d2.find("a") if "status=error" in x.attrs.get("href", "")), None)
+    lf = urllib.parse.parse_qs(urllib.parse.urlparse(a_.attrs["href"]).query).get("from") if a_ else None
+    field = [x.attrs.get("value") for x in d2.find("input") if x.attrs.get("name") == "from"]
+    check(lf == [iso(t_ms) + ".250"] and field == lf, f"from with milliseconds is kept in the form and links ({lf}, {field})")
     grp = [r for r in d.find("tr", cls="grp") if r.attrs["data-code"] == "DB_UNAVAILABLE"]
     link = next((x.attrs["href"] for x in d.els if x.tag == "a" and grp and grp[0] in x.ancestors()), "")
     lq = urllib.parse.urlparse(link).query
@@ -470,6 +476,9 @@ def main():
     # ---- the ini file --------------------------------------------------------------------
     st, _, body = get(INI, "page=events")
     check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == len(want_pages[0]), "config from the ini file works")
+    st, _, body = get(BADINI, "page=events")
+    check(st == 500 and "Configuration error" in body and "cannot parse the ini file" in body and "(line 2)" in body
+          and "mongodb://x" not in body, f"a malformed ini file: the configuration error page, with the line (got {st})")
 
     # ---- static files, no external requests ----------------------------------------------
     for f in ("observer.css", "observer.js"):
@@ -482,7 +491,7 @@ def main():
     check(not ext, f"no response names an external URL ({len(BODIES)} responses; offenders: {ext[:3]})")
     nocsp = [qq for qq, h_, _ in BODIES if "frame-ancestors 'none'" not in (h_.get("Content-Security-Policy") or "")]
     check(not nocsp, f"every response carries the CSP ({nocsp[:3]})")
-    internal = [qq for qq, _, b in BODIES if 'data-status="500"' in b]
+    internal = [qq for qq, _, b in BODIES if "<h2>Internal error</h2>" in b]
     check(not internal, f"no request ended in an internal error ({internal[:3]})")
     secret = [qq for qq, _, b in BODIES if any(x in b for x in SECRETS)]
     check(not secret, f"no response shows the password or a secret option ({secret[:3]})")

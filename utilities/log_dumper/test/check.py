@@ -427,12 +427,31 @@ def main():
         body = get(MAIN, hq_)[2]
         check(RAW_SCRIPT not in body and ESC_SCRIPT in body and "<img" not in body,
               f"hostile strings escaped: {hq_[:60]}")
-    for name, qq in [("events-hostile", hostile_q[0]), ("event-hostile", hostile_q[1])]:
-        dom = Dom(chromium(["--dump-dom"], MAIN + "/?" + qq))
-        imgs = [e for e in dom.find("img") if "onerror" in e.attrs]
+    # a hostile node and broker name: events, failures (dlq lines), graphs (legend, data-series), nodes
+    raw_node, raw_broker = seed.HOSTILE_NODE, seed.HOSTILE_BROKER
+    esc_node, esc_broker = "&lt;b&gt;n&lt;/b&gt;", "&quot;&gt;&lt;svg onload=alert(1)&gt;"
+    node_q = [(MAIN, q(node=raw_node)), (MAIN, q(broker=raw_broker)), (MAIN, "page=failures"), (MAIN, "page=graphs"),
+              (FALLBACK, "page=graphs"), (MAIN, "page=nodes")]
+    for base, hq_ in node_q:
+        body = get(base, hq_)[2]
+        check(raw_node not in body and "<svg onload" not in body and esc_node in body and esc_broker in body,
+              f"hostile node and broker names escaped: {hq_[:60]}")
+    d = Dom(get(MAIN, "page=graphs")[2])
+    key = f"{raw_node} · {raw_broker}"
+    check(d.find("polyline", data_series=key) and any(t.all_text() == key for t in d.find("text", cls="legend")),
+          "the hostile series is drawn and named in the legend, escaped")
+    check("'node=<b>n</b>'" in " ".join(x.all_text() for x in Dom(get(MAIN, "page=failures")[2]).find("pre", cls="cmd")),
+          "hostile node shell-quoted in the dlq line")
+    for name, base, qq in [("events-hostile", MAIN, hostile_q[0]), ("event-hostile", MAIN, hostile_q[1]),
+                           ("events-hostile-node", MAIN, q(node=raw_node)), ("graphs-hostile", MAIN, "page=graphs"),
+                           ("graphs-log-hostile", FALLBACK, "page=graphs"), ("nodes-hostile", MAIN, "page=nodes"),
+                           ("failures-hostile", MAIN, "page=failures")]:
+        dom = Dom(chromium(["--dump-dom"], base + "/?" + qq))
+        bad_el = [e for e in dom.els if "onerror" in e.attrs or "onload" in e.attrs
+                  or (e.tag == "b" and e.all_text() == "n")]
         scripts = [e for e in dom.find("script") if e.attrs.get("src") != "observer.js"]
         check(dom.find("table") or dom.find("ul"), f"chromium rendered the {name} page")
-        check(not imgs and not scripts, f"chromium DOM of {name}: no img[onerror], no foreign script")
+        check(not bad_el and not scripts, f"chromium DOM of {name}: no on* handler, no injected element, no foreign script")
 
     # ---- hostile parameters -------------------------------------------------------------
     bad = ["page=events&status[]=x", "page=events&status[$ne]=x", "page=events&code[$gt]=", "page=events&template="
@@ -445,7 +464,9 @@ def main():
         check(st == 400 and 'id="error"' in body and not LEAKS.search(body) and "Content-Security-Policy" in hd,
               f"bad input {b[:50]!r} -> 400 with a message (got {st})")
     st, _, body = get(MAIN, "page=events&limit=99999")
-    check(st == 200 and len(rows(Dom(body))) == min(200, len(ev)), "limit is clamped to 200")
+    want = len(keyset_pages([ms[e["_id"]] for e in newest], 200)[0])
+    check(len(ev) > 200 and st == 200 and len(rows(Dom(body))) == want == 200,
+          f"limit is clamped to 200 ({len(ev)} events; got {len(rows(Dom(body)))})")
 
     # ---- MongoDB down ------------------------------------------------------------------
     t0 = time.time()

@@ -18,7 +18,7 @@ const OBS_ROUTES = ['events', 'event', 'failures', 'graphs', 'nodes'];
 
 function obs_headers(): void
 {
-    header("Content-Security-Policy: default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+    header("Content-Security-Policy: default-src 'none'; style-src 'self'; script-src 'self'; "
         . "form-action 'self'; base-uri 'none'; frame-ancestors 'none'");
     header('X-Content-Type-Options: nosniff');
     header('X-Frame-Options: DENY');
@@ -82,10 +82,13 @@ function obs_main(): void
         obs_error_page(400, 'Bad request', h($e->getMessage()) . '. ' . a('?page=events', 'Start over'), $cfg);
     } catch (ObsConfigError $e) {
         obs_error_page(500, 'Configuration error', h($e->getMessage()), $cfg);
+    } catch (ObsDbTimeout $e) {
+        obs_error_page(504, 'Query too slow', 'The query took longer than ' . intdiv(OBS_MAX_TIME_MS, 1000)
+            . ' s: narrow the filter or the time range. ' . a('?page=events', 'Start over'), $cfg);
     } catch (ObsDbError $e) {
         obs_error_page(503, 'MongoDB unavailable',
             'The event log could not be read from MongoDB at <code>' . h(obs_uri_hosts($cfg['uri'] ?? '')) . '</code>, database <code>'
-            . h($cfg['db'] ?? '?') . '</code> (URI <code>' . h(obs_redact_uri($cfg['uri'] ?? '')) . '</code>).<br>Driver: '
+            . h($cfg['db'] ?? '?') . '</code>.<br>Driver: '
             . h($e->getMessage()) . '<br>Check that MongoDB runs and that BEDS_OBSERVER_URI (or <code>uri</code> in the ini file) points at it.', $cfg);
     } catch (Throwable $e) {
         error_log('beds observer: ' . get_class($e) . ': ' . $e->getMessage() . ' at ' . $e->getFile() . ':' . $e->getLine());

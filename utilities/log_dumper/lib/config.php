@@ -32,10 +32,16 @@ function obs_config(): array
     $ini = obs_env('BEDS_OBSERVER_INI') ?? '/etc/beds/observer.ini';
     $used = null;
     if (is_file($ini) && is_readable($ini)) {
-        // INI_SCANNER_RAW: a password with ; or " in the URI stays intact.
-        $parsed = parse_ini_file($ini, false, INI_SCANNER_RAW);
+        // INI_SCANNER_RAW: a password with ; or " in the URI stays intact. A syntax error is
+        // a PHP warning (an exception here); its text may quote the file, so only the line is kept.
+        try {
+            $parsed = parse_ini_file($ini, false, INI_SCANNER_RAW);
+        } catch (ErrorException $e) {
+            $parsed = false;
+            $line = preg_match('/on line (\d+)/', $e->getMessage(), $m) ? " (line {$m[1]})" : '';
+        }
         if ($parsed === false) {
-            throw new ObsConfigError("cannot parse the ini file $ini");
+            throw new ObsConfigError("cannot parse the ini file $ini" . ($line ?? ''));
         }
         foreach ($parsed as $k => $v) {
             if (isset(OBS_KEYS[$k]) && is_string($v) && $v !== '') {
@@ -61,20 +67,23 @@ function obs_config(): array
     return [$cfg, $used];
 }
 
-/** The URI without user:password@, safe to show. */
-function obs_redact_uri(string $uri): string
-{
-    return (string) preg_replace('#^([a-z+]+://)[^/?\#]*@#i', '$1', $uri);
-}
-
-/** The host list of a URI, for messages. */
+/**
+ * The host list of a URI, the only part of it ever shown: the password may hold
+ * ? # @ unencoded, and options (tlsCertificateKeyFilePassword=…) are secrets too.
+ * The authority ends at the first / (the driver refuses / in a password), the
+ * user info at the authority's last @, the host list at the next ?.
+ */
 function obs_uri_hosts(string $uri): string
 {
-    $u = obs_redact_uri($uri);
-    if (preg_match('#^[a-z+]+://([^/?]*)#i', $u, $m)) {
-        return $m[1];
+    $p = strpos($uri, '://');
+    if ($p === false) {
+        return '?';
     }
-    return '?';
+    $auth = explode('/', substr($uri, $p + 3))[0];
+    $at = strrpos($auth, '@');
+    $hosts = explode('?', $at === false ? $auth : substr($auth, $at + 1))[0];
+    // Anything but a plain host list is a URI we misread: show nothing of it.
+    return preg_match('/^[A-Za-z0-9._~%:,\[\]-]{1,500}$/', $hosts) ? $hosts : '?';
 }
 
 final class ObsConfigError extends RuntimeException

@@ -5,6 +5,7 @@ declare(strict_types=1);
 
 use MongoDB\Driver\Command;
 use MongoDB\Driver\Exception\Exception as DriverException;
+use MongoDB\Driver\Exception\ExecutionTimeoutException;
 use MongoDB\Driver\Manager;
 use MongoDB\Driver\Query;
 
@@ -12,6 +13,11 @@ use MongoDB\Driver\Query;
 const OBS_MAX_TIME_MS = 8000;
 
 final class ObsDbError extends RuntimeException
+{
+}
+
+/** A query ran past OBS_MAX_TIME_MS: MongoDB is up, the question was too wide. */
+final class ObsDbTimeout extends RuntimeException
 {
 }
 
@@ -74,16 +80,18 @@ final class ObsDb
             $cursor = $op();
             $cursor->setTypeMap(['root' => 'array', 'document' => 'array', 'array' => 'array']);
             return $cursor->toArray();
+        } catch (ExecutionTimeoutException $e) {
+            throw new ObsDbTimeout($this->clean($e->getMessage()));
         } catch (DriverException $e) {
             throw new ObsDbError($this->clean($e->getMessage()));
         }
     }
 
-    /** Driver messages may quote the URI, password included: never pass that on. */
+    /** Driver messages may quote the whole URI (password, secret options): never pass it on. */
     private function clean(string $msg): string
     {
-        $msg = str_replace($this->uri, obs_redact_uri($this->uri), $msg);
-        $msg = (string) preg_replace('#([a-z+]+://)[^/?\#\s\'"]*@#i', '$1', $msg);
+        $msg = str_replace($this->uri, '(the configured URI)', $msg);
+        $msg = (string) preg_replace('#[a-z+]+://\S*#i', '(a URI)', $msg);
         return mb_strimwidth_safe($msg, 300);
     }
 }

@@ -68,10 +68,13 @@ function fmt_ts(?int $ms): string
     return gmdate('Y-m-d H:i:s', intdiv($ms, 1000)) . sprintf('.%03d', $ms % 1000);
 }
 
-/** For from/to fields: the format in_time() reads back. */
+/** For from/to fields and links: the format in_time() reads back, milliseconds kept when there are any. */
 function fmt_ts_input(?int $ms): string
 {
-    return $ms === null ? '' : gmdate('Y-m-d\TH:i:s', intdiv($ms, 1000));
+    if ($ms === null) {
+        return '';
+    }
+    return gmdate('Y-m-d\TH:i:s', intdiv($ms, 1000)) . ($ms % 1000 !== 0 ? sprintf('.%03d', $ms % 1000) : '');
 }
 
 function fmt_us(mixed $us): string

@@ -54,20 +54,23 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
             . ($i === 0 ? '#888' : '#e3e3e3') . '" stroke-width="1"/>';
         $o .= '<text x="' . ($L - 6) . '" y="' . ($yy + 4) . '" text-anchor="end" fill="#555">' . h($fmt($v)) . '</text>';
     }
-    // x axis: a round step giving at most ~7 ticks
-    $step = 60000;
-    foreach ([60, 300, 600, 900, 1800, 3600, 10800, 21600, 43200, 86400, 172800, 604800] as $s) {
-        $step = $s * 1000;
-        if ($span / $step <= 7) {
+    // x axis: a round step giving at most ~7 ticks; whole days beyond the list
+    $step = 0;
+    foreach ([60, 300, 600, 900, 1800, 3600, 10800, 21600, 43200, 86400, 172800, 604800, 1209600] as $s) {
+        if ($span / ($s * 1000) <= 7) {
+            $step = $s * 1000;
             break;
         }
+    }
+    if ($step === 0) {
+        $step = (int) ceil($span / 7 / 86400000) * 86400000;
     }
     $o .= '<line x1="' . $L . '" x2="' . $L . '" y1="' . $T . '" y2="' . ($T + $plotH) . '" stroke="#888" stroke-width="1"/>';
     for ($t = intdiv($fromMs + $step - 1, $step) * $step; $t <= $toMs; $t += $step) {
         $xx = round($x($t), 1);
         $lbl = gmdate($span > 172800000 ? 'm-d H:i' : 'H:i', intdiv($t, 1000));
         $o .= '<line x1="' . $xx . '" x2="' . $xx . '" y1="' . ($T + $plotH) . '" y2="' . ($T + $plotH + 4) . '" stroke="#888"/>'
-            . '<text x="' . $xx . '" y="' . ($T + $plotH + 16) . '" text-anchor="middle" fill="#555">' . h($lbl) . '</text>';
+            . '<text class="tick" x="' . $xx . '" y="' . ($T + $plotH + 16) . '" text-anchor="middle" fill="#555">' . h($lbl) . '</text>';
     }
     $o .= '<text x="' . ($L + $plotW) . '" y="' . ($T + $plotH + 28) . '" text-anchor="end" fill="#777">UTC</text>';
     // the lines
@@ -83,7 +86,7 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
                 $segs[] = $cur;
                 $cur = [];
             }
-            $cur[] = round($x($t), 1) . ',' . round($y((float) $v), 1);
+            $cur[] = [round($x($t), 1) . ',' . round($y((float) $v), 1), round((float) $v, 3)];
             $prev = $t;
         }
         if ($cur) {
@@ -91,11 +94,12 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
         }
         foreach ($segs as $seg) {
             if (count($seg) === 1) {
-                [$cx, $cy] = explode(',', $seg[0]);
+                [$cx, $cy] = explode(',', $seg[0][0]);
                 $o .= '<circle cx="' . $cx . '" cy="' . $cy . '" r="2.5" fill="' . $color . '" data-series="' . h($name) . '"/>';
             }
+            // data-values: the plotted values, unscaled (for reading and for the test)
             $o .= '<polyline fill="none" stroke="' . $color . '" stroke-width="1.6" stroke-linejoin="round" data-series="'
-                . h($name) . '" points="' . implode(' ', $seg) . '"/>';
+                . h($name) . '" data-values="' . implode(' ', array_column($seg, 1)) . '" points="' . implode(' ', array_column($seg, 0)) . '"/>';
         }
         // legend, four per row under the axis
         $lx = $L + ($i % 4) * 205;

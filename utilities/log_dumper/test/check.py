@@ -2,7 +2,11 @@
 (started by test/run) for every page over HTTP, renders them in headless
 Chromium, and prints `ok - …` / `not ok - …` per check. Exit 1 on any failure.
 
-usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir>"""
+usage: check.py <mongo port> <db> <main url> <fallback url> <down url> <ini url> <shots dir> <secret url> <many url>
+       <silent url> <slow url> <bad ini url>
+
+The many url reads msLogsMany: more failure groups than the failures page shows; silent and slow
+read test/fake_mongo.py's servers (never answers; every query past maxTimeMS)."""
 import os
 import re
 import subprocess
@@ -21,7 +25,9 @@ import pymongo
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import seed  # noqa: E402
 
-PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS = sys.argv[1:8]
+PORT, DB, MAIN, FALLBACK, DOWN, INI, SHOTS, SECRET, MANY, SILENT, SLOW, BADINI = sys.argv[1:13]
+PASSWORD = "zz#pw?zz@x"  # test/run's observers log in with it (DOWN: and tlsCertificateKeyFilePassword=zzsecret)
+SECRETS = ["zz#pw", "pw?zz", "zz%40x", "zz@x", "zzsecret"]
 FAILED = []
 BODIES = []  # every response body, for the checks that span all pages
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -49,6 +55,9 @@ class El:
         while p is not None:
             yield p
             p = p.parent
+
+    def find_all(self, tag):
+        return [k for k in self.kids if k.tag == tag] + [x for k in self.kids for x in k.find_all(tag)]
 
     def all_text(self):
         return self.text + "".join(k.all_text() for k in self.kids)
@@ -118,6 +127,18 @@ def rows(dom):
     return [(e.attrs["data-id"], int(e.attrs["data-ts"])) for e in dom.find("tr", cls="ev")]
 
 
+def keyset_pages(ts_desc, limit):
+    """The observer's pages over these ts (newest first): limit rows, plus every row sharing the last one's ts."""
+    pages, i = [], 0
+    while i < len(ts_desc):
+        j = min(i + limit, len(ts_desc))
+        while j < len(ts_desc) and ts_desc[j] == ts_desc[j - 1]:
+            j += 1
+        pages.append(ts_desc[i:j])
+        i = j
+    return pages
+
+
 def chromium(args, url, timeout=40):
     prof = tempfile.mkdtemp(prefix="obs-chrome-")
     cmd = ["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--log-level=3", "--no-first-run",
@@ -151,31 +172,38 @@ def main():
     r1 = rows(d)
     check(st == 200, "events page answers 200")
     csp = hd.get("Content-Security-Policy", "")
-    check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp,
-          "Content-Security-Policy is strict")
+    check("default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "script-src 'self'" in csp
+          and "img-src" not in csp and "data:" not in csp, "Content-Security-Policy is strict (no images at all)")
     check(hd.get("X-Content-Type-Options") == "nosniff", "X-Content-Type-Options: nosniff")
-    check(len(r1) == 50, f"events page 1 has 50 rows (got {len(r1)})")
     newest = sorted(ev, key=lambda e: -ms[e["_id"]])
-    check([t for _, t in r1] == [ms[e["_id"]] for e in newest[:50]], "page 1 is the 50 newest events, newest first")
-    seen, pages, url_q, prev_last = [], 0, q(), None
+    want_pages = keyset_pages([ms[e["_id"]] for e in newest], 50)
+    check(len(r1) == len(want_pages[0]) == 53, f"events page 1: the 50 newest and the 3 more sharing the 50th's ts (got {len(r1)})")
+    check([t for _, t in r1] == want_pages[0], "page 1 is the newest events, newest first")
+    check(set(names["ties"]) <= {i for i, _ in r1}, "the 4 events sharing the boundary's ts are all on page 1")
+    got_pages, url_q, prev_last = [], q(), None
     ordered = True
-    while url_q is not None and pages < 20:
+    while url_q is not None and len(got_pages) < 20:
         pd = Dom(get(MAIN, url_q)[2])
         pr = rows(pd)
-        if prev_last is not None and pr and pr[0][1] > prev_last:
+        if prev_last is not None and pr and pr[0][1] >= prev_last:
             ordered = False
         if any(b[1] > a[1] for a, b in zip(pr, pr[1:])):
             ordered = False
         prev_last = pr[-1][1] if pr else prev_last
-        seen += [i for i, _ in pr]
-        pages += 1
+        got_pages.append(pr)
         older = pd.find("a", cls="older")
         url_q = urllib.parse.urlparse(older[0].attrs["href"]).query if older else None
-    check(pages == 4, f"{len(ev)} events make 4 pages of 50 (got {pages})")
+    seen = [i for pr in got_pages for i, _ in pr]
+    check([len(p) for p in got_pages] == [len(p) for p in want_pages],
+          f"{len(ev)} events make pages of {[len(p) for p in want_pages]} (got {[len(p) for p in got_pages]})")
     check(len(seen) == len(ev) and set(seen) == set(byid), "the pages together hold every event exactly once")
-    check(ordered, "each page continues the order of the previous one (ts descending)")
-    p2 = rows(Dom(get(MAIN, q(p=2))[2]))
-    check(len(p2) == 50 and not set(i for i, _ in p2) & set(i for i, _ in r1), "page 2 differs from page 1")
+    check(ordered, "each page continues below the previous one's last ts (ts descending)")
+    older = d.find("a", cls="older")
+    hq = urllib.parse.parse_qs(urllib.parse.urlparse(older[0].attrs["href"]).query) if older else {}
+    check(hq.get("before") == [str(want_pages[0][-1])], f"the older link carries before=<last row's ts> ({hq.get('before')})")
+    p2 = Dom(get(MAIN, urllib.parse.urlparse(older[0].attrs["href"]).query)[2]) if older else None
+    newer = p2.find("a", cls="newer") if p2 else []
+    check(newer and "before" not in newer[0].attrs["href"], "page 2 links back to the newest events")
 
     # ---- events: filters (exact) ------------------------------------------------------
     t_from, t_to = now_ms - 40 * 60000, now_ms - 25 * 60000
@@ -202,12 +230,22 @@ def main():
         got = rows(Dom(get(MAIN, q(limit=200, **params))[2]))
         check({i for i, _ in got} == want and len(got) == len(want),
               f"filter {params} shows exactly the {len(want)} matching events (got {len(got)})")
+    d = Dom(get(MAIN, q(broker="mBroker"))[2])
+    older = d.find("a", cls="older")
+    check(d.find(id="default-range") and older and "since=24h" in older[0].attrs["href"],
+          "broker alone (no index) defaults to the last 24 h, says so, and keeps it on the links")
+    check(not Dom(get(MAIN, q(template="usr"))[2]).find(id="default-range")
+          and not Dom(get(MAIN, q(broker="mBroker", since="7d"))[2]).find(id="default-range"),
+          "an indexed filter or a chosen range gets no default range")
+    hrefs = [a_.attrs["href"] for a_ in Dom(get(FALLBACK, "page=nodes")[2]).find("a") if "kind=lifecycle" in a_.attrs["href"]]
+    check(hrefs == ["?page=events&kind=lifecycle&since=24h"], f"nodes: the lifecycle link has a time range ({hrefs})")
     d = Dom(get(MAIN, q(status="ok", broker="wBroker", limit=20))[2])
     older = d.find("a", cls="older")
     href = older[0].attrs["href"] if older else ""
     hq = urllib.parse.parse_qs(urllib.parse.urlparse(href).query)
-    check(hq.get("status") == ["ok"] and hq.get("broker") == ["wBroker"] and hq.get("limit") == ["20"] and hq.get("p") == ["2"],
-          f"paging links keep the filter in the URL ({href})")
+    last_ts = rows(d)[-1][1] if rows(d) else None
+    check(hq.get("status") == ["ok"] and hq.get("broker") == ["wBroker"] and hq.get("limit") == ["20"]
+          and hq.get("before") == [str(last_ts)], f"paging links keep the filter in the URL ({href})")
     d = Dom(get(MAIN, q(refresh=0))[2])
     box = d.find("input", id="autorefresh")
     check(box and box[0].attrs.get("data-url-off") == "1"
@@ -239,13 +277,21 @@ def main():
           "no wait shown for batch entries (shared ts) or the root")
     check(g.attrs.get("data-exec-us") == "30000" and "exec 30.0 ms" in g.all_text()
           and "wait after parent's reply 8.0 ms" in g.all_text(), "exec and wait are printed per hop")
+    a_, b_ = names["cycle"]
+    d = Dom(get(MAIN, urllib.parse.urlencode({"page": "event", "id": a_}))[2])
+    li = {e.attrs["data-id"]: e for e in d.find("li", cls="hop")}
+    top = [e for e in li.values() if not any(x.tag == "li" for x in e.ancestors())]
+    check(set(li) == {a_, b_} and [t.attrs["data-id"] for t in top] == [a_]
+          and [x.attrs.get("data-id") for x in li[b_].ancestors() if x.tag == "li"] == [a_]
+          and "parent not in chain / cycle" in top[0].all_text(),
+          "a 2-cycle is drawn: the older event at the top level, marked, the other under it")
     st, _, body = get(MAIN, urllib.parse.urlencode({"page": "event", "id": "no-such-event"}))
     check(st == 404 and "No event no-such-event" in body, "an unknown event id is a 404 with a message")
 
     # ---- failures -----------------------------------------------------------------------
     st, _, body = get(MAIN, "page=failures")
     d = Dom(body)
-    want = Counter((e["code"], e["template"], e["node"], e["broker"]) for e in ev if e["status"] == "error")
+    want = Counter(tuple(e[k] or "" for k in ("code", "template", "node", "broker")) for e in ev if e["status"] == "error")
     got = {(r.attrs.get("data-code"), r.attrs.get("data-template"), r.attrs.get("data-node"), r.attrs.get("data-broker")):
            int(r.attrs.get("data-count") or -1) for r in d.find("tr", cls="grp")}
     check(st == 200 and got == dict(want), f"failures: {len(want)} groups with exact counts (got {len(got)})")
@@ -256,17 +302,40 @@ def main():
     check("beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2 --dry-run" in cmds
           and "beds dlq replay mBroker --filter code=DB_UNAVAILABLE --filter template=note --filter node=app-2" in cmds,
           "failures show the dlq replay lines (dry run and real) for a parked group")
-    parked_groups = len({(e["code"], e["template"], e["node"], e["broker"]) for e in ev if e.get("outcome") == "parked"})
+    parked_groups = len({(e["code"], e["template"], e["node"], e["broker"]) for e in ev
+                         if e.get("outcome") == "parked" and e["template"] != seed.STAR_TEMPLATE})
     check(len(cmds) == 2 * parked_groups and not any("code=TIMEOUT" in x for x in cmds)
           and "nothing in the dead-letter queue" in body,
-          f"replay lines only for the {parked_groups} groups with parked messages")
+          f"replay lines only for the {parked_groups} groups with parked messages (and no *)")
+    check("beds dlq replay mBroker --filter code=BAD_MESSAGE --filter template= --filter node=app-1" in cmds,
+          "a group without a template replays with an empty --filter template= (not the whole broker)")
+    star = [r for r in d.find("tr", cls="grp") if r.attrs["data-template"] == seed.STAR_TEMPLATE]
+    star_cmds = star[0].parent.kids[star[0].parent.kids.index(star[0]) + 1] if star else None
+    check(star_cmds is not None and "replay by event id or message id instead" in star_cmds.all_text()
+          and not star_cmds.find_all("pre") and not any("inv*" in x for x in cmds),
+          "a group with * in a value gets a warning, no replay line")
     check("--filter 'template=<script>alert(\"x\")</script>'" in " ".join(cmds), "hostile template shell-quoted in the dlq line")
+    t_ms = now_ms - 2 * 3600000 + 250  # from/to keep their milliseconds in the form and the links
+    d2 = Dom(get(MAIN, urllib.parse.urlencode({"page": "failures", "from": iso(t_ms) + ".250"}))[2])
+    a_ = next((x for x in d2.find("a") if "status=error" in x.attrs.get("href", "")), None)
+    lf = urllib.parse.parse_qs(urllib.parse.urlparse(a_.attrs["href"]).query).get("from") if a_ else None
+    field = [x.attrs.get("value") for x in d2.find("input") if x.attrs.get("name") == "from"]
+    check(lf == [iso(t_ms) + ".250"] and field == lf, f"from with milliseconds is kept in the form and links ({lf}, {field})")
     grp = [r for r in d.find("tr", cls="grp") if r.attrs["data-code"] == "DB_UNAVAILABLE"]
     link = next((x.attrs["href"] for x in d.els if x.tag == "a" and grp and grp[0] in x.ancestors()), "")
     lq = urllib.parse.urlparse(link).query
     got_rows = rows(Dom(get(MAIN, lq + "&limit=200")[2])) if lq else []
     check(lq != "" and len(got_rows) == int(grp[0].attrs["data-count"]),
           f"a failure group links to the events list filtered to it ({len(got_rows)} events)")
+
+    # more groups than shown (msLogsMany: 505 single failures and a group of 15): the total still counts all
+    many = [seed.event(now_ms - 60000 - k, 9000 + k, status="error", code=f"E{k:03d}") for k in range(505)]
+    many += [seed.event(now_ms - 120000 - k, 9600 + k, status="error", code="BIG") for k in range(15)]
+    db.msLogsMany.insert_many(many)
+    d = Dom(get(MANY, "page=failures")[2])
+    sm = d.find(id="summary")[0].attrs if d.find(id="summary") else {}
+    check(sm.get("data-total") == "520" and sm.get("data-groups") == "500" and d.find(id="more-groups"),
+          f"failures over 506 groups: the largest 500 shown, the total counts all 520 (got {sm.get('data-total')})")
 
     # ---- graphs -------------------------------------------------------------------------
     st, _, body = get(MAIN, "page=graphs")
@@ -283,6 +352,22 @@ def main():
         for b in gdoc["brokers"]:
             want_tot[f"{gdoc['node']} · {b['broker']}"] += b["requests"]
     check(tot == dict(want_tot), "graph totals equal the seeded counter windows")
+    # throughput = requests / all of the node's windows, also those where the broker was idle (left out)
+    bucket = 600000  # 6 h in 10-minute buckets
+    d = Dom(get(MAIN, "page=graphs&since=6h")[2])
+    node_ms, m_req = Counter(), Counter()
+    for gdoc in graphs:
+        if gdoc["node"] == "app-1":
+            b = int(gdoc["ts"].replace(tzinfo=timezone.utc).timestamp() * 1000) // bucket
+            node_ms[b] += gdoc["window_ms"]
+            m_req[b] += sum(x["requests"] for x in gdoc["brokers"] if x["broker"] == "mBroker")
+    want_rate = [round(m_req[b] / (node_ms[b] / 1000), 3) for b in sorted(node_ms)]
+    chart = d.find("svg", cls="chart")[0]
+    got_rate = [[float(v) for v in p.attrs["data-values"].split()] for p in d.find("polyline", data_series="app-1 · mBroker")
+                if chart in p.ancestors()]
+    check(got_rate == [want_rate], f"throughput of a mostly idle broker per 10 min: {want_rate} /s (got {got_rate})")
+    rate = [r.attrs.get("data-rate") for r in d.find("tr", data_series="app-1 · mBroker")]
+    check(rate == ["0.2"], f"its average over the node's windows: 6 × 120 requests in 60 min = 0.2/s (got {rate})")
     st, _, body = get(FALLBACK, "page=graphs")
     d = Dom(body)
     want_tot = Counter(f"{e['node']} · {e['broker']}" for e in ev if e["broker"] is not None)
@@ -293,6 +378,37 @@ def main():
     check(len(svgs) == 5 and ok, f"log fallback draws a polyline per node · broker ({len(want_tot)} series)")
     tot = {r.attrs["data-series"]: int(r.attrs["data-requests"]) for r in d.find("tr") if "data-requests" in r.attrs}
     check(tot == dict(want_tot), "log fallback counts every event with a broker")
+    # the range cuts its first and last buckets: their rate is over the covered part only
+    g_to = ms[names["hostile"]]  # a whole second, so `to` is exact; the hostile event falls in the last bucket
+    g_from, bucket = g_to - 30 * 60000, 30000  # 30 min in 30 s buckets
+    d = Dom(get(FALLBACK, urllib.parse.urlencode({"page": "graphs", "from": iso(g_from), "to": iso(g_to)}))[2])
+    chart = d.find("svg", cls="chart")[0]
+    got = {p.attrs["data-series"]: [float(v) for v in p.attrs["data-values"].split()] for p in d.find("polyline")
+           if chart in p.ancestors()}
+    per = Counter((f"{e['node']} · {e['broker']}", ms[e["_id"]] // bucket * bucket) for e in ev
+                  if e["broker"] is not None and g_from <= ms[e["_id"]] <= g_to)
+    want = {}
+    for key in {k for k, _ in per}:
+        want[key] = [round(per[(key, b)] / ((min(b + bucket, g_to + 1) - max(b, g_from)) / 1000), 3)
+                     for b in range(g_from // bucket * bucket, g_to + 1, bucket)]
+    last = want.get(f"app-1 · wBroker", [0])[-1]
+    check(got == want and last == round(1000 / (g_to % bucket + 1), 3),
+          f"log fallback: the first and last buckets' rate is over the part the range covers (last {last}/s)")
+    # a long range is refused; the longest allowed has a bounded number of points and ticks
+    st, _, body = get(FALLBACK, "page=graphs&from=1970-01-01&to=2200-01-01")
+    check(st == 400 and "at most 90 days" in body and len(body) < 10000, f"graphs over 230 years: 400 ({st}, {len(body)} bytes)")
+    g_from, g_to, day = now_ms - 90 * 86400000, now_ms, 86400000
+    st, _, body = get(FALLBACK, urllib.parse.urlencode({"page": "graphs", "from": iso(g_from), "to": iso(g_to)}))
+    d = Dom(body)
+    bucket, step = 2 * day, 14 * day
+    n_points = len(range(g_from // bucket * bucket, g_to + 1, bucket))
+    n_ticks = len(range(-(-g_from // step) * step, g_to + 1, step))
+    chart = d.find("svg", cls="chart")[0] if d.find("svg", cls="chart") else None
+    pts = [len(p.attrs["points"].split()) for p in d.find("polyline") if chart in p.ancestors()]
+    ticks = [t for t in d.find("text", cls="tick") if chart in t.ancestors()]
+    check(st == 200 and "one point per 2 d" in body and pts and set(pts) == {n_points},
+          f"graphs over 90 days: one point per 2 days, {n_points} per line (got {sorted(set(pts))})")
+    check(len(ticks) == n_ticks, f"graphs over 90 days: {n_ticks} axis ticks, one per 14 days (got {len(ticks)})")
 
     # ---- nodes --------------------------------------------------------------------------
     st, _, body = get(MAIN, "page=nodes")
@@ -311,25 +427,46 @@ def main():
         body = get(MAIN, hq_)[2]
         check(RAW_SCRIPT not in body and ESC_SCRIPT in body and "<img" not in body,
               f"hostile strings escaped: {hq_[:60]}")
-    for name, qq in [("events-hostile", hostile_q[0]), ("event-hostile", hostile_q[1])]:
-        dom = Dom(chromium(["--dump-dom"], MAIN + "/?" + qq))
-        imgs = [e for e in dom.find("img") if "onerror" in e.attrs]
+    # a hostile node and broker name: events, failures (dlq lines), graphs (legend, data-series), nodes
+    raw_node, raw_broker = seed.HOSTILE_NODE, seed.HOSTILE_BROKER
+    esc_node, esc_broker = "&lt;b&gt;n&lt;/b&gt;", "&quot;&gt;&lt;svg onload=alert(1)&gt;"
+    node_q = [(MAIN, q(node=raw_node)), (MAIN, q(broker=raw_broker)), (MAIN, "page=failures"), (MAIN, "page=graphs"),
+              (FALLBACK, "page=graphs"), (MAIN, "page=nodes")]
+    for base, hq_ in node_q:
+        body = get(base, hq_)[2]
+        check(raw_node not in body and "<svg onload" not in body and esc_node in body and esc_broker in body,
+              f"hostile node and broker names escaped: {hq_[:60]}")
+    d = Dom(get(MAIN, "page=graphs")[2])
+    key = f"{raw_node} · {raw_broker}"
+    check(d.find("polyline", data_series=key) and any(t.all_text() == key for t in d.find("text", cls="legend")),
+          "the hostile series is drawn and named in the legend, escaped")
+    check("'node=<b>n</b>'" in " ".join(x.all_text() for x in Dom(get(MAIN, "page=failures")[2]).find("pre", cls="cmd")),
+          "hostile node shell-quoted in the dlq line")
+    for name, base, qq in [("events-hostile", MAIN, hostile_q[0]), ("event-hostile", MAIN, hostile_q[1]),
+                           ("events-hostile-node", MAIN, q(node=raw_node)), ("graphs-hostile", MAIN, "page=graphs"),
+                           ("graphs-log-hostile", FALLBACK, "page=graphs"), ("nodes-hostile", MAIN, "page=nodes"),
+                           ("failures-hostile", MAIN, "page=failures")]:
+        dom = Dom(chromium(["--dump-dom"], base + "/?" + qq))
+        bad_el = [e for e in dom.els if "onerror" in e.attrs or "onload" in e.attrs
+                  or (e.tag == "b" and e.all_text() == "n")]
         scripts = [e for e in dom.find("script") if e.attrs.get("src") != "observer.js"]
         check(dom.find("table") or dom.find("ul"), f"chromium rendered the {name} page")
-        check(not imgs and not scripts, f"chromium DOM of {name}: no img[onerror], no foreign script")
+        check(not bad_el and not scripts, f"chromium DOM of {name}: no on* handler, no injected element, no foreign script")
 
     # ---- hostile parameters -------------------------------------------------------------
     bad = ["page=events&status[]=x", "page=events&status[$ne]=x", "page=events&code[$gt]=", "page=events&template="
            + "A" * 10240, "page=events&from=yesterday", "page=events&from=2024-02-30", "page=events&to=2024-13-01T99:00",
-           "page=-1", "page=events&p=-1", "page=events&p=abc", "page=event", "page[]=events", "page=event&id[]=1",
+           "page=-1", "page=events&before=-1", "page=events&before=abc", "page=event", "page[]=events", "page=event&id[]=1",
            "page=events&status=maybe", "page=events&node=%00x", "page=events&template=%C0%AF", "page=graphs&since=2y",
-           "page=failures&from=2024-05-02&to=2024-05-01", "page=events&p=100000"]
+           "page=failures&from=2024-05-02&to=2024-05-01", "page=events&before=99999999999999"]
     for b in bad:
         st, hd, body = get(MAIN, b)
         check(st == 400 and 'id="error"' in body and not LEAKS.search(body) and "Content-Security-Policy" in hd,
               f"bad input {b[:50]!r} -> 400 with a message (got {st})")
     st, _, body = get(MAIN, "page=events&limit=99999")
-    check(st == 200 and len(rows(Dom(body))) == min(200, len(ev)), "limit is clamped to 200")
+    want = len(keyset_pages([ms[e["_id"]] for e in newest], 200)[0])
+    check(len(ev) > 200 and st == 200 and len(rows(Dom(body))) == want == 200,
+          f"limit is clamped to 200 ({len(ev)} events; got {len(rows(Dom(body)))})")
 
     # ---- MongoDB down ------------------------------------------------------------------
     t0 = time.time()
@@ -337,13 +474,32 @@ def main():
     took = time.time() - t0
     check(st == 503 and "MongoDB unavailable" in body and "127.0.0.1:1" in body and DB in body,
           "MongoDB down: 503 naming the host and database")
-    check(not LEAKS.search(body) and "s3cret" not in body and "observer:s3cret" not in body,
-          "MongoDB down: no stack trace, warning or password")
+    check(not LEAKS.search(body) and not any(x in body for x in SECRETS) and "observer:" not in body,
+          "MongoDB down: no stack trace, warning, user, password or secret option")
     check(took < 6, f"MongoDB down answers quickly ({took:.1f} s)")
+    t0 = time.time()
+    st, hd, body = get(SILENT, "page=events")
+    took = time.time() - t0
+    check(st == 503 and "MongoDB unavailable" in body and took < 6,
+          f"a MongoDB that accepts and never answers: 503 in {took:.1f} s (got {st})")
+    st, hd, body = get(SLOW, "page=failures")
+    check(st == 504 and "took longer than 8 s: narrow the filter or the time range" in body
+          and "MongoDB unavailable" not in body, f"a query past maxTimeMS: 504 saying so, not 'unavailable' (got {st})")
+
+    # ---- a password with # ? @ in the URI: the header shows the host list only ------------
+    db.command("createUser", "observer", pwd=PASSWORD, roles=[{"role": "read", "db": DB}])
+    for qq in (q(), "page=failures", "page=graphs", "page=nodes"):
+        st, _, body = get(SECRET, qq)
+        meta = Dom(body).find("span", cls="meta")
+        check(st == 200 and meta and meta[0].all_text().startswith(f"127.0.0.1:{PORT} / {DB} ·")
+              and not any(x in body for x in SECRETS), f"logged in with a password holding # ? @: {qq} names only the hosts")
 
     # ---- the ini file --------------------------------------------------------------------
     st, _, body = get(INI, "page=events")
-    check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == 50, "config from the ini file works")
+    check(st == 200 and "Observer from ini" in body and len(rows(Dom(body))) == len(want_pages[0]), "config from the ini file works")
+    st, _, body = get(BADINI, "page=events")
+    check(st == 500 and "Configuration error" in body and "cannot parse the ini file" in body and "(line 2)" in body
+          and "mongodb://x" not in body, f"a malformed ini file: the configuration error page, with the line (got {st})")
 
     # ---- static files, no external requests ----------------------------------------------
     for f in ("observer.css", "observer.js"):
@@ -356,8 +512,10 @@ def main():
     check(not ext, f"no response names an external URL ({len(BODIES)} responses; offenders: {ext[:3]})")
     nocsp = [qq for qq, h_, _ in BODIES if "frame-ancestors 'none'" not in (h_.get("Content-Security-Policy") or "")]
     check(not nocsp, f"every response carries the CSP ({nocsp[:3]})")
-    internal = [qq for qq, _, b in BODIES if 'data-status="500"' in b]
+    internal = [qq for qq, _, b in BODIES if "<h2>Internal error</h2>" in b]
     check(not internal, f"no request ended in an internal error ({internal[:3]})")
+    secret = [qq for qq, _, b in BODIES if any(x in b for x in SECRETS)]
+    check(not secret, f"no response shows the password or a secret option ({secret[:3]})")
     leaks = [qq for qq, _, b in BODIES if LEAKS.search(b)]
     check(not leaks, f"no response shows PHP warnings, notices or paths ({leaks[:3]})")
 
@@ -366,12 +524,14 @@ def main():
     shot("events", MAIN, q(), 1500)
     shot("events-filtered", MAIN, q(status="error"), 900)
     shot("event-chain", MAIN, urllib.parse.urlencode({"page": "event", "id": names["grand"]}), 1100)
+    shot("event-cycle", MAIN, urllib.parse.urlencode({"page": "event", "id": names["cycle"][0]}), 950)
     shot("failures", MAIN, "page=failures", 1300)
     shot("graphs", MAIN, "page=graphs", 1700)
     shot("graphs-from-log", FALLBACK, "page=graphs", 1700)
     shot("nodes", MAIN, "page=nodes", 500)
     shot("bad-input", MAIN, "page=events&from=yesterday", 400)
     shot("mongodb-down", DOWN, "page=events", 400)
+    shot("query-too-slow", SLOW, "page=events", 400)
     print(f"# screenshots in {SHOTS}")
 
     if FAILED:

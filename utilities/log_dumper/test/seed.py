@@ -10,7 +10,10 @@ OPS = ["get", "create", "update", "list", "delete"]
 CODES = ["NOT_FOUND", "VALIDATION", "TIMEOUT", "DB_UNAVAILABLE"]
 HOSTILE_TEMPLATE = '<script>alert("x")</script>'
 HOSTILE_OP = '"><img src=x onerror=alert(1)>'
-BULK = 160
+HOSTILE_NODE = "<b>n</b>"
+HOSTILE_BROKER = '"><svg onload=alert(1)>'
+STAR_TEMPLATE = "inv*"  # beds dlq would read the * as a wildcard
+BULK = 200  # with the rest, more than the 200 rows a page may hold
 
 
 def dt(ms):
@@ -40,7 +43,7 @@ def build(now_ms):
     ev = []
     start = now_ms - 55 * 60 * 1000
     for n in range(BULK):
-        ms = start + n * 20000 + n  # distinct, increasing
+        ms = start + n * 16000 + n  # distinct, increasing, all in the past
         err = n % 7 == 3
         code = CODES[(n // 7) % 4] if err else None
         ev.append(event(
@@ -80,6 +83,14 @@ def build(now_ms):
         ev.append(event(now_ms - (40 - k) * 60 * 1000 + 11, 2100 + k, node="app-2", broker="mBroker", template="note",
                         op=["create", "update"][k % 2], status="error", code="DB_UNAVAILABLE",
                         message="database docs unavailable", outcome="parked" if k else "retry", attempt=1 + k % 3))
+    # a node and a broker with hostile names: in the events, the counter windows and the heartbeats
+    ev.append(event(now_ms - 14 * 60 * 1000 + 17, 2400, node=HOSTILE_NODE, broker=HOSTILE_BROKER, status="error",
+                    code="OVERLOADED", message="slow", outcome="parked"))
+    # parked failures whose dlq line needs care: no template (an empty --filter), a * in the template (no line)
+    ev.append(event(now_ms - 17 * 60 * 1000 + 13, 2200, node="app-1", broker="mBroker", template=None, op=None,
+                    status="error", code="BAD_MESSAGE", message="not a request", outcome="parked"))
+    ev.append(event(now_ms - 16 * 60 * 1000 + 13, 2201, node="app-2", broker="wBroker", template=STAR_TEMPLATE,
+                    op="create", status="error", code="VALIDATION", message="bad field", outcome="parked"))
     ev.append(event(now_ms - 19 * 60 * 1000, 2002, node="app-2", broker="rBroker", template=HOSTILE_TEMPLATE,
                     op="get", message_id=HOSTILE_OP))
     # lifecycle and admin events
@@ -89,6 +100,21 @@ def build(now_ms):
     for k, op in enumerate(["pause", "resume"]):
         ev.append(event(now_ms - (10 - k) * 60 * 1000 + 9, 4000 + k, kind="admin", node="adm", role="admin",
                         broker="adminBrokerIn", template="admin", op=op, user_id="ops", elapsed_us=800))
+
+    # bad data: a 2-cycle (each the other's parent) under a root id no event has
+    cyc = [event(now_ms - 12 * 60 * 1000 + k * 3, 2300 + k, node="app-1", broker="rBroker", template="usr", op="get",
+                 root_event_id="cycle-root") for k in range(2)]
+    cyc[0]["parent_event_id"], cyc[1]["parent_event_id"] = cyc[1]["_id"], cyc[0]["_id"]
+    ev += cyc
+
+    # three more events sharing the ts of the 50th newest: a tie across the first page's boundary
+    at_boundary = sorted(ev, key=lambda e: e["ts"], reverse=True)[49]
+    ties = []
+    for k in range(3):
+        e = event(round(at_boundary["ts"].timestamp() * 1000), 5000 + k, node="app-2", broker="rBroker", template="usr", op="list", elapsed_us=300 + k)
+        e["ts"] = at_boundary["ts"]
+        ties.append(e)
+    ev += ties
 
     graphs = []
     for node in ["app-1", "app-2"]:
@@ -101,8 +127,14 @@ def build(now_ms):
                 brokers.append({"broker": broker, "requests": req, "errors": (w + b) % 5,
                                 "p50_us": 700 + 30 * (w % 9) + 350 * k, "p95_us": 3000 + 150 * (w % 13) + 1100 * k,
                                 "p99_us": 7000 + 400 * (w % 17) + 2500 * k, "max_us": 30000})
+            if node == "app-1" and w % 10 == 0:  # mBroker is idle (left out) in 9 windows of 10
+                brokers.append({"broker": "mBroker", "requests": 120, "errors": 0, "p50_us": 900, "p95_us": 1900,
+                                "p99_us": 2900, "max_us": 3000})
             graphs.append({"node": node, "role": "appServer", "ts": dt(end), "window_ms": 60000,
                            "in_flight": w % 4, "brokers": brokers})
+    graphs.append({"node": HOSTILE_NODE, "role": "appServer", "ts": dt(now_ms - 5 * 60000), "window_ms": 60000,
+                   "in_flight": 0, "brokers": [{"broker": HOSTILE_BROKER, "requests": 42, "errors": 1, "p50_us": 800,
+                                                "p95_us": 1600, "p99_us": 2400, "max_us": 3000}]})
 
     def nodedoc(name, role, brokers, last_ago, alive, missing_after=15000):
         return {"_id": name, "node": name, "role": role, "brokers": brokers, "version": "0.9.0",
@@ -110,9 +142,11 @@ def build(now_ms):
                 "last_seen": dt(now_ms - last_ago), "alive": alive, "missing_after_ms": missing_after}
     nodes = [nodedoc("app-1", "appServer", ["rBroker", "wBroker"], 2000, True, 300000),
              nodedoc("app-2", "appServer", ["rBroker", "wBroker"], 10 * 60 * 1000, True),
-             nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False)]
+             nodedoc("segundo", "segundo", ["mBroker"], 3600 * 1000, False),
+             nodedoc(HOSTILE_NODE, "appServer", [HOSTILE_BROKER], 1000, True, 300000)]
     names = {"root": rid, "child": child["_id"], "grand": grand["_id"], "batch": batch["_id"],
-             "entries": [e["_id"] for e in entries], "hostile": hostile["_id"]}
+             "entries": [e["_id"] for e in entries], "hostile": hostile["_id"],
+             "ties": [at_boundary["_id"]] + [e["_id"] for e in ties], "cycle": [e["_id"] for e in cyc]}
     return ev, graphs, nodes, names
 
 

@@ -5,6 +5,7 @@ declare(strict_types=1);
 
 const CHAIN_MAX = 2000;     // events fetched for one chain
 const ANCESTOR_HOPS = 64;   // when the chain is truncated, walk up to the root at most this far
+const TREE_MAX_DEPTH = 200; // deeper hops are linked, not drawn (the page's nesting stays readable)
 
 function page_event(Ctx $c): void
 {
@@ -77,17 +78,29 @@ function page_event(Ctx $c): void
     }
     echo '<ul class="tree">';
     $seen = [];
+    $cut = false;
     foreach ($tops as $t) {
-        event_tree_node($t, $byId, $kids, $id, $c, $seen, 0);
+        event_tree_node($t, $byId, $kids, $id, $c, $seen, 0, $cut);
+    }
+    // Bad data (A's parent B, B's parent A) leaves events no top level reaches: draw them too.
+    $rest = array_values(array_filter(array_map('strval', array_keys($byId)), fn ($e) => !isset($seen[$e])));
+    usort($rest, $byTs);
+    foreach ($rest as $t) {
+        event_tree_node($t, $byId, $kids, $id, $c, $seen, 0, $cut, 'parent not in chain / cycle');
     }
     echo '</ul>';
+    if ($cut) {
+        echo '<p class="warn" id="depth-cut">The chain is more than ', TREE_MAX_DEPTH,
+            ' hops deep: the deeper events are not drawn; follow the links at the cut.</p>';
+    }
     page_end();
 }
 
 /** One tree node and, recursively, its children. $seen guards against cycles in bad data. */
-function event_tree_node(string $eid, array $byId, array $kids, string $asked, Ctx $c, array &$seen, int $depth): void
+function event_tree_node(string $eid, array $byId, array $kids, string $asked, Ctx $c, array &$seen, int $depth,
+    bool &$cut, string $note = ''): void
 {
-    if (isset($seen[$eid]) || $depth > 200) {
+    if (isset($seen[$eid])) {
         return;
     }
     $seen[$eid] = true;
@@ -127,11 +140,29 @@ function event_tree_node(string $eid, array $byId, array $kids, string $asked, C
     if (is_string($e['outcome'] ?? null)) {
         echo ' <span class="kind">', h($e['outcome']), '</span>';
     }
+    if ($note !== '') {
+        echo ' <span class="kind orphan">', h($note), '</span>';
+    }
     echo ' <span class="id">', h($eid), '</span></div>';
-    if (!empty($kids[$eid])) {
+    if (!empty($kids[$eid]) && $depth >= TREE_MAX_DEPTH) {
+        // Too deep to nest further: link the children, and count their subtrees as shown.
+        $cut = true;
+        echo '<ul><li class="cut">deeper, not drawn: ';
+        foreach ($kids[$eid] as $k) {
+            echo a(obs_url('event', ['id' => $k], $c), $k), ' ';
+        }
+        echo '</li></ul>';
+        for ($stack = $kids[$eid]; $stack;) {
+            $k = array_pop($stack);
+            if (!isset($seen[$k])) {
+                $seen[$k] = true;
+                array_push($stack, ...($kids[$k] ?? []));
+            }
+        }
+    } elseif (!empty($kids[$eid])) {
         echo '<ul>';
         foreach ($kids[$eid] as $k) {
-            event_tree_node($k, $byId, $kids, $asked, $c, $seen, $depth + 1);
+            event_tree_node($k, $byId, $kids, $asked, $c, $seen, $depth + 1, $cut);
         }
         echo '</ul>';
     }

@@ -8,7 +8,12 @@ const EV_FILTERS = [
     'status' => 'status', 'code' => 'code', 'template' => 'template', 'op' => 'op',
     'node' => 'node', 'broker' => 'broker', 'kind' => 'kind', 'event' => '_id', 'message_id' => 'message_id',
 ];
-const EV_MAX_SKIP = 10000; // deep skips get slow; past this, narrow the filter
+// Filters an index serves with the ts sort (status_code_ts, template_op_ts, node_ts, _id,
+// message_id). broker, kind and op have none: alone they scan, so they get a default range.
+const EV_INDEXED = ['status' => 1, 'code' => 1, 'template' => 1, 'node' => 1, 'event' => 1, 'message_id' => 1];
+const EV_DEFAULT_SINCE = '24h';
+const EV_MAX_TIES = 1000;  // rows sharing the page's last ts added to it (keyset paging needs them all)
+const EV_MAX_TS = 7258118400000; // 2200-01-01, the latest time in_time() takes
 
 /** @return array<string,string> the filters given, validated */
 function events_filters(): array
@@ -33,6 +38,9 @@ function events_query(array $f, array $range): array
     $q = [];
     foreach ($f as $param => $v) {
         $q[EV_FILTERS[$param]] = (string) $v;
+    }
+    if (isset($f['code']) && !isset($f['status'])) {
+        $q['status'] = ['$in' => ['ok', 'error']]; // so status_code_ts serves a code alone
     }
     $ts = [];
     if ($range['from'] !== null) {
@@ -72,31 +80,55 @@ function page_events(Ctx $c): void
 {
     $f = events_filters();
     $range = in_range($c->nowMs, null);
+    $defaulted = $f && $range['from'] === null && $range['to'] === null && !array_intersect_key($f, EV_INDEXED);
+    if ($defaulted) {
+        $range = in_range($c->nowMs, EV_DEFAULT_SINCE);
+    }
     $limit = in_int('limit', 50, 1, 200, true);
-    $p = in_int('p', 1, 1, 1000000);
-    $skip = ($p - 1) * $limit;
-    if ($skip > EV_MAX_SKIP) {
-        throw new ObsBadInput('paging stops ' . EV_MAX_SKIP . ' events deep: narrow the filter or the time range');
+    $before = in_int('before', -1, 0, EV_MAX_TS);
+    $query = events_query($f, $range);
+    if ($before >= 0) {
+        $query['ts']['$lt'] = bson_date($before); // keyset paging: older than the previous page's last row
     }
     // Sorting on ts alone lets MongoDB walk an index ({…, ts:-1} or the TTL index)
     // instead of sorting the collection; one more row tells whether an older page exists.
-    $rows = $c->db->find($c->cfg['logs'], events_query($f, $range), [
-        'sort' => ['ts' => -1], 'skip' => $skip, 'limit' => $limit + 1,
-        'projection' => ['ts' => 1, 'node' => 1, 'broker' => 1, 'template' => 1, 'op' => 1, 'status' => 1,
-            'code' => 1, 'elapsed_us' => 1, 'kind' => 1, 'attempt' => 1, 'outcome' => 1, 'message_id' => 1,
-            'message' => 1, 'entry' => 1],
-    ]);
+    $proj = ['ts' => 1, 'node' => 1, 'broker' => 1, 'template' => 1, 'op' => 1, 'status' => 1,
+        'code' => 1, 'elapsed_us' => 1, 'kind' => 1, 'attempt' => 1, 'outcome' => 1, 'message_id' => 1,
+        'message' => 1, 'entry' => 1];
+    $logs = $c->cfg['logs'];
+    $rows = $c->db->find($logs, $query, ['sort' => ['ts' => -1], 'limit' => $limit + 1, 'projection' => $proj]);
     $more = count($rows) > $limit;
-    $rows = array_slice($rows, 0, $limit);
+    $tiesCut = false;
+    $lastTs = $more ? dt_ms($rows[$limit - 1]['ts'] ?? null) : null;
+    if ($more && $lastTs !== null && dt_ms($rows[$limit]['ts'] ?? null) === $lastTs) {
+        // The next page starts below the last row's ts, so every row sharing it belongs
+        // on this page (batch entries share a ts; so do events of one busy millisecond).
+        $newer = array_values(array_filter(array_slice($rows, 0, $limit), fn ($e) => dt_ms($e['ts'] ?? null) !== $lastTs));
+        $ties = $c->db->find($logs, ['ts' => bson_date($lastTs)] + $query,
+            ['sort' => ['_id' => 1], 'limit' => EV_MAX_TIES + 1, 'projection' => $proj]);
+        $tiesCut = count($ties) > EV_MAX_TIES;
+        $rows = array_merge($newer, array_slice($ties, 0, EV_MAX_TIES));
+        $older = $query;
+        $older['ts']['$lt'] = bson_date($lastTs);
+        $more = (bool) $c->db->find($logs, $older, ['limit' => 1, 'projection' => ['_id' => 1]]);
+    } else {
+        $rows = array_slice($rows, 0, $limit);
+    }
     $params = events_params($f, $range) + ($limit !== 50 ? ['limit' => $limit] : []);
 
     page_start($c->cfg, 'events', 'Events', $c);
     echo '<h2>Events</h2>';
     events_form($f, $range, $limit, $c);
-    $first = $skip + 1;
-    $last = $skip + count($rows);
-    echo '<p class="summary" id="summary" data-rows="', count($rows), '">',
-        $rows ? "events {$first}–{$last}, newest first" : 'no events match', '</p>';
+    echo '<p class="summary" id="summary" data-rows="', count($rows), '">', $rows ? count($rows) . ' events, newest first'
+        . ($before >= 0 ? ', older than ' . h(fmt_ts($before)) . ' UTC' : '') : 'no events match', '</p>';
+    if ($defaulted) {
+        echo '<p class="warn" id="default-range">broker, kind and op have no index of their own: without a time range ',
+            'they would scan the whole log, so this shows the last ', EV_DEFAULT_SINCE, '. Pick a range to see more.</p>';
+    }
+    if ($tiesCut) {
+        echo '<p class="warn" id="ties-cut">More than ', EV_MAX_TIES, ' events share the time ', h(fmt_ts($lastTs)),
+            ': only ', EV_MAX_TIES, ' of them are shown, and the older page starts below that millisecond. Narrow the filter.</p>';
+    }
     if ($rows) {
         echo '<table class="events"><thead><tr><th>time (UTC)</th><th>node</th><th>broker</th><th>template.op</th>',
             '<th>status</th><th>elapsed</th><th>attempt</th><th>message</th><th>event</th></tr></thead><tbody>';
@@ -123,11 +155,12 @@ function page_events(Ctx $c): void
         echo '</tbody></table>';
     }
     echo '<p class="paging">';
-    if ($p > 1) {
-        echo a(obs_url('events', ['p' => $p - 1] + $params, $c), '← newer', 'newer'), ' ';
+    if ($before >= 0) {
+        echo a(obs_url('events', $params, $c), '← newest', 'newer'), ' ';
     }
-    if ($more) {
-        echo a(obs_url('events', ['p' => $p + 1] + $params, $c), 'older →', 'older');
+    $last = $rows ? dt_ms(end($rows)['ts'] ?? null) : null;
+    if ($more && $last !== null) {
+        echo a(obs_url('events', ['before' => $last] + $params, $c), 'older →', 'older');
     }
     echo '</p>';
     page_end();

@@ -15,6 +15,17 @@ function shell_arg(string $s): string
     return "'" . str_replace("'", "'\\''", $s) . "'";
 }
 
+/** @param list<?string> $values */
+function dlq_has_star(array $values): bool
+{
+    foreach ($values as $v) {
+        if ($v !== null && str_contains($v, '*')) {
+            return true;
+        }
+    }
+    return false;
+}
+
 function page_failures(Ctx $c): void
 {
     $range = in_range($c->nowMs, '24h');
@@ -43,18 +54,24 @@ function page_failures(Ctx $c): void
     ]);
     $more = count($groups) > FAIL_MAX_GROUPS;
     $groups = array_slice($groups, 0, FAIL_MAX_GROUPS);
+    $total = array_sum(array_map(fn ($g) => (int) $g['count'], $groups));
+    if ($more) {
+        // The groups shown are not all of them: count every failure in the range once more.
+        $all = $c->db->aggregate($c->cfg['logs'], [['$match' => $match], ['$group' => ['_id' => null, 'n' => ['$sum' => 1]]]]);
+        $total = (int) ($all[0]['n'] ?? $total);
+    }
     $rangeParams = $range['since'] !== null ? ['since' => $range['since']]
         : ['from' => fmt_ts_input($range['from']), 'to' => $range['to'] !== null ? fmt_ts_input($range['to']) : null];
 
     page_start($c->cfg, 'failures', 'Failures', $c);
     echo '<h2>Failures</h2>';
     range_form('failures', $range, $c, ['node' => $node]);
-    $total = array_sum(array_map(fn ($g) => (int) $g['count'], $groups));
     echo '<p class="summary" id="summary" data-groups="', count($groups), '" data-total="', $total, '">',
-        $groups ? h("$total failed event(s) in " . count($groups) . ' group(s), ' . range_text($range)) : h('no failures ' . range_text($range)),
-        '</p>';
+        $groups ? h("$total failed event(s) in " . ($more ? 'more than ' : '') . count($groups) . ' group(s), ' . range_text($range))
+        : h('no failures ' . range_text($range)), '</p>';
     if ($more) {
-        echo '<p class="warn">More than ', FAIL_MAX_GROUPS, ' groups: only the largest are shown.</p>';
+        echo '<p class="warn" id="more-groups">More than ', FAIL_MAX_GROUPS, ' groups: only the largest ', FAIL_MAX_GROUPS,
+            ' are shown (the total counts them all).</p>';
     }
     if (!$groups) {
         page_end();
@@ -84,12 +101,15 @@ function page_failures(Ctx $c): void
         $parked = (int) ($g['parked'] ?? 0);
         if ($parked === 0) {
             echo '<span class="muted">none parked: nothing in the dead-letter queue to replay</span>';
+        } elseif ($broker !== null && dlq_has_star([$code, $tpl, $gnode])) {
+            // beds dlq reads * as a wildcard and cannot escape it: the line would replay more than this group.
+            echo '<span class="warn dlq-star">a value contains *, which beds dlq reads as a wildcard: ',
+                'replay by event id or message id instead</span>';
         } elseif ($broker !== null) {
             $cmd = 'beds dlq replay ' . shell_arg($broker);
             foreach (['code' => $code, 'template' => $tpl, 'node' => $gnode] as $fk => $fv) {
-                if ($fv !== null) {
-                    $cmd .= ' --filter ' . shell_arg("$fk=$fv");
-                }
+                // An empty value matches messages without the field; leaving the filter out would match the whole broker.
+                $cmd .= ' --filter ' . shell_arg("$fk=" . ($fv ?? ''));
             }
             echo '<div class="cmdline"><span class="muted">check</span><pre class="cmd dry">', h($cmd . ' --dry-run'), '</pre></div>',
                 '<div class="cmdline"><span class="muted">replay</span><pre class="cmd">', h($cmd), '</pre></div>';

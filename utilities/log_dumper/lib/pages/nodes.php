@@ -13,7 +13,7 @@ function page_nodes(Ctx $c): void
     if (!$nodes) {
         echo '<p class="warn" id="no-nodes">No admin node has recorded heartbeats (collection ',
             h($c->cfg['nodes']), ' is empty or absent). Without a running admin node, see the ',
-            a(obs_url('events', ['kind' => 'lifecycle'], $c), 'lifecycle events'), ' for nodes that started or stopped.</p>';
+            a(obs_url('events', ['kind' => 'lifecycle', 'since' => '24h'], $c), 'lifecycle events'), ' for nodes that started or stopped.</p>';
         page_end();
         return;
     }

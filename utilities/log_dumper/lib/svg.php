@@ -105,7 +105,9 @@ function svg_line_chart(string $title, array $series, int $fromMs, int $toMs, ca
         $lx = $L + ($i % 4) * 205;
         $ly = $T + $plotH + $B + intdiv($i, 4) * 18 + 8;
         $o .= '<rect x="' . $lx . '" y="' . ($ly - 9) . '" width="14" height="4" fill="' . $color . '"/>'
-            . '<text x="' . ($lx + 19) . '" y="' . ($ly - 4) . '" fill="#222" class="legend">' . h($name) . '</text>';
+            . '<text x="' . ($lx + 19) . '" y="' . ($ly - 4) . '" fill="#222" class="legend" data-name="' . h($name) . '">'
+            // Long names are cut to their column; the full one is the tooltip.
+            . h(mb_strimwidth_safe($name, 26)) . '<title>' . h($name) . '</title></text>';
     }
     if (!$names) {
         $o .= '<text x="' . ($L + $plotW / 2) . '" y="' . ($T + $plotH / 2) . '" text-anchor="middle" fill="#777">no data</text>';

@@ -438,7 +438,7 @@ def main():
               f"hostile node and broker names escaped: {hq_[:60]}")
     d = Dom(get(MAIN, "page=graphs")[2])
     key = f"{raw_node} · {raw_broker}"
-    check(d.find("polyline", data_series=key) and any(t.all_text() == key for t in d.find("text", cls="legend")),
+    check(d.find("polyline", data_series=key) and any(t.attrs.get("data-name") == key for t in d.find("text", cls="legend")),
           "the hostile series is drawn and named in the legend, escaped")
     check("'node=<b>n</b>'" in " ".join(x.all_text() for x in Dom(get(MAIN, "page=failures")[2]).find("pre", cls="cmd")),
           "hostile node shell-quoted in the dlq line")

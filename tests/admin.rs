@@ -378,6 +378,11 @@ async fn status_pause_resume_prefetch_reload_drain_shutdown_over_the_admin_plane
             .unwrap();
         assert_eq!(exit.code(), Some(0), "{} exits 0 after shutdown", n.name);
     }
+    // The admin node recorded its own clean stop, and seg's.
+    for name in ["adm", "seg"] {
+        let r = record(name).await;
+        assert_eq!(r.get_bool("alive"), Ok(false), "{r}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

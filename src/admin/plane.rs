@@ -177,8 +177,19 @@ impl Plane {
 
     /// Writes the members' records to MongoDB as heartbeats come in.
     pub async fn run_roster(self: Arc<Self>) {
-        if let Some(r) = &self.roster {
-            r.run(&self.stop).await;
+        let Some(r) = &self.roster else {
+            // No event-log database: nothing to record (returning would
+            // count as a task death).
+            self.stop.cancelled().await;
+            return;
+        };
+        r.run(&self.stop).await;
+        // Stopping: say so for this node too, or the observer would show the
+        // admin node as missing after a clean stop.
+        let own = self.members.lock().unwrap().get(&self.node).cloned();
+        if let Some(mut m) = own {
+            m.heartbeat.alive = false;
+            r.record_now(&m.heartbeat, now_ms()).await;
         }
     }
 

@@ -75,6 +75,28 @@ impl Roster {
         self.wake.notify_one();
     }
 
+    /// Upserts one member's record, bounded by [`WRITE_TIMEOUT`].
+    async fn write(&self, hb: &Heartbeat, seen_ms: i64) -> Result<(), String> {
+        let record = record_doc(hb, seen_ms, self.missing_after_ms);
+        let write = self
+            .coll
+            .replace_one(doc! {"_id": &hb.node}, record)
+            .upsert(true);
+        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {WRITE_TIMEOUT:?}")),
+        }
+    }
+
+    /// Records `hb` now: the admin node's own goodbye at its stop, which
+    /// its membership (stopping too) would not hear.
+    pub async fn record_now(&self, hb: &Heartbeat, seen_ms: i64) {
+        if let Err(e) = self.write(hb, seen_ms).await {
+            tracing::warn!(error = %e, "admin plane: the admin node's own stop not recorded");
+        }
+    }
+
     /// Writes what was heard until `stop`.
     pub async fn run(&self, stop: &CancellationToken) {
         loop {
@@ -84,23 +106,13 @@ impl Roster {
             }
             let batch = std::mem::take(&mut *self.pending.lock().unwrap());
             for (node, (hb, seen_ms)) in batch {
-                let record = record_doc(&hb, seen_ms, self.missing_after_ms);
-                let write = self
-                    .coll
-                    .replace_one(doc! {"_id": &node}, record)
-                    .upsert(true);
-                let error = match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-                    Ok(Ok(_)) => None,
-                    Ok(Err(e)) => Some(e.to_string()),
-                    Err(_) => Some(format!("no answer within {WRITE_TIMEOUT:?}")),
-                };
-                match error {
-                    None => {
+                match self.write(&hb, seen_ms).await {
+                    Ok(()) => {
                         if self.failing.swap(false, Ordering::Relaxed) {
                             tracing::info!("admin plane: node records are written again");
                         }
                     }
-                    Some(e) => {
+                    Err(e) => {
                         if !self.failing.swap(true, Ordering::Relaxed) {
                             tracing::warn!(error = %e, "admin plane: node records not written; the next heartbeats retry");
                         }

@@ -59,6 +59,6 @@ check("<svg" in body and "From the event log" not in body and len(app_series) >=
       f"graphs drawn from the admin node's counter windows, a line per broker of bc-app ({sorted(app_series)})")
 st, body = get("page=nodes")
 state = dict(re.findall(r'<tr class="node[^"]*" data-node="([^"]+)" data-state="([^"]+)"', body))
-check(state.get("bc-app") == "stopped" and "bc-admin" in state,
-      f"the node list has both nodes from msNodes, bc-app stopped cleanly ({state})")
+check(state.get("bc-app") == "stopped" and state.get("bc-admin") == "stopped",
+      f"the node list has both nodes from msNodes, both stopped cleanly ({state})")
 sys.exit(1 if failed else 0)

@@ -263,8 +263,11 @@ impl Client {
             .map_err(|e| ClientError::Publish(e.to_string()))
     }
 
+    /// Closes the channel and the connection, each bounded: a close-ok
+    /// that never comes must not hang a caller that is done.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "bye".into()).await;
-        let _ = self.conn.close(200, "bye".into()).await;
+        let bound = Duration::from_secs(5);
+        let _ = tokio::time::timeout(bound, self.channel.close(200, "bye".into())).await;
+        let _ = tokio::time::timeout(bound, self.conn.close(200, "bye".into())).await;
     }
 }

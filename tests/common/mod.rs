@@ -417,7 +417,7 @@ impl TestEnv {
         {
             out.push(m);
         }
-        let _ = conn.close(200, "".into()).await;
+        close_quietly(&conn).await;
         out
     }
 
@@ -436,7 +436,7 @@ impl TestEnv {
             )
             .await
             .unwrap();
-        let _ = conn.close(200, "".into()).await;
+        close_quietly(&conn).await;
         q.message_count()
     }
 
@@ -518,6 +518,13 @@ impl Drop for Debris {
     }
 }
 
+/// Closes a test's AMQP connection, bounded: lapin's close can wait
+/// forever for a close-ok the server never sends (seen once in CI: a test
+/// hung in its cleanup with its connection already gone on the server).
+pub async fn close_quietly(conn: &Connection) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, "".into())).await;
+}
+
 pub async fn amqp() -> Connection {
     Connection::connect(AMQP_URL, ConnectionProperties::default())
         .await
@@ -525,30 +532,35 @@ pub async fn amqp() -> Connection {
 }
 
 pub async fn cleanup(prefix: &str, db: &str, tiers: usize) {
-    if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
-        if let Ok(ch) = conn.create_channel().await {
-            for b in ALL_BROKERS {
-                let mut names = vec![
-                    format!("{prefix}.{b}"),
-                    format!("{prefix}.{b}.dlq"),
-                    format!("{prefix}.{b}.hold.primary"),
-                    format!("{prefix}.{b}.hold.docs"),
-                    format!("{prefix}.{b}.hold.warehouse"),
-                ];
-                names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
-                for q in names {
-                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    // Bounded as a whole, so a stuck broker call cannot keep the databases
+    // below from being dropped.
+    let amqp_part = async {
+        if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+            if let Ok(ch) = conn.create_channel().await {
+                for b in ALL_BROKERS {
+                    let mut names = vec![
+                        format!("{prefix}.{b}"),
+                        format!("{prefix}.{b}.dlq"),
+                        format!("{prefix}.{b}.hold.primary"),
+                        format!("{prefix}.{b}.hold.docs"),
+                        format!("{prefix}.{b}.hold.warehouse"),
+                    ];
+                    names.extend((1..=tiers).map(|n| format!("{prefix}.{b}.retry.{n}")));
+                    for q in names {
+                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                    }
                 }
+                for q in ["test-replies", "adminBrokerIn", "adminGraphBroker"] {
+                    let _ = ch
+                        .queue_delete(format!("{prefix}.{q}").into(), Default::default())
+                        .await;
+                }
+                let _ = ch.exchange_delete(prefix.into(), Default::default()).await;
             }
-            for q in ["test-replies", "adminBrokerIn", "adminGraphBroker"] {
-                let _ = ch
-                    .queue_delete(format!("{prefix}.{q}").into(), Default::default())
-                    .await;
-            }
-            let _ = ch.exchange_delete(prefix.into(), Default::default()).await;
+            close_quietly(&conn).await;
         }
-        let _ = conn.close(200, "".into()).await;
-    }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(30), amqp_part).await;
     let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
     let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}_wh`")));
     if let Ok(client) = tokio::time::timeout(Duration::from_secs(5), mongo()).await {
@@ -624,7 +636,7 @@ pub async fn reply_queue(prefix: &str) -> String {
     )
     .await
     .unwrap();
-    let _ = conn.close(200, "".into()).await;
+    close_quietly(&conn).await;
     q
 }
 
@@ -670,7 +682,7 @@ pub async fn consume_n(queue: &str, n: usize, secs: u64) -> Vec<lapin::message::
         }
     })
     .await;
-    let _ = conn.close(200, "".into()).await;
+    close_quietly(&conn).await;
     out
 }
 

@@ -243,6 +243,15 @@ pub fn create_db(db: &str) {
         None,
         &format!("CREATE DATABASE `{db}` CHARACTER SET utf8mb4"),
     );
+    // No test owns the database yet: a setup failing halfway (MongoDB not
+    // answering, say) removes it before the panic goes on.
+    if let Err(e) = std::panic::catch_unwind(|| fill_db(db)) {
+        let _ = std::panic::catch_unwind(|| sql(None, &format!("DROP DATABASE IF EXISTS `{db}`")));
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn fill_db(db: &str) {
     let read = |f: &str| std::fs::read_to_string(root().join(f)).unwrap();
     let (schema, inbox) = (
         read("utilities/sql/usr.sql"),

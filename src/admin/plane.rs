@@ -11,8 +11,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, Bas
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use mongodb::bson::{doc, Document};
-use mongodb::options::IndexOptions;
-use mongodb::{Collection, IndexModel};
+use mongodb::Collection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,7 +21,7 @@ use super::topology::{self, OUT, SYSLOG};
 use super::{Command, Counters, Heartbeat, NodeAnswer, PlaneAnswer, Verb, DEADLINE_HEADER};
 use crate::broker::AmqpLink;
 use crate::config::{AdminConfig, Config};
-use crate::logger::{new_id, now_ms, Event, EventLog};
+use crate::logger::{named, new_id, now_ms, ttl_index, Event, EventLog};
 
 /// Who called, carried to the nodes for their logs.
 pub const CALLER_HEADER: &str = "x-beds-admin-caller";
@@ -104,19 +103,8 @@ impl Plane {
         }
         let Some(c) = &self.graphs else { return Ok(()) };
         let models = vec![
-            IndexModel::builder()
-                .keys(doc! {"ts": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("ts_ttl".to_string())
-                        .expire_after(ttl)
-                        .build(),
-                )
-                .build(),
-            IndexModel::builder()
-                .keys(doc! {"node": 1, "ts": -1})
-                .options(IndexOptions::builder().name("node_ts".to_string()).build())
-                .build(),
+            ttl_index("ts_ttl", doc! {"ts": 1}, ttl),
+            named("node_ts", doc! {"node": 1, "ts": -1}),
         ];
         c.create_indexes(models)
             .await

@@ -13,12 +13,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::options::IndexOptions;
-use mongodb::{Collection, IndexModel};
+use mongodb::Collection;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::Heartbeat;
+use crate::logger::ttl_index;
 
 /// How long one record's write may take before it waits for the next.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,17 +49,8 @@ impl Roster {
     /// A TTL on `last_seen`: a node gone for good leaves the list after the
     /// counters' retention.
     pub async fn ensure_indexes(&self, retention: Duration) -> Result<(), String> {
-        let ttl = IndexModel::builder()
-            .keys(doc! {"last_seen": 1})
-            .options(
-                IndexOptions::builder()
-                    .name("last_seen_ttl".to_string())
-                    .expire_after(retention)
-                    .build(),
-            )
-            .build();
         self.coll
-            .create_index(ttl)
+            .create_index(ttl_index("last_seen_ttl", doc! {"last_seen": 1}, retention))
             .await
             .map(|_| ())
             .map_err(|e| e.to_string())

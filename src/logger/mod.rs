@@ -16,7 +16,7 @@ use mongodb::bson::{doc, Bson, DateTime, Document};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-pub use writer::{ensure_indexes, open_collection, start, Writer};
+pub use writer::{ensure_indexes, named, open_collection, start, ttl_index, Writer};
 
 /// One event, as the writer stores it (and the spool keeps it, as JSON).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

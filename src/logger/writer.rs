@@ -147,6 +147,28 @@ pub async fn start(config: &Config) -> Result<(EventLog, Writer), String> {
 /// Creates the collection's indexes (idempotent): by root (chains), by time
 /// (TTL: `retention_days`), and for the observer's filters. `_id` is the
 /// event id. A changed retention updates the TTL index in place.
+/// An index with a name (BEDS names every index it makes, so it can find
+/// them again).
+pub fn named(name: &str, keys: Document) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(IndexOptions::builder().name(name.to_string()).build())
+        .build()
+}
+
+/// A named TTL index: documents go `ttl` after the date in `keys`' field.
+pub fn ttl_index(name: &str, keys: Document, ttl: Duration) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_string())
+                .expire_after(ttl)
+                .build(),
+        )
+        .build()
+}
+
 pub async fn ensure_indexes(
     coll: &Collection<Document>,
     retention_days: u32,
@@ -163,12 +185,6 @@ pub async fn ensure_indexes(
     let existing = |name: &str| {
         have.iter()
             .find(|m| m.options.as_ref().and_then(|o| o.name.as_deref()) == Some(name))
-    };
-    let named = |name: &str, keys: Document| {
-        IndexModel::builder()
-            .keys(keys)
-            .options(IndexOptions::builder().name(name.to_string()).build())
-            .build()
     };
     let models: Vec<IndexModel> = vec![
         named("root_ts", doc! {"root_event_id": 1, "ts": 1}),
@@ -205,21 +221,11 @@ pub async fn ensure_indexes(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }
-        None => {
-            let ttl_index = IndexModel::builder()
-                .keys(doc! {"ts": 1})
-                .options(
-                    IndexOptions::builder()
-                        .name("ts_ttl".to_string())
-                        .expire_after(ttl)
-                        .build(),
-                )
-                .build();
-            coll.create_index(ttl_index)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
+        None => coll
+            .create_index(ttl_index("ts_ttl", doc! {"ts": 1}, ttl))
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
     }
 }
 
